@@ -1,0 +1,50 @@
+"""Triton ``config.pbtxt`` written through Triton's own ModelConfig protobuf, never a string template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    max_batch_size: int = 32
+    instances: int = 1
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 16])
+    intra_op_threads: int = 0  # 0 = ONNX Runtime decides
+
+
+def python_onnx_config(
+    name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions
+) -> model_config_pb2.ModelConfig:
+    """Config for the Python-backend model that runs the ONNX graph on CPU."""
+    preferred = [size for size in options.preferred_batch_sizes if size <= options.max_batch_size]
+    as_dict = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": options.max_batch_size,
+        # dims exclude the batch dimension (max_batch_size > 0): [sequence] and [sequence, labels].
+        "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in input_names],
+        "output": [{"name": output_name, "data_type": "TYPE_FP32", "dims": [-1, num_labels]}],
+        "dynamic_batching": {
+            "preferred_batch_size": preferred,
+            "max_queue_delay_microseconds": options.max_queue_delay_us,
+        },
+        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
+        "parameters": {
+            "intra_op_num_threads": {"string_value": str(options.intra_op_threads)},
+            "onnx_file": {"string_value": "model.onnx"},
+        },
+    }
+    return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
+
+
+def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def from_pbtxt(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())

@@ -1,0 +1,1 @@
+"""ner-gateway: gRPC NER service in front of Triton Inference Server."""

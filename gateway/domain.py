@@ -1,0 +1,56 @@
+"""Transport-free request/result types of the recognition pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Aggregation(StrEnum):
+    """Hugging Face TokenClassificationPipeline aggregation strategies."""
+
+    NONE = "none"
+    SIMPLE = "simple"
+    FIRST = "first"
+    AVERAGE = "average"
+    MAX = "max"
+
+
+class OffsetUnit(StrEnum):
+    CODE_POINT = "code_point"
+    UTF8_BYTE = "utf8_byte"
+    UTF16_CODE_UNIT = "utf16_code_unit"
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    label: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecognizeRequest:
+    texts: list[str]
+    model: str = ""
+    aggregation: Aggregation = Aggregation.SIMPLE
+    offset_unit: OffsetUnit = OffsetUnit.CODE_POINT
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimings:
+    tokenize_us: int
+    infer_us: int
+    decode_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    documents: list[list[Entity]]
+    model: str
+    model_version: str
+    request_id: str
+    timings: StageTimings

@@ -1,0 +1,57 @@
+"""grpc.health.v1 status driven by Triton's readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+from ner_gateway.pb.ner.v1 import ner_pb2
+from ner_gateway.triton_backend import TritonBackend
+
+LOGGER = logging.getLogger(__name__)
+
+SERVICE_NAME = ner_pb2.DESCRIPTOR.services_by_name["NerService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class TritonHealth:
+    """Keeps the overall ("") and NerService health in step with Triton's readiness."""
+
+    def __init__(self, backend: TritonBackend, interval_s: float) -> None:
+        self.servicer = HealthServicer()
+        self.backend = backend
+        self.interval_s = interval_s
+        self.serving: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            LOGGER.log(logging.INFO if serving else logging.WARNING, "health: %s",
+                       "SERVING" if serving else "NOT_SERVING (Triton not ready)")
+        self.serving = serving
+        for service in ("", SERVICE_NAME):
+            await self.servicer.set(service, SERVING if serving else NOT_SERVING)
+
+    def mark_unavailable(self) -> None:
+        """Called when an inference found Triton unreachable; the poller marks it back when ready."""
+        asyncio.get_running_loop().create_task(self.set_serving(False))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._poll(), name="triton-health")
+
+    async def _poll(self) -> None:
+        while True:
+            await self.set_serving(await self.backend.is_ready(timeout_s=self.interval_s))
+            await asyncio.sleep(self.interval_s)
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,106 @@
+"""Assembly: builds the object graph by hand and runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from ner_gateway.health import SERVICE_NAME, TritonHealth
+from ner_gateway.interceptors import ErrorInterceptor
+from ner_gateway.models import ModelRegistry
+from ner_gateway.pb.ner.v1 import ner_pb2_grpc
+from ner_gateway.pipeline import Limits, RecognitionPipeline
+from ner_gateway.servicer import NerServicer
+from ner_gateway.settings import GatewaySettings
+from ner_gateway.triton_backend import TritonBackend
+from ner_gateway.triton_process import EmbeddedTriton, TritonPorts
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The running service: (embedded) Triton, the pipeline and the gRPC server. ``stop()`` is idempotent."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.triton: EmbeddedTriton | None = None
+        self.backend: TritonBackend | None = None
+        self.health: TritonHealth | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self._stopped = False
+
+    async def start(self) -> int:
+        s = self.settings
+        try:
+            if s.triton_url is None:
+                ports = TritonPorts(s.triton_grpc_port, s.triton_http_port, s.triton_metrics_port)
+                self.triton = EmbeddedTriton(
+                    s.model_repository, ready_timeout_s=s.triton_ready_timeout_s, log_verbose=s.triton_log_verbose,
+                    ports=ports if all((ports.grpc, ports.http, ports.metrics)) else None,
+                    on_state_change=self._on_triton_state,
+                )
+                await self.triton.start()
+            self.backend = TritonBackend(s.triton_url or self.triton.grpc_url)  # type: ignore[union-attr]
+            await self.backend.wait_ready(s.triton_ready_timeout_s)
+            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model)
+            self.health = TritonHealth(self.backend, s.health_check_interval_s)
+            pipeline = RecognitionPipeline(
+                registry, self.backend,
+                Limits(s.max_texts_per_request, s.max_text_chars, s.default_timeout_s),
+                on_triton_unavailable=self.health.mark_unavailable,
+            )
+            self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+            ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), self.server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME], self.server,
+            )
+            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+            await self.health.set_serving(await self.backend.is_ready())
+            self.health.start()
+            await self.server.start()
+        except BaseException:
+            await self.stop()
+            raise
+        LOGGER.info("ner-gateway listening on %s:%d (Triton %s, default model %s)", s.host, self.port,
+                    self.backend.url, registry.default_name)
+        return self.port
+
+    def _on_triton_state(self, ready: bool) -> None:
+        if self.health is not None:
+            asyncio.get_running_loop().create_task(self.health.set_serving(ready))
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING -> drain RPCs for the grace period -> stop Triton."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.health is not None:
+            await self.health.shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        if self.backend is not None:
+            await self.backend.close()
+        if self.triton is not None:
+            await self.triton.stop()
+        LOGGER.info("ner-gateway stopped")
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+        await stop.wait()
+        LOGGER.info("shutting down")
+    finally:
+        await gateway.stop()

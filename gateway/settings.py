@@ -1,0 +1,47 @@
+"""The gateway's one settings object. Precedence: CLI flag > NER_* environment > .env file > default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NER_", env_file=".env", extra="forbid", use_attribute_docstrings=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds (0.0.0.0 in a container)."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (logged at startup)."""
+    model_repository: Path = Path("model_repository")
+    """Triton model repository built by ner-builder; the gateway reads manifests and tokenizers from it."""
+    triton_url: str | None = None
+    """host:port of a running Triton's gRPC endpoint. Unset: start and supervise the embedded tritonserver."""
+    default_model: str | None = None
+    """Model used when a request names none. Unset: the only model, or the first by name."""
+    max_texts_per_request: int = Field(64, ge=1)
+    """Most texts in one RecognizeRequest."""
+    max_text_chars: int = Field(20_000, ge=1)
+    """Most characters (code points) in one text."""
+    default_timeout_s: float = Field(30.0, gt=0)
+    """Deadline for requests whose client set none."""
+    triton_ready_timeout_s: float = Field(120.0, gt=0)
+    """How long to wait at startup for Triton and its models to become ready."""
+    health_check_interval_s: float = Field(1.0, gt=0)
+    """How often Triton's readiness is polled to drive the gRPC health status."""
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    """How long in-flight RPCs may finish after SIGTERM."""
+    triton_grpc_port: int = Field(0, ge=0, le=65535)
+    """Embedded Triton's gRPC port (0 = free port)."""
+    triton_http_port: int = Field(0, ge=0, le=65535)
+    """Embedded Triton's HTTP port (0 = free port)."""
+    triton_metrics_port: int = Field(0, ge=0, le=65535)
+    """Embedded Triton's metrics port (0 = free port)."""
+    triton_log_verbose: int = Field(0, ge=0)
+    """Embedded Triton's --log-verbose level."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,0 +1,214 @@
+"""Start, watch and stop the embedded ``tritonserver`` shipped in the nvidia-pytriton wheel.
+
+That build has only the Python backend. What it needs on a CPU machine (see shared/TRITON.md):
+a backend directory holding the Python backend plus the stub for this interpreter's version,
+the interpreter's libpython and the wheel's bundled libraries on LD_LIBRARY_PATH, and this
+environment's ``bin`` first on PATH because the stub finds its Python through ``python3``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ner_gateway.errors import ConfigurationError, TritonUnavailable
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    grpc: int
+    http: int
+    metrics: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError(
+            "the embedded Triton needs the nvidia-pytriton wheel: pip install 'triton-ner[triton]' "
+            "(or pass --triton-url to use a running Triton)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def prepare_backend_dir(target: Path) -> Path:
+    """Assemble ``target/python`` = Python backend + the stub matching this interpreter."""
+    server_dir = _pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ConfigurationError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    python_dir = target / "python"
+    shutil.copytree(server_dir / "backends" / "python", python_dir, dirs_exist_ok=True)
+    shutil.copy2(stub, python_dir / stub.name)
+    return target
+
+
+def triton_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = [
+        sysconfig.get_config_var("LIBDIR"),
+        str(_pytriton_root().parent / "nvidia_pytriton.libs"),
+        env.get("LD_LIBRARY_PATH", ""),
+    ]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+class EmbeddedTriton:
+    """One supervised tritonserver process on loopback ports; restarted if it dies."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        *,
+        ports: TritonPorts | None = None,
+        ready_timeout_s: float = 120.0,
+        restart_backoff_s: float = 1.0,
+        log_verbose: int = 0,
+        on_state_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.model_repository = model_repository.resolve()
+        self.ports = ports or TritonPorts(free_port(), free_port(), free_port())
+        self.ready_timeout_s = ready_timeout_s
+        self.restart_backoff_s = restart_backoff_s
+        self.log_verbose = log_verbose
+        self.on_state_change = on_state_change or (lambda ready: None)
+        self._process: asyncio.subprocess.Process | None = None
+        self._backend_dir: Path | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def command(self) -> list[str]:
+        assert self._backend_dir is not None
+        return [
+            str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self._backend_dir}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.ports.grpc}",
+            "--http-address=127.0.0.1", f"--http-port={self.ports.http}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.ports.metrics}",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            f"--log-verbose={self.log_verbose}",
+        ]
+
+    async def start(self) -> None:
+        """Start Triton and wait until it reports ready (all models loaded), then supervise it."""
+        if self._backend_dir is None:
+            self._backend_dir = prepare_backend_dir(Path(tempfile.mkdtemp(prefix="ner-triton-backends-")))
+        await self._spawn_and_wait()
+        self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
+
+    async def _spawn_and_wait(self) -> None:
+        LOGGER.info("starting tritonserver (gRPC %s) on %s", self.grpc_url, self.model_repository)
+        self._process = await asyncio.create_subprocess_exec(
+            *self.command(), env=triton_environment(), start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self._terminate()
+            raise
+        LOGGER.info("tritonserver ready (pid %d)", self._process.pid)
+        self.on_state_change(True)
+
+    async def _wait_ready(self) -> None:
+        url = f"http://127.0.0.1:{self.ports.http}/v2/health/ready"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout_s
+        while loop.time() < deadline:
+            assert self._process is not None
+            if self._process.returncode is not None:
+                raise TritonUnavailable(f"tritonserver exited with code {self._process.returncode} while starting")
+            if await asyncio.to_thread(_http_ok, url):
+                return
+            await asyncio.sleep(0.2)
+        raise TritonUnavailable(f"tritonserver not ready after {self.ready_timeout_s:.0f} s")
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self._process is not None
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            LOGGER.error("tritonserver exited unexpectedly (code %s); restarting", code)
+            self.on_state_change(False)
+            while not self._stopping:
+                await asyncio.sleep(self.restart_backoff_s)
+                try:
+                    await self._spawn_and_wait()
+                    break
+                except TritonUnavailable as e:
+                    LOGGER.error("restarting tritonserver failed: %s", e)
+
+    async def stop(self) -> None:
+        """SIGTERM Triton (it drains in-flight requests), SIGKILL after a grace period. Idempotent."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        await self._terminate()
+        if self._backend_dir is not None:
+            shutil.rmtree(self._backend_dir, ignore_errors=True)
+            self._backend_dir = None
+
+    async def _terminate(self, grace_s: float = 15.0) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace_s)
+        except TimeoutError:
+            LOGGER.warning("tritonserver ignored SIGTERM for %.0f s; killing it", grace_s)
+            process.kill()
+            await process.wait()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM Triton if the gateway dies without stopping it (e.g. SIGKILL)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
