@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from ner_builder import export, repository
 from ner_builder.checkpoint import load_checkpoint
 from ner_builder.errors import BuildError
@@ -22,7 +24,6 @@ from ner_gateway.manifest import (
     detect_tagging_scheme,
     sha256_file,
 )
-from tokenizers import Tokenizer
 
 LOGGER = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import click
+
 from ner_builder.errors import BuildError
 from ner_builder.triton_config import ServingOptions
 from ner_gateway.manifest import TaggingScheme

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ner_builder.checkpoint import Checkpoint
 from ner_builder.errors import BuildError
 from ner_gateway.manifest import ParityReport

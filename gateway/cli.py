@@ -12,9 +12,10 @@ from typing import Any
 import click
 import grpc
 from google.protobuf import json_format
+from pydantic import ValidationError
+
 from ner_gateway.errors import ConfigurationError
 from ner_gateway.settings import GatewaySettings
-from pydantic import ValidationError
 
 AGGREGATIONS = ["none", "simple", "first", "average", "max"]
 OFFSET_UNITS = ["code_point", "utf8_byte", "utf16_code_unit"]

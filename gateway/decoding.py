@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from ner_gateway.domain import Aggregation, Entity
 from ner_gateway.errors import NotImplementedYet
 

@@ -8,6 +8,7 @@ import logging
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
+
 from ner_gateway.pb.ner.v1 import ner_pb2
 from ner_gateway.triton_backend import TritonBackend
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from ner_gateway.errors import NerError
 
 LOGGER = logging.getLogger(__name__)

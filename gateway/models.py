@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ner_gateway.decoding import LabelTable
 from ner_gateway.errors import ConfigurationError, ModelNotFound
 from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, sha256_file
 from ner_gateway.tokenization import TextTokenizer
 from ner_gateway.triton_backend import ServedModel, TritonBackend
-from pydantic import ValidationError
 
 LOGGER = logging.getLogger(__name__)
 

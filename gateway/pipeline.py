@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from ner_gateway.decoding import decode
 from ner_gateway.domain import Aggregation, Recognition, RecognizeRequest, StageTimings
 from ner_gateway.errors import InvalidRequest, NotImplementedYet, TritonUnavailable

@@ -9,6 +9,7 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from ner_gateway.health import SERVICE_NAME, TritonHealth
 from ner_gateway.interceptors import ErrorInterceptor
 from ner_gateway.models import ModelRegistry
@@ -31,6 +32,7 @@ class Gateway:
         self.backend: TritonBackend | None = None
         self.health: TritonHealth | None = None
         self.server: grpc.aio.Server | None = None
+        self.pipeline: RecognitionPipeline | None = None
         self.port: int | None = None
         self._stopped = False
 
@@ -49,7 +51,7 @@ class Gateway:
             await self.backend.wait_ready(s.triton_ready_timeout_s)
             registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model)
             self.health = TritonHealth(self.backend, s.health_check_interval_s)
-            pipeline = RecognitionPipeline(
+            self.pipeline = pipeline = RecognitionPipeline(
                 registry, self.backend,
                 Limits(s.max_texts_per_request, s.max_text_chars, s.default_timeout_s),
                 on_triton_unavailable=self.health.mark_unavailable,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+
 from ner_gateway import convert
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.pipeline import RecognitionPipeline

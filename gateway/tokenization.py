@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ner_gateway.errors import InvalidRequest
 from tokenizers import Encoding, Tokenizer
+
+from ner_gateway.errors import InvalidRequest
 
 # Triton input name -> the Encoding attribute that fills it.
 _INPUT_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
 from ner_gateway.errors import ConfigurationError, DeadlineExceeded, InferenceFailed, TritonUnavailable
 from ner_gateway.manifest import ModelManifest
-from tritonclient.utils import InferenceServerException
 
 LOGGER = logging.getLogger(__name__)
 

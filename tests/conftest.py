@@ -52,3 +52,107 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# --- real servers -----------------------------------------------------------------------------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import grpc  # noqa: E402
+
+TINY_MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """A Triton model repository holding the tiny checkpoint, built by the real builder."""
+    from ner_builder.build import BuildOptions, build_model
+    from ner_builder.triton_config import ServingOptions
+
+    repository = tmp_path_factory.mktemp("model_repository")
+    build_model(tiny_checkpoint, repository, TINY_MODEL, BuildOptions(serving=ServingOptions(max_batch_size=8)))
+    return repository
+
+
+@dataclass
+class GatewayProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"gateway exited with code {process.returncode}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"gateway at {address} not SERVING after {timeout_s} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="session")
+def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: run ``ner-gateway serve`` as a real process on a free loopback port; all are stopped at the end."""
+    from ner_gateway.triton_process import free_port
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(repository: Path, *extra: str, env: dict[str, str] | None = None) -> GatewayProcess:
+        port = free_port()
+        log = tmp_path_factory.mktemp("gateway-log") / "gateway.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ner-gateway"), "serve", "--model-repository", str(repository),
+                 "--port", str(port), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )
+        started.append(process)
+        gateway = GatewayProcess(process, f"127.0.0.1:{port}", log)
+        try:
+            wait_serving(gateway.address, 120, process)
+        except Exception:
+            stop_process(process)
+            raise RuntimeError(f"gateway failed to start:\n{gateway.output()[-4000:]}") from None
+        return gateway
+
+    yield start
+    for process in started:
+        stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway, tiny_repository: Path) -> GatewayProcess:
+    """One gateway with its embedded Triton serving the tiny model, shared by the read-only tests."""
+    return start_gateway(tiny_repository)

@@ -1,0 +1,297 @@
+"""Fine-tune a token classifier from a local base encoder on a word-level BIO dataset (CPU-friendly)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ner_builder.datasets import NerDataset, train_eval_split
+
+LOGGER = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label id that torch's cross-entropy skips
+WARMUP_FRACTION = 0.1
+MAX_GRAD_NORM = 1.0
+
+
+class TrainError(Exception):
+    """Training cannot start or finish; the message is meant to be shown to a user as is."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output: Path
+    f1: float
+    precision: float
+    recall: float
+    train_sentences: int
+    eval_sentences: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    input_ids: list[int]
+    token_type_ids: list[int]
+    labels: list[int]  # aligned to input_ids; IGNORE_INDEX off the first sub-token of a word
+    word_ids: list[int | None]
+
+
+def _check_base(base: Path) -> None:
+    if not base.exists():
+        raise TrainError(f"base model directory {base} does not exist")
+    if not base.is_dir():
+        raise TrainError(f"base model {base} is not a directory")
+    if not (base / "config.json").is_file():
+        raise TrainError(f"base model directory {base} has no config.json (expected a local HF checkpoint)")
+
+
+def _encode(
+    tokenizer: Any, words: list[str], tags: list[str] | None, label2id: dict[str, int], max_length: int
+) -> _Encoded:
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    word_ids = enc.word_ids()
+    labels: list[int] = []
+    previous: int | None = None
+    for word_id in word_ids:
+        first = word_id is not None and word_id != previous
+        labels.append(label2id[tags[word_id]] if first and tags is not None else IGNORE_INDEX)
+        previous = word_id
+    token_type_ids = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+    return _Encoded(list(enc["input_ids"]), list(token_type_ids), labels, word_ids)
+
+
+def _collate(batch: list[_Encoded], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(item.input_ids) for item in batch)  # dynamic padding: only as wide as this batch
+
+    def pad(rows: list[list[int]], value: int) -> Any:
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+    return {
+        "input_ids": pad([item.input_ids for item in batch], pad_id),
+        "token_type_ids": pad([item.token_type_ids for item in batch], 0),
+        "attention_mask": pad([[1] * len(item.input_ids) for item in batch], 0),
+        "labels": pad([item.labels for item in batch], IGNORE_INDEX),
+    }
+
+
+def _batches(items: list[_Encoded], batch_size: int, order: list[int]) -> Iterator[list[_Encoded]]:
+    for start in range(0, len(order), batch_size):
+        yield [items[i] for i in order[start : start + batch_size]]
+
+
+def _model_max_length(tokenizer: Any, config: Any) -> int:
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    # Tokenizers without a limit report a huge sentinel (~1e30); ignore it.
+    return min(int(limit) for limit in limits if limit is not None and limit < 1_000_000)
+
+
+def _optimizer(model: Any, body_lr: float, head_lr: float, total_steps: int) -> tuple[Any, Any]:
+    import torch
+
+    # A freshly initialised head needs a much larger step than the pretrained body; with one small
+    # learning rate a small encoder settles on predicting "O" everywhere.
+    body_ids = {id(p) for p in model.base_model.parameters()}
+    body = [p for p in model.parameters() if id(p) in body_ids]
+    head = [p for p in model.parameters() if id(p) not in body_ids]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": body_lr}, {"params": head, "lr": head_lr}])
+    warmup = max(1, int(total_steps * WARMUP_FRACTION))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _predict(
+    model: Any,
+    tokenizer: Any,
+    dataset: NerDataset,
+    id2label: dict[int, str],
+    max_length: int,
+    batch_size: int,
+) -> list[list[str]]:
+    """Word-level tags from each word's first sub-token; words the model cannot see are tagged "O"."""
+    import torch
+
+    encoded = [_encode(tokenizer, words, None, {}, max_length) for words in dataset.sentences]
+    predictions: list[list[str]] = []
+    unseen = 0
+    model.eval()
+    with torch.inference_mode():
+        for batch in _batches(encoded, batch_size, list(range(len(encoded)))):
+            inputs = _collate(batch, tokenizer.pad_token_id)
+            inputs.pop("labels")
+            best = model(**inputs).logits.argmax(-1).tolist()
+            for item, row in zip(batch, best, strict=True):
+                n_words = len(dataset.sentences[len(predictions)])  # batches keep dataset order
+                tags = ["O"] * n_words
+                seen: set[int] = set()
+                for position, word_id in enumerate(item.word_ids):
+                    if word_id is not None and word_id not in seen:
+                        seen.add(word_id)
+                        tags[word_id] = id2label[row[position]]
+                unseen += n_words - len(seen)
+                predictions.append(tags)
+    if unseen:
+        # Over-long sentences (eval is cut at the model's position limit) or words with no sub-tokens.
+        LOGGER.warning("%d eval words had no sub-token in the model input; predicted as O", unseen)
+    return predictions
+
+
+def _write_reports(
+    output: Path, gold: list[list[str]], predicted: list[list[str]], metrics: dict[str, Any]
+) -> None:
+    from seqeval.metrics import classification_report
+
+    report = classification_report(gold, predicted, digits=4, zero_division=0)
+    summary = (
+        f"dataset={metrics['dataset']} base={metrics['base']}\n"
+        f"train_sentences={metrics['train_sentences']} eval_sentences={metrics['eval_sentences']} "
+        f"epochs={metrics['epochs']} seconds={metrics['seconds']:.1f}\n"
+        f"micro precision={metrics['precision']:.4f} recall={metrics['recall']:.4f} f1={metrics['f1']:.4f}\n"
+    )
+    (output / "eval_report.txt").write_text(report + "\n" + summary, encoding="utf-8")
+    (output / "eval_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def train_token_classifier(
+    base: Path,
+    dataset: NerDataset,
+    output: Path,
+    *,
+    epochs: int = 3,
+    batch_size: int = 16,
+    max_length: int = 128,
+    body_lr: float = 2e-4,
+    head_lr: float = 3e-3,
+    eval_fraction: float = 0.15,
+    seed: int = 13,
+    limit: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune `base` on a seeded split of `dataset`, evaluate on the held-out part, save to `output`."""
+    base, output = Path(base), Path(output)
+    _check_base(base)
+    if epochs < 1 or batch_size < 1 or max_length < 2:
+        raise TrainError("epochs and batch_size must be >= 1 and max_length >= 2")
+    if limit is not None and limit < 1:
+        raise TrainError(f"limit must be >= 1, got {limit}")
+
+    import torch
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    started = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)  # before the model load: the new classifier head is initialised from it
+
+    train_set, eval_set = train_eval_split(dataset, eval_fraction=eval_fraction, seed=seed)
+    if limit is not None:
+        train_set = NerDataset(
+            train_set.name, train_set.sentences[:limit], train_set.tags[:limit], train_set.labels
+        )
+
+    labels = dataset.labels
+    label2id = {label: i for i, label in enumerate(labels)}
+    id2label = dict(enumerate(labels))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForTokenClassification.from_pretrained(
+            base,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,  # the base may already carry a head for another label set
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load a tokenizer and token classifier from {base}: {exc}") from exc
+    if not tokenizer.is_fast:
+        raise TrainError(f"{base} has no fast tokenizer (tokenizer.json); word alignment needs one")
+
+    model_limit = _model_max_length(tokenizer, model.config)
+    train_length = min(max_length, model_limit)
+    if train_length < max_length:
+        LOGGER.info("max_length %d capped to the model's limit %d", max_length, train_length)
+    encoded = [
+        _encode(tokenizer, words, tags, label2id, train_length)
+        for words, tags in zip(train_set.sentences, train_set.tags, strict=True)
+    ]
+
+    steps_per_epoch = math.ceil(len(encoded) / batch_size)
+    optimizer, scheduler = _optimizer(model, body_lr, head_lr, steps_per_epoch * epochs)
+    generator = torch.Generator().manual_seed(seed)
+    LOGGER.info(
+        "training %s on %s: %d train / %d eval sentences, %d epochs, %d threads",
+        base,
+        dataset.name,
+        len(train_set),
+        len(eval_set),
+        epochs,
+        torch.get_num_threads(),
+    )
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        bar = tqdm(
+            _batches(encoded, batch_size, order),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="batch",
+            disable=not progress,
+        )
+        for batch in bar:
+            loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+
+    # Eval is never truncated to the training max_length, only to what the model can physically take.
+    predicted = _predict(model, tokenizer, eval_set, id2label, model_limit, batch_size * 2)
+    gold = eval_set.tags
+    precision = float(precision_score(gold, predicted, zero_division=0))
+    recall = float(recall_score(gold, predicted, zero_division=0))
+    f1 = float(f1_score(gold, predicted, zero_division=0))
+
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    seconds = time.perf_counter() - started
+    metrics = {
+        "dataset": dataset.name,
+        "train_sentences": len(train_set),
+        "eval_sentences": len(eval_set),
+        "epochs": epochs,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "seconds": round(seconds, 2),
+        "base": str(base),
+    }
+    _write_reports(output, gold, predicted, metrics)
+    LOGGER.info("eval: precision=%.4f recall=%.4f f1=%.4f (%.0f s)", precision, recall, f1, seconds)
+    return TrainResult(
+        output=output,
+        f1=f1,
+        precision=precision,
+        recall=recall,
+        train_sentences=len(train_set),
+        eval_sentences=len(eval_set),
+        seconds=seconds,
+    )

@@ -1,0 +1,122 @@
+"""The gateway in-process against a separately started Triton (the ``--triton-url`` mode)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ner_gateway.domain import RecognizeRequest
+from ner_gateway.errors import ConfigurationError, DeadlineExceeded, TritonUnavailable
+from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+from ner_gateway.server import Gateway
+from ner_gateway.settings import GatewaySettings
+from ner_gateway.triton_process import EmbeddedTriton
+
+from conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+async def triton(tiny_repository: Path):
+    server = EmbeddedTriton(tiny_repository)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def settings_for(repository: Path, triton_url: str) -> GatewaySettings:
+    return GatewaySettings(model_repository=repository, triton_url=triton_url, port=0, health_check_interval_s=0.2,
+                           triton_ready_timeout_s=5)
+
+
+@pytest.fixture(scope="module")
+async def gateway(triton: EmbeddedTriton, tiny_repository: Path):
+    service = Gateway(settings_for(tiny_repository, triton.grpc_url))
+    await service.start()
+    yield service
+    await service.stop()
+
+
+async def test_aio_client_against_external_triton(gateway: Gateway) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = ner_pb2_grpc.NerServiceStub(channel)
+        response = await stub.Recognize(ner_pb2.RecognizeRequest(texts=["Angela Merkel visited Paris"]), timeout=10)
+    assert response.model == TINY_MODEL and len(response.documents) == 1
+
+
+async def test_deadline_is_enforced_inside_the_pipeline(gateway: Gateway) -> None:
+    request = RecognizeRequest(texts=["Angela Merkel visited Paris"] * 8)
+    with pytest.raises(DeadlineExceeded):
+        await gateway.pipeline.recognize(request, timeout_s=0.0)
+    with pytest.raises(DeadlineExceeded):
+        await gateway.pipeline.recognize(request, timeout_s=1e-4)  # expires inside the Triton call
+    assert len((await gateway.pipeline.recognize(request, timeout_s=10)).documents) == 8
+
+
+def copy_repository(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target / TINY_MODEL / "1" / "manifest.json"
+
+
+async def test_startup_refuses_a_tokenizer_that_does_not_match_the_manifest(
+    triton: EmbeddedTriton, tiny_repository: Path, tmp_path: Path
+) -> None:
+    copy_repository(tiny_repository, tmp_path / "repo")
+    with (tmp_path / "repo" / TINY_MODEL / "1" / "tokenizer.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(ConfigurationError, match="does not match the manifest's tokenizer checksum"):
+        await Gateway(settings_for(tmp_path / "repo", triton.grpc_url)).start()
+
+
+async def test_startup_refuses_labels_that_do_not_match_the_served_model(
+    triton: EmbeddedTriton, tiny_repository: Path, tmp_path: Path
+) -> None:
+    manifest_file = copy_repository(tiny_repository, tmp_path / "repo")
+    manifest = json.loads(manifest_file.read_text())
+    manifest["labels"].append("B-EXTRA")
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigurationError, match=r"expected FP32 \['-1', '-1', '8'\]"):
+        await Gateway(settings_for(tmp_path / "repo", triton.grpc_url)).start()
+
+
+async def test_startup_refuses_an_empty_repository(triton: EmbeddedTriton, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="no ner-builder models"):
+        await Gateway(settings_for(tmp_path, triton.grpc_url)).start()
+
+
+async def test_external_triton_down_then_back(tiny_repository: Path) -> None:
+    first = EmbeddedTriton(tiny_repository)
+    await first.start()
+    service = Gateway(settings_for(tiny_repository, first.grpc_url))
+    try:
+        await service.start()
+        request = RecognizeRequest(texts=["Angela Merkel"])
+        await first.stop()
+        with pytest.raises(TritonUnavailable):
+            await service.pipeline.recognize(request)
+        assert await wait_for(lambda: service.health.serving is False)
+        second = EmbeddedTriton(tiny_repository, ports=first.ports)  # same address, as after a pod restart
+        await second.start()
+        try:
+            assert await wait_for(lambda: service.health.serving is True)
+            assert len((await service.pipeline.recognize(request)).documents) == 1
+        finally:
+            await second.stop()
+    finally:
+        await service.stop()
+        await first.stop()
+
+
+async def wait_for(condition, timeout_s: float = 20.0) -> bool:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True

