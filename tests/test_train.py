@@ -94,3 +94,28 @@ def test_missing_base_is_a_clear_error(wnut16: NerDataset, tmp_path: Path) -> No
 def test_base_without_config_is_a_clear_error(wnut16: NerDataset, tmp_path: Path) -> None:
     with pytest.raises(TrainError, match=r"no config\.json"):
         train_token_classifier(tmp_path, wnut16, tmp_path / "out", progress=False)
+
+
+def test_train_cli_writes_checkpoint_and_reports_f1(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ner_builder.cli import main
+
+    out = tmp_path / "cli-model"
+    result = CliRunner().invoke(main, ["train", "--base", str(tiny_checkpoint), "--dataset", "wnut16",
+                                       "--output", str(out), "--epochs", "1", "--limit", "32"])
+    assert result.exit_code == 0, result.output
+    assert "entity F1" in result.output and "359 held-out sentences" in result.output
+    assert json.loads((out / "eval_metrics.json").read_text())["train_sentences"] == 32
+
+
+def test_train_cli_rejects_unknown_dataset_and_missing_base(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ner_builder.cli import main
+
+    unknown = CliRunner().invoke(main, ["train", "--base", str(tmp_path), "--dataset", "conll", "--output", "x"])
+    assert unknown.exit_code == 2 and "Invalid value for '--dataset'" in unknown.output
+    missing = CliRunner().invoke(main, ["train", "--base", str(tmp_path / "nope"), "--dataset", "wnut16",
+                                        "--output", str(tmp_path / "out")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
