@@ -4,7 +4,9 @@
     REPOSITORY/NAME/VERSION/{model.onnx, model.py, tokenizer.json, labels.json, manifest.json}
 
 A version folder is assembled beside the repository and renamed into place, so a Triton that
-polls the repository never sees a half-written version.
+polls the repository never sees a half-written new version. Replacing an existing version (an explicit
+``--version``) removes the old folder first: for that moment the version is missing, so roll out new
+version numbers to a live server instead.
 """
 
 from __future__ import annotations

@@ -1,0 +1,171 @@
+"""Gateway settings precedence: default < .env < NER_* environment < init kwargs (the CLI flags)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from ner_gateway.cli import main
+from ner_gateway.settings import GatewaySettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Empty cwd (no stray .env) and no NER_* variables from the outer environment."""
+    for key in list(os.environ):
+        if key.upper().startswith("NER_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults() -> None:
+    settings = GatewaySettings()
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 50051
+    assert settings.model_repository == Path("model_repository")
+    assert settings.triton_url is None
+    assert settings.default_model is None
+    assert settings.max_texts_per_request == 64
+    assert settings.max_text_chars == 20_000
+    assert settings.default_timeout_s == 30.0
+    assert settings.log_level == "INFO"
+
+
+def test_environment_overrides_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NER_PORT", "6000")
+    monkeypatch.setenv("NER_TRITON_URL", "triton:8001")
+    monkeypatch.setenv("NER_MODEL_REPOSITORY", "/models")
+    monkeypatch.setenv("NER_MAX_TEXT_CHARS", "100")
+    monkeypatch.setenv("NER_LOG_LEVEL", "DEBUG")
+    settings = GatewaySettings()
+    assert settings.port == 6000
+    assert settings.triton_url == "triton:8001"
+    assert settings.model_repository == Path("/models")
+    assert settings.max_text_chars == 100
+    assert settings.log_level == "DEBUG"
+    assert settings.host == "127.0.0.1"  # untouched fields keep their defaults
+
+
+def test_environment_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ner_port", "6001")
+    assert GatewaySettings().port == 6001
+
+
+def test_kwargs_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NER_PORT", "6000")
+    monkeypatch.setenv("NER_HOST", "0.0.0.0")
+    settings = GatewaySettings(port=7000)
+    assert settings.port == 7000
+    assert settings.host == "0.0.0.0"
+
+
+def test_dotenv_between_default_and_environment(monkeypatch: pytest.MonkeyPatch, clean_env: Path) -> None:
+    (clean_env / ".env").write_text("NER_PORT=5000\nNER_HOST=10.0.0.1\nNER_DEFAULT_MODEL=from-dotenv\n")
+    assert GatewaySettings().port == 5000
+    monkeypatch.setenv("NER_PORT", "6000")
+    settings = GatewaySettings()
+    assert (settings.port, settings.host, settings.default_model) == (6000, "10.0.0.1", "from-dotenv")
+    settings = GatewaySettings(port=7000, default_model="flag")
+    assert (settings.port, settings.host, settings.default_model) == (7000, "10.0.0.1", "flag")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NER_PORT", "notanumber"),
+        ("NER_PORT", "65536"),
+        ("NER_PORT", "-1"),
+        ("NER_MAX_TEXTS_PER_REQUEST", "0"),
+        ("NER_MAX_TEXT_CHARS", "0"),
+        ("NER_DEFAULT_TIMEOUT_S", "0"),
+        ("NER_LOG_LEVEL", "TRACE"),
+    ],
+)
+def test_invalid_environment(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        GatewaySettings()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"port": 70000},
+        {"port": "x"},
+        {"max_texts_per_request": 0},
+        {"health_check_interval_s": 0},
+        {"shutdown_grace_s": -1},
+        {"log_level": "debug"},
+        {"no_such_setting": 1},
+    ],
+)
+def test_invalid_kwargs(kwargs: dict) -> None:
+    with pytest.raises(ValidationError):
+        GatewaySettings(**kwargs)
+
+
+def test_invalid_kwarg_not_masked_by_valid_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NER_PORT", "6000")
+    with pytest.raises(ValidationError):
+        GatewaySettings(port=-5)
+
+
+def test_unknown_key_in_dotenv_is_rejected(clean_env: Path) -> None:
+    (clean_env / ".env").write_text("NER_PROT=5000\n")
+    with pytest.raises(ValidationError):
+        GatewaySettings()
+
+
+def test_cli_port_not_a_number() -> None:
+    result = CliRunner().invoke(main, ["serve", "--port", "notanumber"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--port'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [(["--port", "70000"], "port"), (["--max-texts-per-request", "0"], "max_texts_per_request")],
+)
+def test_cli_out_of_range_is_a_clean_error(args: list[str], field: str) -> None:
+    # Validation fails before anything starts: exit 1 with pydantic's message, no traceback.
+    result = CliRunner().invoke(main, ["serve", *args])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert field in result.output
+
+
+def test_cli_bad_env_is_a_clean_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NER_PORT", "notanumber")
+    result = CliRunner().invoke(main, ["serve"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "port" in result.output
+
+
+def test_cli_flags_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ner_gateway.server
+
+    seen: list[GatewaySettings] = []
+
+    async def fake_serve(settings: GatewaySettings) -> None:
+        seen.append(settings)
+
+    monkeypatch.setattr(ner_gateway.server, "serve", fake_serve)
+    monkeypatch.setenv("NER_PORT", "6000")
+    monkeypatch.setenv("NER_HOST", "0.0.0.0")
+    monkeypatch.setenv("NER_MAX_TEXT_CHARS", "100")
+    result = CliRunner().invoke(main, ["serve", "--port", "7000", "--max-text-chars", "50", "--model-repository",
+                                       "/repo", "--log-level", "WARNING"])
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    assert settings.port == 7000
+    assert settings.max_text_chars == 50
+    assert settings.host == "0.0.0.0"
+    assert settings.model_repository == Path("/repo")
+    assert settings.log_level == "WARNING"
+    assert settings.max_texts_per_request == 64
