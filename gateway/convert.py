@@ -35,17 +35,21 @@ def request_from_pb(message: ner_pb2.RecognizeRequest) -> RecognizeRequest:
     if offset_unit is None:
         raise InvalidRequest(f"unknown offset_unit value {message.offset_unit}")
     return RecognizeRequest(texts=list(message.texts), model=message.model, aggregation=aggregation,
-                            offset_unit=offset_unit, request_id=message.request_id)
+                            offset_unit=offset_unit, request_id=message.request_id,
+                            constrained=message.constrained_decoding)
 
 
 def response_to_pb(result: Recognition) -> ner_pb2.RecognizeResponse:
     return ner_pb2.RecognizeResponse(
         documents=[
-            ner_pb2.Document(entities=[
-                ner_pb2.Entity(label=e.label, start=e.start, end=e.end, text=e.text, score=e.score)
-                for e in entities
-            ])
-            for entities in result.documents
+            ner_pb2.Document(
+                entities=[
+                    ner_pb2.Entity(label=e.label, start=e.start, end=e.end, text=e.text, score=e.score)
+                    for e in document.entities
+                ],
+                windows=document.windows,
+            )
+            for document in result.documents
         ],
         model=result.model,
         model_version=result.model_version,

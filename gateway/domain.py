@@ -38,6 +38,13 @@ class RecognizeRequest:
     aggregation: Aggregation = Aggregation.SIMPLE
     offset_unit: OffsetUnit = OffsetUnit.CODE_POINT
     request_id: str = ""
+    constrained: bool = False  # Viterbi over the tagging scheme's allowed transitions
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    entities: list[Entity]
+    windows: int  # model inputs the text was split into (1 unless longer than the model's max length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +56,7 @@ class StageTimings:
 
 @dataclass(frozen=True, slots=True)
 class Recognition:
-    documents: list[list[Entity]]
+    documents: list[Document]
     model: str
     model_version: str
     request_id: str

@@ -19,10 +19,6 @@ class ModelNotFound(NerError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class NotImplementedYet(NerError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class TritonUnavailable(NerError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -24,6 +24,7 @@ class NerModel:
     tokenizer: TextTokenizer
     labels: LabelTable
     served: ServedModel
+    window_stride: int  # tokens shared by consecutive windows of a long text
 
     @property
     def name(self) -> str:
@@ -59,6 +60,17 @@ def read_manifests(repository: Path) -> list[tuple[Path, ModelManifest]]:
     return found
 
 
+def window_stride(tokenizer: TextTokenizer, configured: int | None, name: str) -> int:
+    """The configured stride, or a quarter of the window; must leave each window new tokens."""
+    stride = tokenizer.window_capacity // 4 if configured is None else configured
+    if not 0 <= stride < tokenizer.window_capacity:
+        raise ConfigurationError(
+            f"window stride {stride} is invalid for model {name!r}: need 0 <= stride < {tokenizer.window_capacity} "
+            f"(max length {tokenizer.max_length} - {tokenizer.special_tokens} special tokens)"
+        )
+    return stride
+
+
 def load_tokenizer(version_dir: Path, manifest: ModelManifest) -> TextTokenizer:
     path = version_dir / manifest.tokenizer_file
     if not path.is_file():
@@ -79,12 +91,14 @@ class ModelRegistry:
                                      f"(found: {', '.join(sorted(self._models))})")
 
     @classmethod
-    async def load(cls, repository: Path, backend: TritonBackend, default_model: str | None) -> ModelRegistry:
+    async def load(cls, repository: Path, backend: TritonBackend, default_model: str | None,
+                   stride: int | None = None) -> ModelRegistry:
         models = []
         for version_dir, manifest in read_manifests(repository):
             tokenizer = load_tokenizer(version_dir, manifest)
             served = await backend.check_model(manifest)
-            models.append(NerModel(manifest, tokenizer, LabelTable.from_labels(manifest.labels), served))
+            table = LabelTable.from_labels(manifest.labels, manifest.tagging_scheme)
+            models.append(NerModel(manifest, tokenizer, table, served, window_stride(tokenizer, stride, manifest.name)))
             LOGGER.info("serving %s version %s (%d labels, max %d tokens)", manifest.name, manifest.version,
                         len(manifest.labels), manifest.max_sequence_length)
         return cls(models, default_model)

@@ -1,4 +1,4 @@
-"""The transport-free core: validate -> tokenize -> infer (Triton) -> decode -> offsets."""
+"""The transport-free core: validate -> tokenize (windows) -> infer (Triton) -> merge -> decode -> offsets."""
 
 from __future__ import annotations
 
@@ -8,26 +8,26 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 
 from ner_gateway.decoding import decode
-from ner_gateway.domain import Aggregation, Recognition, RecognizeRequest, StageTimings
-from ner_gateway.errors import InvalidRequest, NotImplementedYet, TritonUnavailable
+from ner_gateway.domain import Document, Recognition, RecognizeRequest, StageTimings
+from ner_gateway.errors import InvalidRequest, TritonUnavailable
 from ner_gateway.models import ModelRegistry, NerModel
 from ner_gateway.offsets import convert_entities
-from ner_gateway.tokenization import EncodedBatch
+from ner_gateway.tokenization import TextTokens, Window
 from ner_gateway.triton_backend import TritonBackend
 
 LOGGER = logging.getLogger(__name__)
-
-SUPPORTED_AGGREGATIONS = frozenset({Aggregation.NONE, Aggregation.SIMPLE})
 
 
 @dataclass(frozen=True)
 class Limits:
     max_texts_per_request: int
     max_text_chars: int
+    max_request_chars: int
     default_timeout_s: float
 
 
@@ -42,18 +42,20 @@ class RecognitionPipeline:
         self.on_triton_unavailable = on_triton_unavailable
 
     def validate(self, request: RecognizeRequest) -> NerModel:
+        limits = self.limits
         if not request.texts:
             raise InvalidRequest("texts must hold at least one text")
-        if len(request.texts) > self.limits.max_texts_per_request:
+        if len(request.texts) > limits.max_texts_per_request:
             raise InvalidRequest(f"{len(request.texts)} texts in one request; the limit is "
-                                 f"{self.limits.max_texts_per_request}")
+                                 f"{limits.max_texts_per_request}")
         for index, text in enumerate(request.texts):
-            if len(text) > self.limits.max_text_chars:
+            if len(text) > limits.max_text_chars:
                 raise InvalidRequest(f"texts[{index}] has {len(text)} characters; the limit is "
-                                     f"{self.limits.max_text_chars}")
-        if request.aggregation not in SUPPORTED_AGGREGATIONS:
-            raise NotImplementedYet(f"aggregation {request.aggregation.name} is not implemented yet; "
-                                    "use SIMPLE or NONE")
+                                     f"{limits.max_text_chars}")
+        total = sum(map(len, request.texts))
+        if total > limits.max_request_chars:
+            raise InvalidRequest(f"the texts hold {total} characters in all; the limit per request is "
+                                 f"{limits.max_request_chars}")
         return self.registry.get(request.model)
 
     async def recognize(self, request: RecognizeRequest, timeout_s: float | None = None) -> Recognition:
@@ -64,38 +66,44 @@ class RecognitionPipeline:
         request_id = request.request_id or uuid.uuid4().hex
 
         t0 = time.perf_counter_ns()
-        batch = model.tokenizer.encode(request.texts)
+        tokens = model.tokenizer.tokenize(request.texts)
+        windows = model.tokenizer.plan_windows(tokens, model.window_stride)
         t1 = time.perf_counter_ns()
-        logits = await self._infer(model, batch, deadline, request_id)
+        window_logits = await self._infer(model, tokens, windows, deadline, request_id)
         t2 = time.perf_counter_ns()
         documents = []
-        for row, text in enumerate(request.texts):
-            entities = decode(text, logits[row], batch.offsets(row), batch.special_mask(row), model.labels,
-                              request.aggregation)
-            documents.append(convert_entities(text, entities, request.offset_unit))
+        by_text = groupby(zip(windows, window_logits, strict=True), key=lambda pair: pair[0].text)
+        for (_, pairs), text, text_tokens in zip(by_text, request.texts, tokens, strict=True):
+            text_windows, logits = zip(*pairs, strict=True)
+            merged = model.tokenizer.merge(len(text_tokens), list(text_windows), list(logits))
+            entities = decode(text, merged, text_tokens.view, model.labels, request.aggregation,
+                              request.constrained)
+            documents.append(Document(convert_entities(text, entities, request.offset_unit), len(text_windows)))
         t3 = time.perf_counter_ns()
         return Recognition(
             documents=documents, model=model.name, model_version=model.served.version, request_id=request_id,
             timings=StageTimings((t1 - t0) // 1000, (t2 - t1) // 1000, (t3 - t2) // 1000),
         )
 
-    async def _infer(self, model: NerModel, batch: EncodedBatch, deadline: float,
+    async def _infer(self, model: NerModel, tokens: list[TextTokens], windows: list[Window], deadline: float,
                      request_id: str) -> list[np.ndarray]:
-        """Logits per text (each [its tokens, classes]); batches above Triton's max go out concurrently."""
+        """Logits per window ([its tokens with specials, classes]); all windows of all texts go to Triton
+        in batches of at most its max_batch_size, sent concurrently."""
         loop = asyncio.get_running_loop()
         size = model.served.max_batch_size
-        chunks = [slice(i, i + size) for i in range(0, len(batch.encodings), size)]
+        chunks = [windows[i : i + size] for i in range(0, len(windows), size)]
         try:
             results = await asyncio.gather(*(
-                self.backend.infer(model.served, batch.arrays(model.manifest.inputs, rows), model.manifest.output,
+                self.backend.infer(model.served, model.tokenizer.arrays(tokens, chunk), model.manifest.output,
                                    deadline - loop.time(), request_id)
-                for rows in chunks
+                for chunk in chunks
             ))
         except TritonUnavailable:
             self.on_triton_unavailable()
             raise
-        lengths = batch.lengths
-        logits = []
-        for rows, result in zip(chunks, results, strict=True):
-            logits.extend(result[i, : lengths[rows.start + i]] for i in range(result.shape[0]))
-        return logits
+        specials = model.tokenizer.special_tokens
+        return [
+            result[row, : window.end - window.start + specials]
+            for chunk, result in zip(chunks, results, strict=True)
+            for row, window in enumerate(chunk)
+        ]

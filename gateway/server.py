@@ -49,11 +49,11 @@ class Gateway:
                 await self.triton.start()
             self.backend = TritonBackend(s.triton_url or self.triton.grpc_url)  # type: ignore[union-attr]
             await self.backend.wait_ready(s.triton_ready_timeout_s)
-            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model)
+            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride)
             self.health = TritonHealth(self.backend, s.health_check_interval_s)
             self.pipeline = pipeline = RecognitionPipeline(
                 registry, self.backend,
-                Limits(s.max_texts_per_request, s.max_text_chars, s.default_timeout_s),
+                Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
                 on_triton_unavailable=self.health.mark_unavailable,
             )
             self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])

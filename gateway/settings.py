@@ -26,8 +26,13 @@ class GatewaySettings(BaseSettings):
     """Model used when a request names none. Unset: the only model, or the first by name."""
     max_texts_per_request: int = Field(64, ge=1)
     """Most texts in one RecognizeRequest."""
-    max_text_chars: int = Field(20_000, ge=1)
-    """Most characters (code points) in one text."""
+    max_text_chars: int = Field(100_000, ge=1)
+    """Most characters (code points) in one text; longer-than-model texts are split into windows."""
+    max_request_chars: int = Field(400_000, ge=1)
+    """Most characters in all texts of one request together."""
+    window_stride: int | None = Field(None, ge=0)
+    """Tokens shared by consecutive windows of a long text (0 <= stride < max length - special tokens).
+    Unset: a quarter of the window."""
     default_timeout_s: float = Field(30.0, gt=0)
     """Deadline for requests whose client set none."""
     triton_ready_timeout_s: float = Field(120.0, gt=0)

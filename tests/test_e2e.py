@@ -61,6 +61,7 @@ def assert_rpc_error(call, code: grpc.StatusCode, *fragments: str) -> None:
 def test_simple_entities_match_hugging_face_pipeline(stub, hf_pipeline) -> None:
     response = recognize(stub, TEXTS, request_id="req-1")
     assert (response.model, response.model_version, response.request_id) == (TINY_MODEL, "1", "req-1")
+    assert [d.windows for d in response.documents] == [1] * len(TEXTS)
     assert response.timings.infer_us > 0 and response.timings.tokenize_us >= 0
     expected = hf_pipeline(TEXTS, "simple")
     assert len(response.documents) == len(TEXTS)
@@ -139,22 +140,53 @@ def test_stream_ends_with_status_of_a_bad_request(stub) -> None:
 
 
 def test_bad_requests_get_clear_errors_and_the_service_keeps_serving(stub) -> None:
-    long_text = " ".join(["word"] * (TINY_MAX_LENGTH + 5))
     cases = [
         (dict(texts=[]), grpc.StatusCode.INVALID_ARGUMENT, ["at least one text"]),
         (dict(texts=["x"] * 65), grpc.StatusCode.INVALID_ARGUMENT, ["65 texts", "limit is 64"]),
-        (dict(texts=["ok", long_text]), grpc.StatusCode.INVALID_ARGUMENT,
-         ["texts[1]", f"at most {TINY_MAX_LENGTH} tokens"]),
-        (dict(texts=["a" * 20_001]), grpc.StatusCode.INVALID_ARGUMENT, ["20001 characters", "limit is 20000"]),
+        (dict(texts=["ok", "a" * 100_001]), grpc.StatusCode.INVALID_ARGUMENT,
+         ["texts[1] has 100001 characters", "limit is 100000"]),
+        (dict(texts=["b" * 90_000] * 5), grpc.StatusCode.INVALID_ARGUMENT,
+         ["450000 characters in all", "limit per request is 400000"]),
         (dict(texts=["Paris"], model="nope"), grpc.StatusCode.NOT_FOUND, ["'nope' not found", TINY_MODEL]),
-        (dict(texts=["Paris"], aggregation=ner_pb2.AGGREGATION_STRATEGY_FIRST), grpc.StatusCode.UNIMPLEMENTED,
-         ["FIRST"]),
         (dict(texts=["Paris"], aggregation=42), grpc.StatusCode.INVALID_ARGUMENT, ["unknown aggregation"]),
         (dict(texts=["Paris"], offset_unit=9), grpc.StatusCode.INVALID_ARGUMENT, ["unknown offset_unit"]),
     ]
     for fields, code, fragments in cases:
         assert_rpc_error(lambda f=fields: recognize(stub, **f), code, *fragments)
         assert len(recognize(stub, ["Angela Merkel"]).documents) == 1  # still serving
+
+
+@pytest.mark.parametrize("strategy", ["first", "average", "max"])
+def test_word_aggregations_match_hugging_face_pipeline(stub, hf_pipeline, strategy: str) -> None:
+    aggregation = ner_pb2.AggregationStrategy.Value(f"AGGREGATION_STRATEGY_{strategy.upper()}")
+    response = recognize(stub, TEXTS, aggregation=aggregation)
+    for document, reference in zip(response.documents, hf_pipeline(TEXTS, strategy), strict=True):
+        assert [(e.label, e.start, e.end) for e in document.entities] == [
+            (r["entity_group"], r["start"], r["end"]) for r in reference
+        ]
+        for entity, ref in zip(document.entities, reference, strict=True):
+            assert entity.score == pytest.approx(float(ref["score"]), abs=1e-4)
+
+
+def test_long_texts_are_windowed_never_truncated(stub) -> None:
+    long_text = " ".join(TEXTS[:4] * 6)  # several times the tiny model's 64 tokens
+    response = recognize(stub, [long_text, "Paris"])
+    long_doc, short_doc = response.documents
+    assert long_doc.windows > 3 and short_doc.windows == 1
+    assert long_doc.entities[-1].end > len(long_text) - 40  # entities all the way to the end
+    previous_end = 0
+    for entity in long_doc.entities:
+        assert entity.text == long_text[entity.start : entity.end]
+        assert entity.start >= previous_end
+        previous_end = entity.end
+
+
+def test_constrained_decoding_returns_valid_entities(stub) -> None:
+    response = recognize(stub, TEXTS[:4], constrained_decoding=True)
+    assert sum(len(d.entities) for d in response.documents) > 0
+    for text, document in zip(TEXTS, response.documents, strict=False):
+        for entity in document.entities:
+            assert entity.label in {"PER", "LOC", "ORG"} and entity.text == text[entity.start : entity.end]
 
 
 def test_deadline_exceeded_and_still_serving(stub) -> None:

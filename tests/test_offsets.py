@@ -1,14 +1,20 @@
-"""Code-point offsets -> UTF-8 byte / UTF-16 code unit offsets (hypothesis is not installed: seeded loop)."""
+"""Code-point offsets -> UTF-8 byte / UTF-16 code unit offsets: exact cases and a property over the decode path."""
 
 from __future__ import annotations
 
-import itertools
-import random
+from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from ner_gateway.domain import Entity, OffsetUnit
+from ner_gateway.decoding import LabelTable, decode
+from ner_gateway.domain import Aggregation, Entity, OffsetUnit
 from ner_gateway.offsets import convert_entities, convert_offset
+from ner_gateway.tokenization import TextTokenizer
+
+from conftest import TINY_LABELS
 
 
 def _slice(text: str, start: int, end: int, unit: OffsetUnit) -> str:
@@ -84,23 +90,38 @@ ALPHABET = (
 )
 
 
-@pytest.mark.parametrize("unit", [OffsetUnit.UTF8_BYTE, OffsetUnit.UTF16_CODE_UNIT])
-def test_random_texts_and_spans(unit: OffsetUnit) -> None:
-    rng = random.Random(20240517)
-    for _ in range(500):
-        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40)))
-        entities = []
-        for _ in range(rng.randint(0, 5)):
-            start = rng.randint(0, len(text))
-            end = rng.randint(start, len(text))
-            entities.append(Entity("X", start, end, text[start:end], rng.random()))
-        converted = convert_entities(text, entities, unit)
-        encoded_length = len(text.encode("utf-8" if unit is OffsetUnit.UTF8_BYTE else "utf-16-le"))
-        for before, after in zip(entities, converted, strict=True):
-            assert _slice(text, after.start, after.end, unit) == before.text == after.text
-            assert _slice(text, 0, after.start, unit) == text[: before.start]
-            assert after.start <= after.end
-        assert convert_offset(text, len(text), unit) * (1 if unit is OffsetUnit.UTF8_BYTE else 2) == encoded_length
-        # monotone, and strictly so: every code point is at least one unit
-        positions = [convert_offset(text, i, unit) for i in range(len(text) + 1)]
-        assert all(b > a for a, b in itertools.pairwise(positions))
+# --- property: the whole decode path, random texts, every unit --------------------------------------------
+
+TOKEN_LOGITS = np.random.default_rng(0).normal(size=(40_000, len(TINY_LABELS))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint: Path) -> TextTokenizer:
+    return TextTokenizer(tiny_checkpoint / "tokenizer.json", 64, ["input_ids", "attention_mask", "token_type_ids"])
+
+
+def test_entities_slice_exactly_in_every_unit(tokenizer: TextTokenizer) -> None:
+    table = LabelTable.from_labels(TINY_LABELS)
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.text(st.characters(exclude_categories=("Cs",)), max_size=80), st.sampled_from(list(Aggregation)))
+    def check(text: str, aggregation: Aggregation) -> None:
+        (tokens,) = tokenizer.tokenize([text])
+        logits = TOKEN_LOGITS[np.asarray(tokens.encoding.ids, dtype=np.int64)]  # context-free "model"
+        entities = decode(text, logits, tokens.view, table, aggregation)
+        for unit in OffsetUnit:
+            converted = convert_entities(text, entities, unit)
+            previous_end = 0
+            for entity in converted:
+                assert _slice(text, entity.start, entity.end, unit) == entity.text
+                assert previous_end <= entity.start < entity.end  # sorted, non-overlapping, non-empty
+                previous_end = entity.end
+
+    check()
+
+
+def test_long_text_conversion_is_linear() -> None:
+    text = "😀 Zürich 東京 " * 20_000  # 260k code points, 40k entities
+    entities = [Entity("X", i, i + 6, text[i : i + 6], 0.5) for i in range(0, len(text) - 6, 13)]
+    converted = convert_entities(text, entities, OffsetUnit.UTF16_CODE_UNIT)
+    assert _slice(text, converted[-1].start, converted[-1].end, OffsetUnit.UTF16_CODE_UNIT) == entities[-1].text

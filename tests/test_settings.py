@@ -31,7 +31,9 @@ def test_defaults() -> None:
     assert settings.triton_url is None
     assert settings.default_model is None
     assert settings.max_texts_per_request == 64
-    assert settings.max_text_chars == 20_000
+    assert settings.max_text_chars == 100_000
+    assert settings.max_request_chars == 400_000
+    assert settings.window_stride is None
     assert settings.default_timeout_s == 30.0
     assert settings.log_level == "INFO"
 
