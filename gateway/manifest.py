@@ -38,6 +38,65 @@ class ParityReport(BaseModel):
     tokens: int
     max_abs_logit_diff: float
     argmax_agreement: float
+    measured_on: str = Field("artifact", description="'artifact', or what stood in for it (an engine's ONNX graph).")
+
+
+class OptimizationProfile(BaseModel):
+    """One TensorRT optimization profile: [batch, sequence] shapes of every input."""
+
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+class EngineInfo(BaseModel):
+    """What a TensorRT engine was built with: a plan runs only on the same TensorRT and a matching GPU."""
+
+    library: str = Field(description="'tensorrt' (NVIDIA's Triton container) or 'tensorrt_rtx'.")
+    version: str
+    compute_capabilities: list[str] = Field(
+        default_factory=list, description="GPU compute capabilities the plan was built for, e.g. ['9.0']; [] unknown."
+    )
+    strongly_typed: bool = True
+    profiles: list[OptimizationProfile] = Field(default_factory=list)
+    onnx_file: str = Field("model.onnx", description="The ONNX graph the engine was built from (kept beside it).")
+    onnx_sha256: str = ""
+
+
+class CalibrationInfo(BaseModel):
+    """How an int8 graph was calibrated (or that it was quantized dynamically)."""
+
+    mode: str = Field(description="'static' (Q/DQ, calibrated activation ranges) or 'dynamic'.")
+    method: str = ""
+    per_channel: bool = True
+    texts: int = 0
+    source: str = Field("", description="Where the calibration texts came from.")
+    excluded_nodes: int = 0
+
+
+class PruningInfo(BaseModel):
+    heads_pruned: int
+    heads_total: int
+    method: str
+    per_layer: dict[str, list[int]] = Field(default_factory=dict, description="Layer index -> pruned head indices.")
+
+
+class AccuracyReport(BaseModel):
+    """The build's accuracy gate: entity-level F1 on a labelled held-out split, against the PyTorch checkpoint."""
+
+    dataset: str
+    sentences: int
+    f1: float
+    reference_f1: float = Field(description="F1 of the (unpruned) PyTorch checkpoint on the same sentences.")
+    max_f1_drop: float = Field(description="Largest accepted drop, in F1 points (x100).")
+    measured_on: str = "artifact"
+
+
+class Fallback(BaseModel):
+    """The build installed a higher precision than the target asked for, because the gate refused the lower one."""
+
+    requested_precision: Precision
+    reason: str
 
 
 class ModelManifest(BaseModel):
@@ -62,6 +121,14 @@ class ModelManifest(BaseModel):
     package_versions: dict[str, str]
     parity: ParityReport
     created_at: datetime
+    # Added with the build targets (issue 4); defaults keep older manifests loadable.
+    target: str = Field("onnx-fp32", description="Build target, e.g. onnx-int8 or trt-fp16.")
+    onnxruntime_version: str | None = None
+    engine: EngineInfo | None = Field(None, description="Set for tensorrt_plan artifacts.")
+    calibration: CalibrationInfo | None = None
+    pruning: PruningInfo | None = None
+    accuracy: AccuracyReport | None = None
+    fallback: Fallback | None = None
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST_FILE
