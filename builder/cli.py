@@ -54,11 +54,23 @@ def train(base: Path, dataset: str, output: Path, epochs: int, batch_size: int, 
                f"{result.eval_sentences} held-out sentences; checkpoint in {result.output}")
 
 
+def _int_list(value: str, option: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}", param_hint=option)
+    return numbers
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"),
               show_default=True, help="Triton model repository to write into.")
-@click.option("--name", required=True, help="Model name in the repository.")
+@click.option("--name", required=True, help="Model name in the repository (onnx-fp32); other targets: NAME-<target>.")
+@click.option("--target", "targets", default="onnx-fp32", show_default=True,
+              help="Comma-separated build targets: onnx-fp32, onnx-fp16, onnx-int8, trt-fp32, trt-fp16, trt-int8.")
 @click.option("--version", type=click.IntRange(min=1), default=None,
               help="Model version (default: one above the highest present).")
 @click.option("--max-length", type=click.IntRange(min=8), default=None,
@@ -67,32 +79,109 @@ def train(base: Path, dataset: str, output: Path, epochs: int, batch_size: int, 
               help="Override the scheme detected from the labels.")
 @click.option("--opset", type=click.IntRange(min=14), default=17, show_default=True)
 @click.option("--atol", type=float, default=1e-3, show_default=True,
-              help="Largest |logit| difference ONNX vs PyTorch that is accepted.")
+              help="Largest |logit| difference fp32 ONNX vs PyTorch that is accepted.")
 @click.option("--sample-texts", type=click.File(), default=None,
               help="File of texts (one per line) for the parity check, instead of the built-in ones.")
+@click.option("--dataset", type=click.Choice(available_datasets()), default=None,
+              help="Labelled data: its held-out split gates every artifact on entity F1 (and its training "
+                   "split calibrates int8).")
+@click.option("--eval-fraction", type=click.FloatRange(0.01, 0.5), default=0.15, show_default=True,
+              help="Held-out fraction; keep the value used by `ner-builder train`.")
+@click.option("--seed", type=int, default=13, show_default=True, help="Split seed; keep the training one.")
+@click.option("--max-f1-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Refuse an artifact whose F1 is more than this many points below the PyTorch checkpoint "
+                   "and fall back to the next precision.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the F1 gate when --dataset is given.")
+@click.option("--calibration-texts", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Texts (one per line) calibrating int8 and ranking heads (default: the dataset's training "
+                   "split, else built-in texts).")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most calibration texts used.")
+@click.option("--int8-mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="onnx-int8: static Q/DQ (calibrated) or dynamic quantization. trt-int8 is always static.")
+@click.option("--prune-heads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Remove the N least important attention heads (importance on the calibration texts).")
+@click.option("--seq-buckets", default="32,64,128,256", show_default=True,
+              help="TensorRT: one optimization profile per sequence length bucket; the largest is the "
+                   "engine's maximum length.")
+@click.option("--trt-library", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default="auto",
+              show_default=True, help="TensorRT Python API to build engines with (auto: tensorrt, else tensorrt_rtx).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--preferred-batch-sizes", default="8,16", show_default=True,
+              help="Triton dynamic batching preferred sizes (capped by --max-batch-size).")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Triton model instances (CPU).")
+              help="Triton model instances (CPU for ONNX targets, per GPU for TensorRT targets).")
 @click.option("--ort-threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads per instance (0 = automatic).")
-def build(checkpoint: Path, repository: Path, name: str, version: int | None, max_length: int | None,
-          tagging_scheme: str | None, opset: int, atol: float, sample_texts, max_batch_size: int,
-          instances: int, ort_threads: int) -> None:
-    """Export CHECKPOINT to ONNX, check it against PyTorch and install it as a Triton model."""
+def build(checkpoint: Path, repository: Path, name: str, targets: str, version: int | None, max_length: int | None,
+          tagging_scheme: str | None, opset: int, atol: float, sample_texts, dataset: str | None,
+          eval_fraction: float, seed: int, max_f1_drop: float, verify: bool, calibration_texts: Path | None,
+          calibration_size: int, int8_mode: str, prune_heads: int, seq_buckets: str, trt_library: str,
+          max_batch_size: int, preferred_batch_sizes: str, instances: int, ort_threads: int) -> None:
+    """Export CHECKPOINT to ONNX, derive the targets, gate them on accuracy and install them for Triton."""
     from ner_builder.build import BuildOptions, build_model
+    from ner_builder.engine import EngineOptions
     from ner_builder.export import SAMPLE_TEXTS
+    from ner_builder.targets import parse_targets
+    from ner_builder.verify import build_report
 
     texts = tuple(line.strip() for line in sample_texts if line.strip()) if sample_texts else tuple(SAMPLE_TEXTS)
     if not texts:
         raise click.BadParameter("no texts in the file", param_hint="--sample-texts")
-    options = BuildOptions(
-        version=version, opset=opset, atol=atol, sample_texts=texts, max_length=max_length,
-        tagging_scheme=TaggingScheme(tagging_scheme) if tagging_scheme else None,
-        serving=ServingOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=ort_threads),
-    )
     try:
+        options = BuildOptions(
+            version=version, opset=opset, atol=atol, sample_texts=texts, max_length=max_length,
+            tagging_scheme=TaggingScheme(tagging_scheme) if tagging_scheme else None,
+            serving=ServingOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=ort_threads,
+                                   preferred_batch_sizes=list(_int_list(preferred_batch_sizes,
+                                                                        "--preferred-batch-sizes"))),
+            targets=tuple(parse_targets(targets)), dataset=dataset, eval_fraction=eval_fraction, seed=seed,
+            max_f1_drop=max_f1_drop, verify=verify, calibration_file=calibration_texts,
+            calibration_limit=calibration_size, int8_mode=int8_mode, prune_heads=prune_heads,
+            engine=EngineOptions(seq_buckets=_int_list(seq_buckets, "--seq-buckets"), library=trt_library),
+        )
         result = build_model(checkpoint, repository, name, options)
     except BuildError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(json.dumps({"installed": str(result.version_dir),
-                           "parity": result.manifest.parity.model_dump()}, indent=2))
+    for line in result.fallbacks:
+        click.echo(line)
+    if result.reference_f1 is not None:
+        click.echo(build_report(result, dataset or "").table())
+    click.echo(json.dumps({
+        "installed": str(result.version_dir),
+        "parity": result.manifest.parity.model_dump(),
+        "artifacts": [
+            {"model": a.model_name, "target": a.target.name, "precision": a.manifest.precision.value,
+             "installed": str(a.version_dir), "max_sequence_length": a.manifest.max_sequence_length,
+             "f1": a.manifest.accuracy.f1 if a.manifest.accuracy else None,
+             "fallback": a.manifest.fallback.model_dump() if a.manifest.fallback else None}
+            for a in result.artifacts
+        ],
+    }, indent=2))
+
+
+@main.command("verify")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--dataset", type=click.Choice(available_datasets()), default=None,
+              help="Score entity F1 on this dataset's labelled held-out split.")
+@click.option("--texts", "texts_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Unlabelled texts (one per line): F1 of each artifact's entities against the checkpoint's.")
+@click.option("--eval-fraction", type=click.FloatRange(0.01, 0.5), default=0.15, show_default=True)
+@click.option("--seed", type=int, default=13, show_default=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="PyTorch checkpoint to compare with (default: each manifest's source_checkpoint).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def verify_command(model: Path, dataset: str | None, texts_file: Path | None, eval_fraction: float, seed: int,
+                   checkpoint: Path | None, as_json: bool) -> None:
+    """Score REPOSITORY/NAME and every REPOSITORY/NAME-<target> against the PyTorch checkpoint."""
+    from ner_builder.calibration import read_text_file
+    from ner_builder.verify import verify
+
+    try:
+        texts = read_text_file(texts_file) if texts_file else None
+        report = verify(model, dataset=dataset, texts=texts, eval_fraction=eval_fraction, seed=seed,
+                        checkpoint=checkpoint)
+    except BuildError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())

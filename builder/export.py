@@ -69,11 +69,9 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int) -> list[str]:
     return names
 
 
-def check_parity(
-    checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str], atol: float,
-    min_argmax_agreement: float,
-) -> ParityReport:
-    """Compare ONNX Runtime with PyTorch on ``texts``; raise BuildError past the tolerances."""
+def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str],
+                   measured_on: str = "artifact") -> ParityReport:
+    """Compare ONNX Runtime with PyTorch (the in-memory model, pruned or not) on ``texts``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -84,12 +82,23 @@ def check_parity(
     with torch.no_grad():
         torch_logits = checkpoint.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     valid = batch["attention_mask"].astype(bool)
+    onnx_logits = np.asarray(onnx_logits, dtype=np.float32)
     diff = float(np.abs(onnx_logits[valid] - torch_logits[valid]).max())
     agreement = float((onnx_logits[valid].argmax(-1) == torch_logits[valid].argmax(-1)).mean())
     report = ParityReport(texts=len(texts), tokens=int(valid.sum()), max_abs_logit_diff=diff,
-                          argmax_agreement=agreement)
-    LOGGER.info("parity on %d texts / %d tokens: max |logit diff| %.2e, argmax agreement %.4f",
-                report.texts, report.tokens, diff, agreement)
+                          argmax_agreement=agreement, measured_on=measured_on)
+    LOGGER.info("parity of %s on %d texts / %d tokens: max |logit diff| %.2e, argmax agreement %.4f",
+                onnx_path.name, report.texts, report.tokens, diff, agreement)
+    return report
+
+
+def check_parity(
+    checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str], atol: float,
+    min_argmax_agreement: float,
+) -> ParityReport:
+    """Compare ONNX Runtime with PyTorch on ``texts``; raise BuildError past the tolerances."""
+    report = measure_parity(checkpoint, onnx_path, input_names, texts)
+    diff, agreement = report.max_abs_logit_diff, report.argmax_agreement
     if diff > atol:
         raise BuildError(f"ONNX logits differ from PyTorch by {diff:.3g} (> tolerance {atol:g})")
     if agreement < min_argmax_agreement:

@@ -1,7 +1,8 @@
 """Lay out one model entry of a Triton model repository.
 
     REPOSITORY/NAME/config.pbtxt
-    REPOSITORY/NAME/VERSION/{model.onnx, model.py, tokenizer.json, labels.json, manifest.json}
+    REPOSITORY/NAME/VERSION/{model.onnx, model.py, tokenizer.json, labels.json, manifest.json}   ONNX targets
+    REPOSITORY/NAME/VERSION/{model.plan, model.onnx, tokenizer.json, labels.json, manifest.json}  TensorRT targets
 
 A version folder is assembled beside the repository and renamed into place, so a Triton that
 polls the repository never sees a half-written new version. Replacing an existing version (an explicit
@@ -36,9 +37,14 @@ def staging_dir(repository: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=".staging-", dir=repository))
 
 
-def install_version(staged: Path, model_dir: Path, version: int, config_pbtxt: str) -> Path:
+ONNX_FILES = ("model.onnx", "model.py", MANIFEST_FILE)
+ENGINE_FILES = ("model.plan", "model.onnx", MANIFEST_FILE)
+
+
+def install_version(staged: Path, model_dir: Path, version: int, config_pbtxt: str,
+                    required_files: tuple[str, ...] = ONNX_FILES) -> Path:
     """Move a fully written version folder into place and (re)write the model's config."""
-    for required in ("model.onnx", "model.py", MANIFEST_FILE):
+    for required in required_files:
         if not (staged / required).is_file():
             raise BuildError(f"internal: staged version lacks {required}")
     model_dir.mkdir(parents=True, exist_ok=True)

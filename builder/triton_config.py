@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
+
+TENSORRT_PLATFORM = "tensorrt_plan"
 
 
 @dataclass(frozen=True)
@@ -17,14 +20,11 @@ class ServingOptions:
     intra_op_threads: int = 0  # 0 = ONNX Runtime decides
 
 
-def python_onnx_config(
-    name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions
-) -> model_config_pb2.ModelConfig:
-    """Config for the Python-backend model that runs the ONNX graph on CPU."""
+def _common(name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions,
+            kind: str) -> dict[str, Any]:
     preferred = [size for size in options.preferred_batch_sizes if size <= options.max_batch_size]
-    as_dict = {
+    return {
         "name": name,
-        "backend": "python",
         "max_batch_size": options.max_batch_size,
         # dims exclude the batch dimension (max_batch_size > 0): [sequence] and [sequence, labels].
         "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in input_names],
@@ -33,13 +33,41 @@ def python_onnx_config(
             "preferred_batch_size": preferred,
             "max_queue_delay_microseconds": options.max_queue_delay_us,
         },
-        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
+        "instance_group": [{"kind": kind, "count": options.instances}],
+    }
+
+
+def python_onnx_config(
+    name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions
+) -> model_config_pb2.ModelConfig:
+    """Config for the Python-backend model that runs the ONNX graph (any precision) on CPU."""
+    as_dict = {
+        **_common(name, input_names, output_name, num_labels, options, "KIND_CPU"),
+        "backend": "python",
         "parameters": {
             "intra_op_num_threads": {"string_value": str(options.intra_op_threads)},
             "onnx_file": {"string_value": "model.onnx"},
         },
     }
     return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
+
+
+def tensorrt_plan_config(
+    name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions
+) -> model_config_pb2.ModelConfig:
+    """Config for Triton's TensorRT backend (NVIDIA's container on a GPU).
+
+    The engine's inputs are INT64 (TensorRT 10 binds INT64 I/O), [batch, sequence] with the batch
+    dimension implicit here; max_batch_size must not exceed the engine profiles' batch maximum. Every
+    instance gets all optimization profiles; the backend picks the closest one per batch.
+    """
+    as_dict = {
+        **_common(name, input_names, output_name, num_labels, options, "KIND_GPU"),
+        "platform": TENSORRT_PLATFORM,
+        "default_model_filename": "model.plan",
+    }
+    return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
+
 
 
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:

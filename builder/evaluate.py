@@ -1,0 +1,139 @@
+"""Run a graph (PyTorch, or an ONNX file in ONNX Runtime) over word-split sentences and score it.
+
+Scoring follows ``ner-builder train``: each word takes the tag of its first sub-token and seqeval
+computes entity-level F1. Every artifact is compared with the PyTorch checkpoint on the same padded
+batches: max |logit diff| and argmax agreement over the real (unpadded) tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Batch:
+    feeds: dict[str, np.ndarray]  # INT64 [batch, sequence], padded
+    word_ids: list[list[int | None]]
+    indices: list[int]  # positions of these sentences in the evaluated set
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Sentences encoded once, in length-sorted batches, plus their gold tags when labelled."""
+
+    name: str
+    sentences: list[list[str]]
+    gold: list[list[str]] | None
+    batches: list[Batch]
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(b.feeds["attention_mask"].sum() for b in self.batches))
+
+
+@dataclass(frozen=True)
+class Scores:
+    sentences: int
+    tokens: int
+    max_abs_logit_diff: float
+    argmax_agreement: float
+    f1: float | None  # entity-level F1 vs the gold tags (None on unlabelled texts)
+    f1_vs_reference: float  # entity-level F1 of this graph's tags against the PyTorch checkpoint's
+
+
+def encode(
+    tokenizer: Any, name: str, sentences: list[list[str]], gold: list[list[str]] | None, input_names: list[str],
+    max_length: int, batch_size: int = 32,
+) -> EvalSet:
+    encodings = [tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+                 for words in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: len(encodings[i]["input_ids"]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encodings[i]["input_ids"]) for i in chunk)
+        feeds = {}
+        for input_name in input_names:
+            pad = tokenizer.pad_token_id if input_name == "input_ids" else 0
+            rows = [list(encodings[i][input_name]) for i in chunk]
+            feeds[input_name] = np.array([row + [pad] * (width - len(row)) for row in rows], dtype=np.int64)
+        feeds.setdefault("attention_mask", np.array(
+            [[1] * len(encodings[i]["input_ids"]) + [0] * (width - len(encodings[i]["input_ids"])) for i in chunk],
+            dtype=np.int64))
+        batches.append(Batch(feeds, [encodings[i].word_ids() for i in chunk], chunk))
+    return EvalSet(name, sentences, gold, batches)
+
+
+def run(runner: Runner, data: EvalSet, input_names: list[str]) -> list[np.ndarray]:
+    return [np.asarray(runner({n: b.feeds[n] for n in input_names}), dtype=np.float32) for b in data.batches]
+
+
+def word_tags(data: EvalSet, logits: list[np.ndarray], labels: list[str]) -> list[list[str]]:
+    tags: list[list[str]] = [["O"] * len(words) for words in data.sentences]
+    for batch, batch_logits in zip(data.batches, logits, strict=True):
+        best = batch_logits.argmax(-1)
+        for row, (index, word_ids) in enumerate(zip(batch.indices, batch.word_ids, strict=True)):
+            seen: set[int] = set()
+            for position, word_id in enumerate(word_ids):
+                if word_id is not None and word_id not in seen:
+                    seen.add(word_id)
+                    tags[index][word_id] = labels[int(best[row, position])]
+    return tags
+
+
+def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> float:
+    from seqeval.metrics import f1_score
+
+    return float(f1_score(gold, predicted, zero_division=0))
+
+
+def score(data: EvalSet, logits: list[np.ndarray], reference: list[np.ndarray], labels: list[str]) -> Scores:
+    diffs, agree, total = [0.0], 0, 0
+    for batch, got, ref in zip(data.batches, logits, reference, strict=True):
+        valid = batch.feeds["attention_mask"].astype(bool)
+        diffs.append(float(np.abs(got[valid] - ref[valid]).max()))
+        agree += int((got[valid].argmax(-1) == ref[valid].argmax(-1)).sum())
+        total += int(valid.sum())
+    predicted = word_tags(data, logits, labels)
+    return Scores(
+        sentences=len(data.sentences), tokens=total, max_abs_logit_diff=max(diffs),
+        argmax_agreement=agree / max(total, 1),
+        f1=entity_f1(data.gold, predicted) if data.gold is not None else None,
+        f1_vs_reference=entity_f1(word_tags(data, reference, labels), predicted),
+    )
+
+
+def torch_runner(model: Any, input_names: list[str]) -> Runner:
+    import torch
+
+    def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model(**{n: torch.from_numpy(feeds[n]) for n in input_names}).logits.float().numpy()
+
+    return infer
+
+
+def onnx_runner(path: Path, threads: int = 0) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    output = session.get_outputs()[0].name
+
+    def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        (logits,) = session.run([output], feeds)
+        return np.asarray(logits, dtype=np.float32)
+
+    return infer
