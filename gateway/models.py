@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from ner_gateway.decoding import LabelTable
 from ner_gateway.errors import ConfigurationError, ModelNotFound
 from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, sha256_file
+from ner_gateway.settings import GatewaySettings
 from ner_gateway.tokenization import TextTokenizer
 from ner_gateway.triton_backend import ServedModel, TritonBackend
 
@@ -71,6 +72,53 @@ def window_stride(tokenizer: TextTokenizer, configured: int | None, name: str) -
     return stride
 
 
+@dataclass(frozen=True)
+class EngineRuntime:
+    """The TensorRT and GPU behind Triton's tensorrt_plan models; a field left None is not checked."""
+
+    tensorrt_version: str | None = None
+    gpu_compute_capability: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> EngineRuntime:
+        return cls(settings.tensorrt_version, settings.gpu_compute_capability)
+
+
+def _capability(text: str) -> str:
+    """'9.0', '90', 'sm_90' -> '9.0'."""
+    digits = text.strip().lower().removeprefix("sm_").removeprefix("sm")
+    return digits if "." in digits or len(digits) < 2 else f"{digits[:-1]}.{digits[-1]}"
+
+
+def check_engine(manifest: ModelManifest, runtime: EngineRuntime) -> None:
+    """Refuse a TensorRT engine built for another TensorRT version or GPU than the configured ones."""
+    engine, name = manifest.engine, manifest.name
+    if engine is None:
+        raise ConfigurationError(f"{name}: a {manifest.model_format} model whose manifest does not say what "
+                                 "built the engine; rebuild it with ner-builder build")
+    rebuild = "rebuild it with `ner-builder build --target trt-...` where the serving TensorRT is installed " \
+              "(pip install 'triton-ner[tensorrt]' in NVIDIA's container; see deploy/README.md)"
+    wanted = runtime.tensorrt_version
+    if wanted:
+        if engine.library != "tensorrt":
+            raise ConfigurationError(f"{name}: its engine was built with {engine.library} {engine.version}, which "
+                                     f"Triton's TensorRT backend (TensorRT {wanted}) cannot load; {rebuild}")
+        have, want = engine.version.split("."), wanted.strip().split(".")
+        if have[: len(want)] != want:
+            raise ConfigurationError(f"{name}: its engine was built with TensorRT {engine.version}, but the server "
+                                     f"runs TensorRT {wanted} (NER_TENSORRT_VERSION) and a plan loads only in the "
+                                     f"TensorRT that built it; {rebuild}")
+    gpu = runtime.gpu_compute_capability
+    if gpu:
+        built_for = [_capability(c) for c in engine.compute_capabilities]
+        if not built_for:
+            LOGGER.warning("%s: the manifest does not record the engine's GPU; compute capability not checked", name)
+        elif _capability(gpu) not in built_for:
+            raise ConfigurationError(f"{name}: its engine was built for GPU compute capability "
+                                     f"{', '.join(built_for)}, but the serving GPU is {_capability(gpu)} "
+                                     f"(NER_GPU_COMPUTE_CAPABILITY); {rebuild} on that GPU")
+
+
 def load_tokenizer(version_dir: Path, manifest: ModelManifest) -> TextTokenizer:
     path = version_dir / manifest.tokenizer_file
     if not path.is_file():
@@ -92,15 +140,32 @@ class ModelRegistry:
 
     @classmethod
     async def load(cls, repository: Path, backend: TritonBackend, default_model: str | None,
-                   stride: int | None = None) -> ModelRegistry:
-        models = []
+                   stride: int | None = None, engines: EngineRuntime | None = None) -> ModelRegistry:
+        """Models Triton has READY; others are skipped with a log line (e.g. TensorRT engines on a CPU Triton).
+
+        ``engines`` (default: from NER_TENSORRT_VERSION / NER_GPU_COMPUTE_CAPABILITY) is checked against every
+        TensorRT engine's manifest, loaded or not: a mismatch refuses the startup.
+        """
+        engines = engines if engines is not None else EngineRuntime.from_settings(GatewaySettings())
+        models, skipped = [], []
         for version_dir, manifest in read_manifests(repository):
+            if manifest.engine is not None or manifest.model_format != "onnx":
+                check_engine(manifest, engines)
+            if not await backend.is_model_ready(manifest.name, manifest.version):
+                hint = " (TensorRT engines need NVIDIA's Triton on a GPU: deploy/README.md)" if manifest.engine else ""
+                LOGGER.warning("skipping model %s version %s: Triton at %s does not have it READY%s", manifest.name,
+                               manifest.version, backend.url, hint)
+                skipped.append(manifest.name)
+                continue
             tokenizer = load_tokenizer(version_dir, manifest)
             served = await backend.check_model(manifest)
             table = LabelTable.from_labels(manifest.labels, manifest.tagging_scheme)
             models.append(NerModel(manifest, tokenizer, table, served, window_stride(tokenizer, stride, manifest.name)))
             LOGGER.info("serving %s version %s (%d labels, max %d tokens)", manifest.name, manifest.version,
                         len(manifest.labels), manifest.max_sequence_length)
+        if not models:
+            raise ConfigurationError(f"Triton at {backend.url} has none of the models in {repository} READY "
+                                     f"(skipped: {', '.join(skipped)})")
         return cls(models, default_model)
 
     def get(self, name: str) -> NerModel:

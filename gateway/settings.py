@@ -49,4 +49,12 @@ class GatewaySettings(BaseSettings):
     """Embedded Triton's metrics port (0 = free port)."""
     triton_log_verbose: int = Field(0, ge=0)
     """Embedded Triton's --log-verbose level."""
+    tensorrt_version: str | None = None
+    """TensorRT version of the Triton that serves tensorrt_plan models (NVIDIA's container; e.g. 10.5.0.18, or
+    a prefix such as 10.5). Set: engines built with another TensorRT (or with TensorRT-RTX) are refused at
+    startup. Unset: not checked (Triton's API does not report it); such engines then fail to load in Triton
+    and are skipped as not READY."""
+    gpu_compute_capability: str | None = None
+    """Compute capability of the serving GPU (e.g. 9.0 for H100/H200). Set: engines built for other GPUs are
+    refused at startup. Unset: not checked."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -72,6 +72,13 @@ class TritonBackend:
                 raise ConfigurationError(f"Triton at {self.url} not ready after {timeout_s:.0f} s")
             await asyncio.sleep(0.25)
 
+    async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(name, version, client_timeout=timeout_s))
+        except InferenceServerException as e:
+            LOGGER.debug("readiness of %s version %s: %s", name, version, e.message())
+            return False
+
     async def check_model(self, manifest: ModelManifest) -> ServedModel:
         """Check that Triton serves the manifest's model version with the tensors the gateway sends."""
         name = manifest.name

@@ -26,6 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
 from ner_gateway.errors import ConfigurationError, TritonUnavailable
 
 LOGGER = logging.getLogger(__name__)
@@ -65,6 +68,28 @@ def prepare_backend_dir(target: Path) -> Path:
     shutil.copytree(server_dir / "backends" / "python", python_dir, dirs_exist_ok=True)
     shutil.copy2(stub, python_dir / stub.name)
     return target
+
+
+def loadable_models(repository: Path) -> list[str]:
+    """The repository's models this Triton can load: Python-backend ones (the ONNX targets).
+
+    tensorrt_plan (and any other backend's) entries need NVIDIA's Triton on a GPU; they are not loaded,
+    so the embedded server still starts and serves the rest (the gateway skips models not READY).
+    """
+    names = []
+    for config_file in sorted(repository.glob("*/config.pbtxt")):
+        name = config_file.parent.name
+        try:
+            config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+        except (OSError, text_format.ParseError) as e:
+            LOGGER.warning("embedded Triton skips %s: unreadable config.pbtxt (%s)", name, e)
+            continue
+        if config.backend == "python":
+            names.append(name)
+        else:
+            LOGGER.info("embedded Triton skips %s: %s needs NVIDIA's Triton (see deploy/README.md)", name,
+                        config.platform or config.backend or "its backend")
+    return names
 
 
 def triton_environment() -> dict[str, str]:
@@ -123,6 +148,9 @@ class EmbeddedTriton:
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
             f"--log-verbose={self.log_verbose}",
+            # Explicit control: load only what this CPU build can run (see loadable_models).
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in loadable_models(self.model_repository)),
         ]
 
     async def start(self) -> None:
