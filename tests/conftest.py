@@ -79,6 +79,25 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: P
     return repository
 
 
+TARGETS = "onnx-fp32,onnx-int8,onnx-fp16,trt-fp16,trt-int8"
+SEQ_BUCKETS = (16, 32, 128)  # 128 is capped to the tiny model's 64 tokens
+
+
+@pytest.fixture(scope="session")
+def target_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """The tiny checkpoint built for every target: three ONNX entries and two TensorRT-RTX engines."""
+    from ner_builder.build import BuildOptions, build_model
+    from ner_builder.engine import EngineOptions
+    from ner_builder.targets import parse_targets
+    from ner_builder.triton_config import ServingOptions
+
+    repository = tmp_path_factory.mktemp("target_repository")
+    options = BuildOptions(serving=ServingOptions(max_batch_size=8), targets=tuple(parse_targets(TARGETS)),
+                           engine=EngineOptions(seq_buckets=SEQ_BUCKETS, library="tensorrt_rtx"))
+    build_model(tiny_checkpoint, repository, TINY_MODEL, options)
+    return repository
+
+
 @dataclass
 class GatewayProcess:
     process: subprocess.Popen[bytes]
