@@ -9,6 +9,7 @@ import logging
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from ner_gateway.metrics import GatewayMetrics
 from ner_gateway.pb.ner.v1 import ner_pb2
 from ner_gateway.triton_backend import TritonBackend
 
@@ -22,9 +23,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class TritonHealth:
     """Keeps the overall ("") and NerService health in step with Triton's readiness."""
 
-    def __init__(self, backend: TritonBackend, interval_s: float) -> None:
+    def __init__(self, backend: TritonBackend, interval_s: float, metrics: GatewayMetrics | None = None) -> None:
         self.servicer = HealthServicer()
         self.backend = backend
+        self.metrics = metrics
         self.interval_s = interval_s
         self.serving: bool | None = None
         self._task: asyncio.Task[None] | None = None
@@ -34,6 +36,8 @@ class TritonHealth:
             LOGGER.log(logging.INFO if serving else logging.WARNING, "health: %s",
                        "SERVING" if serving else "NOT_SERVING (Triton not ready)")
         self.serving = serving
+        if self.metrics is not None:
+            self.metrics.triton_up.set(1 if serving else 0)
         for service in ("", SERVICE_NAME):
             await self.servicer.set(service, SERVING if serving else NOT_SERVING)
 

@@ -15,9 +15,11 @@ import numpy as np
 from ner_gateway.decoding import decode
 from ner_gateway.domain import Document, Recognition, RecognizeRequest, StageTimings
 from ner_gateway.errors import InvalidRequest, TritonUnavailable
+from ner_gateway.metrics import GatewayMetrics, current_model
 from ner_gateway.models import ModelRegistry, NerModel
 from ner_gateway.offsets import convert_entities
 from ner_gateway.tokenization import TextTokens, Window
+from ner_gateway.tracing import TRACER
 from ner_gateway.triton_backend import TritonBackend
 
 LOGGER = logging.getLogger(__name__)
@@ -34,12 +36,13 @@ class Limits:
 class RecognitionPipeline:
     def __init__(
         self, registry: ModelRegistry, backend: TritonBackend, limits: Limits,
-        on_triton_unavailable: Callable[[], None] = lambda: None,
+        on_triton_unavailable: Callable[[], None] = lambda: None, metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.limits = limits
         self.on_triton_unavailable = on_triton_unavailable
+        self.metrics = metrics
 
     def validate(self, request: RecognizeRequest) -> NerModel:
         limits = self.limits
@@ -62,28 +65,48 @@ class RecognitionPipeline:
         """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.limits.default_timeout_s)
-        model = self.validate(request)
+        # Spans carry sizes and names, never the raw text.
+        t_start = time.perf_counter_ns()
+        with TRACER.start_as_current_span("validate") as span:
+            span.set_attribute("ner.texts", len(request.texts))
+            model = self.validate(request)
+            span.set_attribute("ner.model", model.name)
+        current_model.set(model.name)
         request_id = request.request_id or uuid.uuid4().hex
 
         t0 = time.perf_counter_ns()
-        tokens = model.tokenizer.tokenize(request.texts)
-        windows = model.tokenizer.plan_windows(tokens, model.window_stride)
+        with TRACER.start_as_current_span("tokenize") as span:
+            tokens = model.tokenizer.tokenize(request.texts)
+            windows = model.tokenizer.plan_windows(tokens, model.window_stride)
+            n_tokens = sum(map(len, tokens))
+            span.set_attributes({"ner.tokens": n_tokens, "ner.windows": len(windows)})
         t1 = time.perf_counter_ns()
-        window_logits = await self._infer(model, tokens, windows, deadline, request_id)
+        with TRACER.start_as_current_span("triton.infer") as span:
+            span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
+                                 "ner.windows": len(windows), "ner.request_id": request_id})
+            window_logits = await self._infer(model, tokens, windows, deadline, request_id)
         t2 = time.perf_counter_ns()
-        documents = []
-        by_text = groupby(zip(windows, window_logits, strict=True), key=lambda pair: pair[0].text)
-        for (_, pairs), text, text_tokens in zip(by_text, request.texts, tokens, strict=True):
-            text_windows, logits = zip(*pairs, strict=True)
-            merged = model.tokenizer.merge(len(text_tokens), list(text_windows), list(logits))
-            entities = decode(text, merged, text_tokens.view, model.labels, request.aggregation,
-                              request.constrained)
-            documents.append(Document(convert_entities(text, entities, request.offset_unit), len(text_windows)))
+        with TRACER.start_as_current_span("decode") as span:
+            documents = []
+            by_text = groupby(zip(windows, window_logits, strict=True), key=lambda pair: pair[0].text)
+            for (_, pairs), text, text_tokens in zip(by_text, request.texts, tokens, strict=True):
+                text_windows, logits = zip(*pairs, strict=True)
+                merged = model.tokenizer.merge(len(text_tokens), list(text_windows), list(logits))
+                entities = decode(text, merged, text_tokens.view, model.labels, request.aggregation,
+                                  request.constrained)
+                documents.append(Document(convert_entities(text, entities, request.offset_unit),
+                                          len(text_windows)))
+            span.set_attributes({"ner.aggregation": request.aggregation.value,
+                                 "ner.entities": sum(len(d.entities) for d in documents)})
         t3 = time.perf_counter_ns()
-        return Recognition(
+        result = Recognition(
             documents=documents, model=model.name, model_version=model.served.version, request_id=request_id,
             timings=StageTimings((t1 - t0) // 1000, (t2 - t1) // 1000, (t3 - t2) // 1000),
         )
+        if self.metrics is not None:
+            stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
+            self.metrics.observe_recognition(result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
+        return result
 
     async def _infer(self, model: NerModel, tokens: list[TextTokens], windows: list[Window], deadline: float,
                      request_id: str) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import grpc
@@ -12,11 +13,13 @@ from grpc_reflection.v1alpha import reflection
 
 from ner_gateway.health import SERVICE_NAME, TritonHealth
 from ner_gateway.interceptors import ErrorInterceptor
+from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
 from ner_gateway.models import ModelRegistry
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
 from ner_gateway.pipeline import Limits, RecognitionPipeline
 from ner_gateway.servicer import NerServicer
 from ner_gateway.settings import GatewaySettings
+from ner_gateway.tracing import Tracing, configure_tracing
 from ner_gateway.triton_backend import TritonBackend
 from ner_gateway.triton_process import EmbeddedTriton, TritonPorts
 
@@ -26,8 +29,11 @@ LOGGER = logging.getLogger(__name__)
 class Gateway:
     """The running service: (embedded) Triton, the pipeline and the gRPC server. ``stop()`` is idempotent."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
+        self.metrics = GatewayMetrics()
+        self.metrics_port: int | None = None
         self.triton: EmbeddedTriton | None = None
         self.backend: TritonBackend | None = None
         self.health: TritonHealth | None = None
@@ -44,19 +50,19 @@ class Gateway:
                 self.triton = EmbeddedTriton(
                     s.model_repository, ready_timeout_s=s.triton_ready_timeout_s, log_verbose=s.triton_log_verbose,
                     ports=ports if all((ports.grpc, ports.http, ports.metrics)) else None,
-                    on_state_change=self._on_triton_state,
+                    trace_endpoint=self._triton_trace_endpoint(), on_state_change=self._on_triton_state,
                 )
                 await self.triton.start()
             self.backend = TritonBackend(s.triton_url or self.triton.grpc_url)  # type: ignore[union-attr]
             await self.backend.wait_ready(s.triton_ready_timeout_s)
             registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride)
-            self.health = TritonHealth(self.backend, s.health_check_interval_s)
+            self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
             self.pipeline = pipeline = RecognitionPipeline(
                 registry, self.backend,
                 Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
-                on_triton_unavailable=self.health.mark_unavailable,
+                on_triton_unavailable=self.health.mark_unavailable, metrics=self.metrics,
             )
-            self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+            self.server = grpc.aio.server(interceptors=self._interceptors())
             ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
             reflection.enable_server_reflection(
@@ -66,6 +72,8 @@ class Gateway:
             self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
             await self.health.set_serving(await self.backend.is_ready())
             self.health.start()
+            if s.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             await self.server.start()
         except BaseException:
             await self.stop()
@@ -73,6 +81,30 @@ class Gateway:
         LOGGER.info("ner-gateway listening on %s:%d (Triton %s, default model %s)", s.host, self.port,
                     self.backend.url, registry.default_name)
         return self.port
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Outermost first: the RPC's server span, then its metrics, then error mapping."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics), ErrorInterceptor()]
+        if self.tracing is not None:
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+            not_traffic = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+            interceptors.insert(0, aio_server_interceptor(filter_=filters.negate(not_traffic)))
+        return interceptors
+
+    def _triton_trace_endpoint(self) -> str | None:
+        """Where the embedded Triton sends its spans (OTLP/HTTP only), when tracing is on."""
+        if self.tracing is None:
+            return None
+        if self.settings.triton_trace_endpoint:
+            return self.settings.triton_trace_endpoint
+        if self.tracing.protocol == "http/protobuf" and self.tracing.endpoint:
+            if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+                return self.tracing.endpoint  # already the full traces URL
+            return self.tracing.endpoint.rstrip("/") + "/v1/traces"
+        LOGGER.warning("tracing is on but Triton's spans are not exported: set NER_TRITON_TRACE_ENDPOINT "
+                       "to an OTLP/HTTP traces URL (Triton cannot export OTLP/gRPC)")
+        return None
 
     def _on_triton_state(self, ready: bool) -> None:
         if self.health is not None:
@@ -91,11 +123,14 @@ class Gateway:
             await self.backend.close()
         if self.triton is not None:
             await self.triton.stop()
+        self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flushes the last spans
         LOGGER.info("ner-gateway stopped")
 
 
 async def serve(settings: GatewaySettings) -> None:
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, configure_tracing())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -57,4 +57,10 @@ class GatewaySettings(BaseSettings):
     gpu_compute_capability: str | None = None
     """Compute capability of the serving GPU (e.g. 9.0 for H100/H200). Set: engines built for other GPUs are
     refused at startup. Unset: not checked."""
+    metrics_port: int | None = Field(9464, ge=0, le=65535)
+    """Port of the gateway's Prometheus /metrics endpoint (bound on ``host``; 0 = free port; unset = off)."""
+    triton_trace_endpoint: str | None = None
+    """OTLP/HTTP traces URL for the embedded Triton's own spans (e.g. http://collector:4318/v1/traces), used
+    when tracing is enabled. Unset: derived from OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT when the gateway itself
+    exports over http/protobuf; Triton only speaks OTLP/HTTP."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from ner_gateway.errors import ConfigurationError, DeadlineExceeded, InferenceFailed, TritonUnavailable
 from ner_gateway.manifest import ModelManifest
+from ner_gateway.tracing import trace_headers
 
 LOGGER = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class TritonBackend:
                 model.name, tensors, model_version=model.version,
                 outputs=[triton_grpc.InferRequestedOutput(output)],
                 request_id=request_id, client_timeout=timeout_s,
+                headers=trace_headers(),  # W3C traceparent: Triton's spans join the caller's trace
             )
         except InferenceServerException as e:
             raise translate(e, f"model {model.name}") from e

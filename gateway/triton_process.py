@@ -115,6 +115,7 @@ class EmbeddedTriton:
         ready_timeout_s: float = 120.0,
         restart_backoff_s: float = 1.0,
         log_verbose: int = 0,
+        trace_endpoint: str | None = None,
         on_state_change: Callable[[bool], None] | None = None,
     ) -> None:
         self.model_repository = model_repository.resolve()
@@ -122,6 +123,7 @@ class EmbeddedTriton:
         self.ready_timeout_s = ready_timeout_s
         self.restart_backoff_s = restart_backoff_s
         self.log_verbose = log_verbose
+        self.trace_endpoint = trace_endpoint
         self.on_state_change = on_state_change or (lambda ready: None)
         self._process: asyncio.subprocess.Process | None = None
         self._backend_dir: Path | None = None
@@ -151,6 +153,20 @@ class EmbeddedTriton:
             # Explicit control: load only what this CPU build can run (see loadable_models).
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in loadable_models(self.model_repository)),
+            *self._trace_flags(),
+        ]
+
+    def _trace_flags(self) -> list[str]:
+        """Triton's OpenTelemetry tracing: every request, OTLP/HTTP to the endpoint. Triton joins the caller's
+        trace through the ``traceparent`` the gateway sends with each infer call."""
+        if not self.trace_endpoint:
+            return []
+        return [
+            "--trace-config=mode=opentelemetry",
+            f"--trace-config=opentelemetry,url={self.trace_endpoint}",
+            "--trace-config=opentelemetry,resource=service.name=triton",
+            "--trace-config=rate=1",
+            "--trace-config=level=TIMESTAMPS",
         ]
 
     async def start(self) -> None:

@@ -155,7 +155,7 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
             process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "ner-gateway"), "serve", "--model-repository", str(repository),
                  "--port", str(port), *extra],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NER_METRICS_PORT": "0", **(env or {})},
             )
         started.append(process)
         gateway = GatewayProcess(process, f"127.0.0.1:{port}", log)

@@ -28,7 +28,8 @@ async def triton(tiny_repository: Path):
 
 
 def settings_for(repository: Path, triton_url: str) -> GatewaySettings:
-    return GatewaySettings(model_repository=repository, triton_url=triton_url, port=0, health_check_interval_s=0.2,
+    return GatewaySettings(model_repository=repository, triton_url=triton_url, port=0, metrics_port=None,
+                           health_check_interval_s=0.2,
                            triton_ready_timeout_s=5)
 
 

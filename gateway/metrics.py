@@ -1,0 +1,146 @@
+"""Prometheus metrics of the gateway (its own registry, served on a separate port).
+
+Names are a contract with deploy/ (alert rules, dashboard, autoscaler): change them additively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ner_gateway.domain import Recognition
+
+LOGGER = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+# The model a request resolved to, for the RPC-level counters (set by the pipeline, read by the interceptor).
+current_model: contextvars.ContextVar[str] = contextvars.ContextVar("ner_model", default="")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ner_requests", "RPCs by method, model and gRPC status code",
+                                ["method", "model", "code"], registry=r)
+        self.request_duration = Histogram("ner_request_duration_seconds", "RPC latency", ["method", "model"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram("ner_stage_duration_seconds", "Latency of each pipeline stage",
+                                        ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.texts = Histogram("ner_request_texts", "Texts per request", ["model"], buckets=COUNT_BUCKETS, registry=r)
+        self.tokens = Histogram("ner_request_tokens", "Tokens per request", ["model"], buckets=COUNT_BUCKETS,
+                                registry=r)
+        self.windows = Histogram("ner_request_windows", "Model inputs (windows) per request", ["model"],
+                                 buckets=COUNT_BUCKETS, registry=r)
+        self.entities = Histogram("ner_request_entities", "Entities per request", ["model"], buckets=COUNT_BUCKETS,
+                                  registry=r)
+        self.entities_by_label = Counter("ner_entities", "Entities returned, by label (label mix, for drift)",
+                                         ["model", "label"], registry=r)
+        self.inflight = Gauge("ner_inflight_requests", "RPCs being served", ["method"], registry=r)
+        self.triton_up = Gauge("ner_triton_up", "1 while Triton reports ready, else 0", registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(server.server_address[1])
+        LOGGER.info("metrics on http://%s:%d/metrics", host, bound)
+        self._server = server
+        return bound
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def observe_recognition(self, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
+        model = result.model
+        for stage, value in seconds.items():
+            self.stage_duration.labels(stage, model).observe(value)
+        self.texts.labels(model).observe(len(result.documents))
+        self.tokens.labels(model).observe(tokens)
+        self.windows.labels(model).observe(sum(d.windows for d in result.documents))
+        entities = [e for d in result.documents for e in d.entities]
+        self.entities.labels(model).observe(len(entities))
+        for entity in entities:
+            self.entities_by_label.labels(model, entity.label).inc()
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs by method/model/code and times them; runs outside the error interceptor."""
+
+    def __init__(self, metrics: GatewayMetrics, service_prefix: str = "/ner.v1.") -> None:
+        self.metrics = metrics
+        self.service_prefix = service_prefix
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.service_prefix):
+            return handler  # health checks and reflection are not traffic
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        def record(context: grpc.aio.ServicerContext, started: float, code: grpc.StatusCode | None) -> None:
+            final = code or context.code() or grpc.StatusCode.OK
+            model = current_model.get()
+            metrics.requests.labels(method, model, final.name).inc()
+            metrics.request_duration.labels(method, model).observe(time.perf_counter() - started)
+            metrics.inflight.labels(method).dec()
+
+        if handler.unary_unary:
+            behaviour = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                metrics.inflight.labels(method).inc()
+                current_model.set("")
+                code = None
+                try:
+                    return await behaviour(request, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    record(context, started, code)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.stream_stream:
+            stream_behaviour = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                metrics.inflight.labels(method).inc()
+                current_model.set("")
+                code = None
+                try:
+                    async for response in stream_behaviour(requests, context):
+                        yield response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    record(context, started, code)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        return handler

@@ -1,0 +1,144 @@
+"""Traces and metrics for real: a gateway process with its embedded Triton, the rotel OpenTelemetry
+collector (OTLP gRPC + HTTP in, OTLP gRPC out) and an in-test OTLP/gRPC sink; Prometheus scrapes of the
+gateway's and Triton's metrics endpoints."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from otlp import TraceSink, start_rotel
+from prometheus_client.parser import text_string_to_metric_families
+
+from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+from ner_gateway.triton_process import free_port
+
+from conftest import TINY_MODEL, stop_process
+
+
+@pytest.fixture(scope="module")
+def sink():
+    receiver = TraceSink()
+    receiver.server.start()
+    yield receiver
+    receiver.server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def collector(sink: TraceSink, tmp_path_factory: pytest.TempPathFactory):
+    grpc_port, http_port = free_port(), free_port()
+    process = start_rotel(grpc_port, http_port, sink.port, tmp_path_factory.mktemp("rotel"))
+    yield grpc_port, http_port
+    stop_process(process)
+
+
+@pytest.fixture(scope="module")
+def traced_gateway(start_gateway, tiny_repository: Path, collector):
+    grpc_port, http_port = collector
+    ports = {"NER_METRICS_PORT": str(free_port()), "NER_TRITON_GRPC_PORT": str(free_port()),
+             "NER_TRITON_HTTP_PORT": str(free_port()), "NER_TRITON_METRICS_PORT": str(free_port())}
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "NER_TRITON_TRACE_ENDPOINT": f"http://127.0.0.1:{http_port}/v1/traces",
+        **ports,
+    }
+    gateway = start_gateway(tiny_repository, env=env)
+    return gateway, {k: int(v) for k, v in ports.items()}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_one_trace_spans_client_gateway_stages_and_triton(traced_gateway, sink: TraceSink) -> None:
+    gateway, _ = traced_gateway
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    channel = gateway.channel()
+    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    ner_pb2_grpc.NerServiceStub(channel).Recognize(
+        ner_pb2.RecognizeRequest(texts=["Angela Merkel visited Paris"]), timeout=30,
+        metadata=[("traceparent", f"00-{trace_id}-{client_span}-01")],
+    )
+
+    def ours(spans):  # type: ignore[no-untyped-def]
+        return [(service, span) for service, span in spans if span.trace_id.hex() == trace_id]
+
+    spans = ours(sink.wait_for(lambda s: {svc for svc, _ in ours(s)} >= {"ner-gateway", "triton"}
+                               and len([1 for svc, _ in ours(s) if svc == "ner-gateway"]) >= 5))
+    gateway_spans = {span.name: span for service, span in spans if service == "ner-gateway"}
+    server = gateway_spans["/ner.v1.NerService/Recognize"]
+    assert server.parent_span_id.hex() == client_span  # the incoming W3C traceparent is honoured
+    for stage in ("validate", "tokenize", "triton.infer", "decode"):
+        assert gateway_spans[stage].parent_span_id == server.span_id, stage
+    attributes = {a.key: a.value for a in gateway_spans["tokenize"].attributes}
+    assert attributes["ner.tokens"].int_value == 5 and attributes["ner.windows"].int_value == 1
+    all_values = str([a.value for _, span in spans for a in span.attributes])
+    assert "Merkel" not in all_values  # never the raw text
+    triton_spans = [span for service, span in spans if service == "triton"]
+    infer_span = gateway_spans["triton.infer"].span_id
+    assert any(span.parent_span_id == infer_span for span in triton_spans)  # Triton joined via traceparent
+    assert not any("Health" in span.name for _, span in sink.spans)  # health checks are not traced
+
+
+def test_metrics_count_requests_stages_and_labels(traced_gateway) -> None:
+    gateway, ports = traced_gateway
+    stub = ner_pb2_grpc.NerServiceStub(gateway.channel())
+    before = scrape(ports["NER_METRICS_PORT"])
+    texts = ["Angela Merkel visited Paris and Berlin", "Barack Obama", ""]
+    entities = 0
+    for _ in range(3):
+        response = stub.Recognize(ner_pb2.RecognizeRequest(texts=texts), timeout=30)
+        entities += sum(len(d.entities) for d in response.documents)
+    with pytest.raises(grpc.RpcError):
+        stub.Recognize(ner_pb2.RecognizeRequest(texts=[]), timeout=30)
+    after = scrape(ports["NER_METRICS_PORT"])
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ner_requests_total", method="Recognize", model=TINY_MODEL, code="OK") == 3
+    assert delta("ner_requests_total", method="Recognize", model="", code="INVALID_ARGUMENT") == 1
+    assert delta("ner_request_duration_seconds_count", method="Recognize", model=TINY_MODEL) == 3
+    for stage in ("validate", "tokenize", "infer", "decode"):
+        assert delta("ner_stage_duration_seconds_count", stage=stage, model=TINY_MODEL) == 3
+    assert delta("ner_request_texts_sum", model=TINY_MODEL) == 9
+    assert delta("ner_request_windows_sum", model=TINY_MODEL) == 9
+    assert delta("ner_request_entities_sum", model=TINY_MODEL) == entities > 0
+    by_label = sum(v - value(before, n, **dict(lb)) for (n, lb), v in after.items() if n == "ner_entities_total")
+    assert by_label == entities
+    assert value(after, "ner_triton_up") == 1
+    assert value(after, "ner_inflight_requests", method="Recognize") == 0
+
+    triton = scrape(ports["NER_TRITON_METRICS_PORT"])
+    # (the exposition parser reports counters with their _total suffix)
+    assert value(triton, "nv_inference_request_success_total", model=TINY_MODEL, version="1") >= 3
+    assert value(triton, "nv_inference_count_total", model=TINY_MODEL, version="1") >= 9
+    assert any(name.startswith("nv_inference_queue_duration_us") for name, _ in triton)
+
+
+def test_no_exporter_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ner_gateway.tracing import configure_tracing
+
+    for key in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(key)
+    assert configure_tracing() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ValueError, match="unsupported OTEL_TRACES_EXPORTER 'zipkin'"):
+        configure_tracing()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(ValueError, match="unsupported OTLP protocol"):
+        configure_tracing()
