@@ -15,6 +15,7 @@ from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, sha256_file
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.tokenization import TextTokenizer
 from ner_gateway.triton_backend import ServedModel, TritonBackend
+from ner_gateway.triton_pool import TritonPool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class ModelRegistry:
                                      f"(found: {', '.join(sorted(self._models))})")
 
     @classmethod
-    async def load(cls, repository: Path, backend: TritonBackend, default_model: str | None,
+    async def load(cls, repository: Path, backend: TritonBackend | TritonPool, default_model: str | None,
                    stride: int | None = None, engines: EngineRuntime | None = None) -> ModelRegistry:
         """Models Triton has READY; others are skipped with a log line (e.g. TensorRT engines on a CPU Triton).
 

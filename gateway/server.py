@@ -20,7 +20,7 @@ from ner_gateway.pipeline import Limits, RecognitionPipeline
 from ner_gateway.servicer import NerServicer
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.tracing import Tracing, configure_tracing
-from ner_gateway.triton_backend import TritonBackend
+from ner_gateway.triton_pool import TritonPool
 from ner_gateway.triton_process import EmbeddedTriton, TritonPorts
 
 LOGGER = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics_port: int | None = None
         self.triton: EmbeddedTriton | None = None
-        self.backend: TritonBackend | None = None
+        self.backend: TritonPool | None = None
         self.health: TritonHealth | None = None
         self.server: grpc.aio.Server | None = None
         self.pipeline: RecognitionPipeline | None = None
@@ -53,9 +53,12 @@ class Gateway:
                     trace_endpoint=self._triton_trace_endpoint(), on_state_change=self._on_triton_state,
                 )
                 await self.triton.start()
-            self.backend = TritonBackend(s.triton_url or self.triton.grpc_url)  # type: ignore[union-attr]
+            # One endpoint (the embedded Triton) or several; see triton_pool for how they are balanced.
+            self.backend = TritonPool(s.triton_url or self.triton.grpc_url,  # type: ignore[union-attr]
+                                      refresh_interval_s=s.health_check_interval_s)
             await self.backend.wait_ready(s.triton_ready_timeout_s)
             registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride)
+            self.backend.start()
             self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
             self.pipeline = pipeline = RecognitionPipeline(
                 registry, self.backend,

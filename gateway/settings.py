@@ -21,7 +21,9 @@ class GatewaySettings(BaseSettings):
     model_repository: Path = Path("model_repository")
     """Triton model repository built by ner-builder; the gateway reads manifests and tokenizers from it."""
     triton_url: str | None = None
-    """host:port of a running Triton's gRPC endpoint. Unset: start and supervise the embedded tritonserver."""
+    """Running Triton(s), gRPC: ``host:port``, a comma-separated list, and/or ``dns:///name:port`` (every address
+    of a headless Service, re-resolved). Balanced over the ready ones. Unset: start and supervise the embedded
+    tritonserver."""
     default_model: str | None = None
     """Model used when a request names none. Unset: the only model, or the first by name."""
     max_texts_per_request: int = Field(64, ge=1)

@@ -1,0 +1,80 @@
+"""Several Tritons behind one gateway: balanced over the ready ones; one killed mid-load costs no call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+from ner_gateway.domain import RecognizeRequest
+from ner_gateway.server import Gateway
+from ner_gateway.settings import GatewaySettings
+from ner_gateway.triton_pool import resolve
+from ner_gateway.triton_process import EmbeddedTriton
+
+
+def test_resolve_lists_and_dns_entries() -> None:
+    assert resolve("a:1, b:2,a:1") == ["a:1", "b:2"]
+    assert "127.0.0.1:8001" in resolve("dns:///localhost:8001")
+    assert resolve("dns:///no-such-host.invalid:8001") == []
+
+
+async def inference_counts(triton: EmbeddedTriton) -> int:
+    import tritonclient.grpc.aio as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    try:
+        stats = await client.get_inference_statistics(as_json=True)
+        return sum(int(m.get("inference_count", 0)) for m in stats.get("model_stats", []))
+    finally:
+        await client.close()
+
+
+async def test_two_tritons_balanced_and_one_killed_mid_load(tiny_repository: Path) -> None:
+    tritons = [EmbeddedTriton(tiny_repository), EmbeddedTriton(tiny_repository)]
+    await asyncio.gather(*(t.start() for t in tritons))
+    settings = GatewaySettings(model_repository=tiny_repository, port=0, metrics_port=None,
+                               triton_url=",".join(t.grpc_url for t in tritons), health_check_interval_s=0.2)
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+        assert gateway.backend.ready_endpoints == [t.grpc_url for t in tritons]
+        request = RecognizeRequest(texts=["Angela Merkel visited Paris and Berlin"])
+        results: list[tuple[float, str]] = []  # (time, outcome)
+        killed_at: list[float] = []
+
+        async def client(stop_at: float) -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    await gateway.pipeline.recognize(request, timeout_s=10)
+                    results.append((time.monotonic(), "ok"))
+                except Exception as e:  # counted, asserted below
+                    results.append((time.monotonic(), type(e).__name__))
+
+        served_before_kill: list[int] = []
+
+        async def killer() -> None:
+            await asyncio.sleep(1.5)
+            served_before_kill.append(await inference_counts(tritons[0]))
+            killed_at.append(time.monotonic())
+            os.killpg(tritons[0].pid, signal.SIGKILL)  # like a node loss: no drain
+
+        stop_at = time.monotonic() + 4.0
+        await asyncio.gather(*(client(stop_at) for _ in range(4)), killer())
+        # Traffic went to both before the kill, and every call succeeded (retried on the live endpoint).
+        failures = [(t - killed_at[0], outcome) for t, outcome in results if outcome != "ok"]
+        assert failures == []
+        assert len([1 for t, _ in results if t > killed_at[0]]) > 10
+        assert served_before_kill[0] > 5 and await inference_counts(tritons[1]) > 10
+        assert gateway.health.serving is True
+        # The killed Triton's supervisor restarts it on the same port; the pool takes it back in rotation.
+        deadline = time.monotonic() + 30
+        while gateway.backend.ready_endpoints != [t.grpc_url for t in tritons] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert gateway.backend.ready_endpoints == [t.grpc_url for t in tritons]
+    finally:
+        await gateway.stop()
+        for triton in tritons:
+            await triton.stop()
