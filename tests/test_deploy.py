@@ -246,11 +246,12 @@ def test_gateway_settings_match_the_cluster(rendered: dict[str, list[dict[str, A
         assert settings["NER_HOST"] == "0.0.0.0"
         mounts = {m["mountPath"]: m for m in gateway["volumeMounts"]}
         assert mounts[settings["NER_MODEL_REPOSITORY"]]["readOnly"] is True
-        # The Triton URL is the headless Service's cluster DNS name, on its gRPC port.
+        # The Triton URL is the headless Service's cluster DNS name, on its gRPC port, as a dns:/// entry (the
+        # gateway re-resolves it and balances over every address).
         headless = one(docs, "Service", "triton-headless")
         grpc_port = {p["name"]: p["port"] for p in headless["spec"]["ports"]}["grpc"]
         namespace = headless["metadata"]["namespace"]
-        assert settings["NER_TRITON_URL"] == f"triton-headless.{namespace}.svc.cluster.local:{grpc_port}"
+        assert settings["NER_TRITON_URL"] == f"dns:///triton-headless.{namespace}.svc.cluster.local:{grpc_port}"
         # The shutdown drain fits in the grace period, after the preStop pause.
         pause = int(gateway["lifecycle"]["preStop"]["exec"]["command"][-1])
         assert pause + float(settings["NER_SHUTDOWN_GRACE_S"]) < pod_spec(deployment)["terminationGracePeriodSeconds"]
