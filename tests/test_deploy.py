@@ -36,9 +36,6 @@ TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_compute_infer_
                   "nv_inference_exec_count"}
 # NER_* keys the ConfigMap may set before the gateway's settings have the field (being added; the gateway
 # ignores unknown NER_* variables). Remove an entry once gateway/settings.py has it.
-PENDING_SETTINGS = {"metrics_port"}
-
-
 def _load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
@@ -236,7 +233,7 @@ def test_gateway_settings_match_the_cluster(rendered: dict[str, list[dict[str, A
     for name, docs in rendered.items():
         settings = config_map(docs, "ner-gateway-config")
         keys = {k.removeprefix("NER_").lower() for k in settings if k.startswith("NER_")}
-        assert keys <= fields | PENDING_SETTINGS, keys - fields
+        assert keys <= fields, keys - fields
         GatewaySettings(**{k: v for k, v in ((k.removeprefix("NER_").lower(), v) for k, v in settings.items()
                                              if k.startswith("NER_")) if k in fields})
         deployment = one(docs, "Deployment", "ner-gateway")
