@@ -220,7 +220,10 @@ def _config(header: E5Header) -> dict[str, object]:
         eos_token_id=header.special_ids["eos"],
         architectures=["BertModel"],
     )
-    return config.to_dict()
+    values = config.to_dict()
+    for key in ("id2label", "label2id"):  # a bare encoder has no labels (a head gets its own at fine-tuning)
+        values.pop(key, None)
+    return values
 
 
 def tokenizer_file() -> Path:

@@ -1,4 +1,12 @@
-"""Fine-tune a token classifier from a local base encoder on a word-level BIO dataset (CPU-friendly)."""
+"""Fine-tune a token classifier from a local base encoder on a labelled NER dataset (CPU-friendly).
+
+Word-level datasets (WNUT-16) are tokenized word by word and labelled on each word's first sub-token.
+Character-level datasets (MSRA) are tokenized as the gateway will see them, the joined text, and every
+token is labelled from the entity spans it overlaps through its offsets (``ner_builder.spans``): a piece
+like `在北京` may start before an entity. Evaluation of those is at the character level: the predicted
+token tags are decoded into token spans, mapped to characters (first token's start to last token's end,
+exactly the span the gateway would return) and scored against the gold character spans by seqeval.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ner_builder.datasets import NerDataset, train_eval_split
+from ner_builder.datasets import NerDataset, head, held_out_split
+from ner_builder.spans import Scheme, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,8 +49,9 @@ class TrainResult:
 class _Encoded:
     input_ids: list[int]
     token_type_ids: list[int]
-    labels: list[int]  # aligned to input_ids; IGNORE_INDEX off the first sub-token of a word
+    labels: list[int]  # aligned to input_ids; IGNORE_INDEX off the first sub-token of a word / on specials
     word_ids: list[int | None]
+    offsets: list[tuple[int, int]] | None = None  # character offsets (character-level datasets only)
 
 
 def _check_base(base: Path) -> None:
@@ -66,6 +76,35 @@ def _encode(
         previous = word_id
     token_type_ids = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
     return _Encoded(list(enc["input_ids"]), list(token_type_ids), labels, word_ids)
+
+
+def _encode_chars(
+    tokenizer: Any,
+    chars: list[str],
+    tags: list[str] | None,
+    label2id: dict[str, int],
+    max_length: int,
+    scheme: Scheme,
+) -> _Encoded:
+    """Tokenize the joined text; label each token from the gold character spans it overlaps."""
+    enc = tokenizer("".join(chars), truncation=True, max_length=max_length, return_offsets_mapping=True)
+    offsets = [(int(start), int(end)) for start, end in enc["offset_mapping"]]
+    if tags is None:
+        labels = [IGNORE_INDEX] * len(offsets)
+    else:
+        per_token = token_tags(offsets, tags_to_spans(tags, scheme), scheme)
+        labels = [IGNORE_INDEX if tag is None else label2id[tag] for tag in per_token]
+    token_type_ids = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+    return _Encoded(list(enc["input_ids"]), list(token_type_ids), labels, [None] * len(offsets), offsets)
+
+
+def _encode_dataset(
+    tokenizer: Any, dataset: NerDataset, label2id: dict[str, int], max_length: int, with_labels: bool
+) -> list[_Encoded]:
+    rows = zip(dataset.sentences, dataset.tags if with_labels else [None] * len(dataset), strict=True)
+    if dataset.char_level:
+        return [_encode_chars(tokenizer, chars, tags, label2id, max_length, dataset.tagging) for chars, tags in rows]
+    return [_encode(tokenizer, words, tags, label2id, max_length) for words, tags in rows]
 
 
 def _collate(batch: list[_Encoded], pad_id: int) -> dict[str, Any]:
@@ -95,15 +134,23 @@ def _model_max_length(tokenizer: Any, config: Any) -> int:
     return min(int(limit) for limit in limits if limit is not None and limit < 1_000_000)
 
 
+def _freeze_word_embeddings(model: Any) -> int:
+    """Stop training the input word embeddings (250k x 384 for XLM-R: most of the memory and step time)."""
+    weight = model.get_input_embeddings().weight
+    weight.requires_grad_(False)
+    return int(weight.numel())
+
+
 def _optimizer(model: Any, body_lr: float, head_lr: float, total_steps: int) -> tuple[Any, Any]:
     import torch
 
     # A freshly initialised head needs a much larger step than the pretrained body; with one small
     # learning rate a small encoder settles on predicting "O" everywhere.
     body_ids = {id(p) for p in model.base_model.parameters()}
-    body = [p for p in model.parameters() if id(p) in body_ids]
-    head = [p for p in model.parameters() if id(p) not in body_ids]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": body_lr}, {"params": head, "lr": head_lr}])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    body = [p for p in trainable if id(p) in body_ids]
+    head_params = [p for p in trainable if id(p) not in body_ids]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": body_lr}, {"params": head_params, "lr": head_lr}])
     warmup = max(1, int(total_steps * WARMUP_FRACTION))
 
     def schedule(step: int) -> float:
@@ -114,6 +161,36 @@ def _optimizer(model: Any, body_lr: float, head_lr: float, total_steps: int) -> 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def _word_tags(item: _Encoded, row: list[int], n_words: int, id2label: dict[int, str]) -> tuple[list[str], int]:
+    """Word-level tags from each word's first sub-token, and how many words had no sub-token."""
+    tags = ["O"] * n_words
+    seen: set[int] = set()
+    for position, word_id in enumerate(item.word_ids):
+        if word_id is not None and word_id not in seen:
+            seen.add(word_id)
+            tags[word_id] = id2label[row[position]]
+    return tags, n_words - len(seen)
+
+
+def _char_tags(
+    item: _Encoded, row: list[int], n_chars: int, id2label: dict[int, str], scheme: Scheme
+) -> tuple[list[str], int]:
+    """Character-level BIO tags of the entities the token tags decode to, and how many characters no token saw."""
+    offsets = item.offsets or []
+    real = [i for i, (start, end) in enumerate(offsets) if end > start]
+    token_level = tags_to_spans([id2label[row[i]] for i in real], scheme)
+    chars = token_spans_to_chars(token_level, [offsets[i] for i in real])
+    seen_until = max((offsets[i][1] for i in real), default=0)
+    return spans_to_bio(chars, n_chars), n_chars - seen_until
+
+
+def gold_tags(dataset: NerDataset) -> list[list[str]]:
+    """What seqeval scores against: the tags as they are for BIO, else BIO tags of the decoded spans."""
+    if dataset.scheme == "BIO":
+        return dataset.tags
+    return [spans_to_bio(tags_to_spans(tags, dataset.tagging), len(tags)) for tags in dataset.tags]
+
+
 def _predict(
     model: Any,
     tokenizer: Any,
@@ -122,10 +199,10 @@ def _predict(
     max_length: int,
     batch_size: int,
 ) -> list[list[str]]:
-    """Word-level tags from each word's first sub-token; words the model cannot see are tagged "O"."""
+    """Predicted tags per word (first sub-token) or per character (spans); unseen positions are "O"."""
     import torch
 
-    encoded = [_encode(tokenizer, words, None, {}, max_length) for words in dataset.sentences]
+    encoded = _encode_dataset(tokenizer, dataset, {}, max_length, with_labels=False)
     predictions: list[list[str]] = []
     unseen = 0
     model.eval()
@@ -136,13 +213,13 @@ def _predict(
             best = model(**inputs).logits.argmax(-1).tolist()
             for item, row in zip(batch, best, strict=True):
                 n_words = len(dataset.sentences[len(predictions)])  # batches keep dataset order
-                tags = ["O"] * n_words
-                seen: set[int] = set()
-                for position, word_id in enumerate(item.word_ids):
-                    if word_id is not None and word_id not in seen:
-                        seen.add(word_id)
-                        tags[word_id] = id2label[row[position]]
-                unseen += n_words - len(seen)
+                if dataset.char_level:
+                    tags, missed = _char_tags(item, row, n_words, id2label, dataset.tagging)
+                else:
+                    tags, missed = _word_tags(item, row, n_words, id2label)
+                    if dataset.scheme != "BIO":  # score the decoded spans, as gold_tags does
+                        tags = spans_to_bio(tags_to_spans(tags, dataset.tagging), n_words)
+                unseen += missed
                 predictions.append(tags)
     if unseen:
         # Over-long sentences (eval is cut at the model's position limit) or words with no sub-tokens.
@@ -179,15 +256,24 @@ def train_token_classifier(
     eval_fraction: float = 0.15,
     seed: int = 13,
     limit: int | None = None,
+    eval_limit: int | None = None,
+    freeze_embeddings: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune `base` on a seeded split of `dataset`, evaluate on the held-out part, save to `output`."""
+    """Fine-tune `base` on `dataset`, evaluate on the held-out part, save to `output`.
+
+    The held-out part is the corpus's official test split when it has one (msra; `eval_fraction` is then
+    unused), else a seeded `eval_fraction` split. `limit` / `eval_limit` keep the first N train / eval
+    sentences. `freeze_embeddings` keeps the input word embeddings as they are (much faster for XLM-R's
+    250k-piece vocabulary; they are still saved).
+    """
     base, output = Path(base), Path(output)
     _check_base(base)
     if epochs < 1 or batch_size < 1 or max_length < 2:
         raise TrainError("epochs and batch_size must be >= 1 and max_length >= 2")
-    if limit is not None and limit < 1:
-        raise TrainError(f"limit must be >= 1, got {limit}")
+    for option, value in (("limit", limit), ("eval_limit", eval_limit)):
+        if value is not None and value < 1:
+            raise TrainError(f"{option} must be >= 1, got {value}")
 
     import torch
     from seqeval.metrics import f1_score, precision_score, recall_score
@@ -198,11 +284,8 @@ def train_token_classifier(
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(seed)  # before the model load: the new classifier head is initialised from it
 
-    train_set, eval_set = train_eval_split(dataset, eval_fraction=eval_fraction, seed=seed)
-    if limit is not None:
-        train_set = NerDataset(
-            train_set.name, train_set.sentences[:limit], train_set.tags[:limit], train_set.labels
-        )
+    train_set, eval_set = held_out_split(dataset, eval_fraction=eval_fraction, seed=seed)
+    train_set, eval_set = head(train_set, limit), head(eval_set, eval_limit)
 
     labels = dataset.labels
     label2id = {label: i for i, label in enumerate(labels)}
@@ -225,10 +308,9 @@ def train_token_classifier(
     train_length = min(max_length, model_limit)
     if train_length < max_length:
         LOGGER.info("max_length %d capped to the model's limit %d", max_length, train_length)
-    encoded = [
-        _encode(tokenizer, words, tags, label2id, train_length)
-        for words, tags in zip(train_set.sentences, train_set.tags, strict=True)
-    ]
+    encoded = _encode_dataset(tokenizer, train_set, label2id, train_length, with_labels=True)
+    if freeze_embeddings:
+        LOGGER.info("word embeddings frozen (%d parameters)", _freeze_word_embeddings(model))
 
     steps_per_epoch = math.ceil(len(encoded) / batch_size)
     optimizer, scheduler = _optimizer(model, body_lr, head_lr, steps_per_epoch * epochs)
@@ -252,6 +334,7 @@ def train_token_classifier(
             unit="batch",
             disable=not progress,
         )
+        epoch_started, total_loss = time.perf_counter(), 0.0
         for batch in bar:
             loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
             loss.backward()
@@ -259,12 +342,15 @@ def train_token_classifier(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            total_loss += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
+        LOGGER.info("epoch %d/%d: mean loss %.4f, %.0f s", epoch, epochs, total_loss / max(1, steps_per_epoch),
+                    time.perf_counter() - epoch_started)
 
     # Eval is never truncated to the training max_length, only to what the model can physically take.
     predicted = _predict(model, tokenizer, eval_set, id2label, model_limit, batch_size * 2)
-    gold = eval_set.tags
+    gold = gold_tags(eval_set)
     precision = float(precision_score(gold, predicted, zero_division=0))
     recall = float(recall_score(gold, predicted, zero_division=0))
     f1 = float(f1_score(gold, predicted, zero_division=0))
@@ -278,6 +364,11 @@ def train_token_classifier(
         "train_sentences": len(train_set),
         "eval_sentences": len(eval_set),
         "epochs": epochs,
+        "scheme": dataset.scheme,
+        "eval_level": "character" if dataset.char_level else "word",
+        "freeze_embeddings": freeze_embeddings,
+        "body_lr": body_lr,
+        "head_lr": head_lr,
         "precision": precision,
         "recall": recall,
         "f1": f1,
