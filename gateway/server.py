@@ -111,7 +111,15 @@ class Gateway:
 
     def _on_triton_state(self, ready: bool) -> None:
         if self.health is not None:
-            asyncio.get_running_loop().create_task(self.health.set_serving(ready))
+            asyncio.get_running_loop().create_task(self._follow_triton(ready))
+
+    async def _follow_triton(self, ready: bool) -> None:
+        """Embedded Triton died or came back: health follows at once, after the pool has seen it too."""
+        assert self.health is not None and self.backend is not None
+        if ready:
+            await self.backend.refresh()
+            ready = await self.backend.is_ready()
+        await self.health.set_serving(ready)
 
     async def stop(self) -> None:
         """Health NOT_SERVING -> drain RPCs for the grace period -> stop Triton."""

@@ -59,6 +59,7 @@ class TritonPool:
         self._backends: dict[str, TritonBackend] = {}
         self._ready: list[str] = []
         self._served: list[ServedModel] = []
+        self._failed_at: dict[str, float] = {}  # endpoint -> when an inference last found it unavailable
         self._round_robin = itertools.count()
         self._task: asyncio.Task[None] | None = None
 
@@ -68,6 +69,7 @@ class TritonPool:
 
     async def refresh(self) -> None:
         """Re-resolve the endpoints and poll each one's readiness (server, and every served model)."""
+        started = asyncio.get_running_loop().time()
         endpoints = await asyncio.to_thread(resolve, self.url)
         if not endpoints and self._backends:
             endpoints = list(self._backends)  # DNS hiccup: keep what we had rather than drop everything
@@ -77,7 +79,9 @@ class TritonPool:
             if endpoint not in self._backends:
                 self._backends[endpoint] = TritonBackend(endpoint)
         states = await asyncio.gather(*(self._endpoint_ready(b) for b in self._backends.values()))
-        ready = [endpoint for endpoint, ok in zip(self._backends, states, strict=True) if ok]
+        # A poll that began before an inference saw the endpoint fail is stale: do not put it back yet.
+        ready = [endpoint for endpoint, ok in zip(self._backends, states, strict=True)
+                 if ok and self._failed_at.get(endpoint, float("-inf")) < started]
         if ready != self._ready:
             LOGGER.info("Triton endpoints ready: %s of %s", ready or "none", list(self._backends))
         self._ready = ready
@@ -150,6 +154,7 @@ class TritonPool:
             except TritonUnavailable as e:
                 LOGGER.warning("Triton %s unavailable; taking it out of rotation and retrying elsewhere", endpoint)
                 self._ready = [r for r in self._ready if r != endpoint]
+                self._failed_at[endpoint] = loop.time()
                 error = e
         assert error is not None
         raise error
