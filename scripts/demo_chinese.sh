@@ -17,7 +17,7 @@ if [[ -f $BASE/config.json ]]; then
   echo "== reusing the imported encoder in $BASE"
 else
   echo "== importing multilingual-e5-small into $BASE (a few seconds, ~470 MB)"
-  $BIN/python -c 'import sys; from ner_builder.e5_import import import_multilingual_e5 as f; f(sys.argv[1])' "$BASE"
+  $BIN/ner-builder import-e5 --output "$BASE"
 fi
 
 if [[ -f $CHECKPOINT/config.json ]]; then
@@ -25,21 +25,8 @@ if [[ -f $CHECKPOINT/config.json ]]; then
 else
   echo "== fine-tuning on $LIMIT MSRA sentences for $EPOCHS epochs (frozen word embeddings, head lr 1e-2;" \
        "about 100 s an epoch on 2 cores)"
-  $BIN/python - "$BASE" "$CHECKPOINT" "$EPOCHS" "$LIMIT" "$EVAL_LIMIT" <<'EOF'
-import logging
-import sys
-from pathlib import Path
-
-from ner_builder.datasets import load_dataset
-from ner_builder.train import train_token_classifier
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-base, output, epochs, limit, eval_limit = sys.argv[1:]
-result = train_token_classifier(Path(base), load_dataset("msra"), Path(output), epochs=int(epochs),
-                                limit=int(limit), eval_limit=int(eval_limit), head_lr=1e-2, freeze_embeddings=True)
-print(f"entity F1 {result.f1:.4f} (P {result.precision:.4f} R {result.recall:.4f}) on {result.eval_sentences} "
-      f"MSRA test sentences, scored per character span; checkpoint in {result.output}")
-EOF
+  $BIN/ner-builder train --base "$BASE" --dataset msra --output "$CHECKPOINT" --epochs "$EPOCHS" \
+    --limit "$LIMIT" --eval-limit "$EVAL_LIMIT" --head-lr 1e-2 --freeze-embeddings
 fi
 cat "$CHECKPOINT/eval_report.txt"
 

@@ -324,3 +324,13 @@ def test_import_multilingual_e5(tmp_path: Path) -> None:
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     related, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
     assert related > 0.9 and related - unrelated > 0.05, (related, unrelated)
+
+
+def test_import_e5_cli_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ner_builder.cli import main
+
+    (tmp_path / "something").write_text("x")
+    result = CliRunner().invoke(main, ["import-e5", "--output", str(tmp_path)])
+    assert result.exit_code == 1 and "is not an empty folder" in result.output, result.output
