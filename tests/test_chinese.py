@@ -334,3 +334,62 @@ def test_import_e5_cli_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "something").write_text("x")
     result = CliRunner().invoke(main, ["import-e5", "--output", str(tmp_path)])
     assert result.exit_code == 1 and "is not an empty folder" in result.output, result.output
+
+
+# --- served end to end: builder -> embedded Triton -> gateway -> BMES decoding ------------------
+
+CHINESE_TEXTS = [
+    "中共中央总书记江泽民在北京会见了联合国秘书长安南。",
+    "我在北京大学读书，他去了上海。",
+    "香港特别行政区政府",
+]
+
+
+def test_bmes_model_served_and_decoded_end_to_end(tiny_bmes_checkpoint: Path, tmp_path: Path, start_gateway) -> None:
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from ner_builder.build import BuildOptions, build_model
+    from ner_gateway.decoding import LabelTable, decode
+    from ner_gateway.domain import Aggregation
+    from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+    from ner_gateway.tokenization import TextTokenizer
+
+    # A confident random head, so the BMES paths (B/M/E/S, repairs) all get exercised.
+    checkpoint = tmp_path / "bmes"
+    model = AutoModelForTokenClassification.from_pretrained(tiny_bmes_checkpoint).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 1.0)
+    model.save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bmes_checkpoint / name).exists():
+            (checkpoint / name).write_bytes((tiny_bmes_checkpoint / name).read_bytes())
+    repository = tmp_path / "repo"
+    result = build_model(checkpoint, repository, "msra", BuildOptions(sample_texts=tuple(CHINESE_TEXTS)))
+    assert result.manifest.tagging_scheme is TaggingScheme.BMES
+
+    gateway = start_gateway(repository)
+    stub = ner_pb2_grpc.NerServiceStub(gateway.channel())
+    (info,) = stub.ListModels(ner_pb2.ListModelsRequest(), timeout=10).models
+    assert info.tagging_scheme == ner_pb2.TAGGING_SCHEME_BMES
+    response = stub.Recognize(ner_pb2.RecognizeRequest(texts=CHINESE_TEXTS), timeout=30)
+
+    # Reference: the same checkpoint in PyTorch, decoded locally with the BMES table.
+    tokenizer = TextTokenizer(result.version_dir / "tokenizer.json", result.manifest.max_sequence_length,
+                              result.manifest.inputs)
+    table = LabelTable.from_labels(MSRA_LABELS, TaggingScheme.BMES)
+    found = 0
+    for text, document in zip(CHINESE_TEXTS, response.documents, strict=True):
+        (tokens,) = tokenizer.tokenize([text])
+        windows = tokenizer.plan_windows([tokens], 8)
+        inputs = {k: torch.from_numpy(v) for k, v in tokenizer.arrays([tokens], windows).items()}
+        with torch.no_grad():
+            logits = model(**inputs).logits.numpy()[0]
+        expected = decode(text, tokenizer.merge(len(tokens), windows, [logits]), tokens.view, table,
+                          Aggregation.SIMPLE)
+        got = [(e.label, e.start, e.end, e.text) for e in document.entities]
+        assert got == [(e.label, e.start, e.end, e.text) for e in expected]
+        for label, start, end, entity_text in got:
+            assert label in {"PER", "LOC", "ORG"} and entity_text == text[start:end]
+        found += len(got)
+    assert found > 3
