@@ -144,10 +144,10 @@ class ModelRegistry:
                    stride: int | None = None, engines: EngineRuntime | None = None) -> ModelRegistry:
         """Models Triton has READY; others are skipped with a log line (e.g. TensorRT engines on a CPU Triton).
 
-        ``engines`` (default: from NER_TENSORRT_VERSION / NER_GPU_COMPUTE_CAPABILITY) is checked against every
-        TensorRT engine's manifest, loaded or not: a mismatch refuses the startup.
+        ``engines`` (the server passes NER_TENSORRT_VERSION / NER_GPU_COMPUTE_CAPABILITY; None: nothing to check)
+        is checked against every TensorRT engine's manifest, loaded or not: a mismatch refuses the startup.
         """
-        engines = engines if engines is not None else EngineRuntime.from_settings(GatewaySettings())
+        engines = engines or EngineRuntime()
         models, skipped = [], []
         for version_dir, manifest in read_manifests(repository):
             if manifest.engine is not None or manifest.model_format != "onnx":

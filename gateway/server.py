@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from ner_gateway.health import SERVICE_NAME, TritonHealth
 from ner_gateway.interceptors import ErrorInterceptor
 from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
-from ner_gateway.models import ModelRegistry
+from ner_gateway.models import EngineRuntime, ModelRegistry
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
 from ner_gateway.pipeline import Limits, RecognitionPipeline
 from ner_gateway.servicer import NerServicer
@@ -57,7 +57,8 @@ class Gateway:
             self.backend = TritonPool(s.triton_url or self.triton.grpc_url,  # type: ignore[union-attr]
                                       refresh_interval_s=s.health_check_interval_s)
             await self.backend.wait_ready(s.triton_ready_timeout_s)
-            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride)
+            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride,
+                                                EngineRuntime.from_settings(s))
             self.backend.start()
             self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
             self.pipeline = pipeline = RecognitionPipeline(
