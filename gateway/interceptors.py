@@ -1,9 +1,11 @@
-"""Maps domain errors to gRPC status codes for every RPC, in one place."""
+"""Server interceptors: domain errors -> gRPC status codes for every RPC, in one place; and the one way
+this service wraps an RPC's behaviour (``wrap_rpc``), shared with the metrics interceptor."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import grpc
@@ -12,6 +14,33 @@ from ner_gateway.errors import NerError
 
 LOGGER = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error"
+
+Guard = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
+
+
+def wrap_rpc(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
+    """Run a unary-unary or stream-stream behaviour inside ``guard(context)``; other kinds pass through
+    (health's Watch is the only unary-stream method this server has)."""
+    if handler.unary_unary:
+        unary = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                   handler.response_serializer)
+    if handler.stream_stream:
+        stream = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async with guard(context):
+                async for response in stream(requests, context):
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                     handler.response_serializer)
+    return handler
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
@@ -35,33 +64,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            behaviour = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await behaviour(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await _abort(context, e, method)
+        @asynccontextmanager
+        async def mapped_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            try:
+                yield
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # mapped, or reported as INTERNAL
+                await _abort(context, e, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            stream_behaviour = handler.stream_stream
-
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    async for response in stream_behaviour(requests, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as e:
-                    await _abort(context, e, method)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler  # unary-stream / stream-unary: none in this service (health Watch passes through)
+        return wrap_rpc(handler, mapped_errors)

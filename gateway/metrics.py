@@ -10,12 +10,13 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from contextlib import asynccontextmanager
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ner_gateway.domain import Recognition
+from ner_gateway.interceptors import wrap_rpc
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,54 +94,25 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]
         metrics = self.metrics
 
-        def record(context: grpc.aio.ServicerContext, started: float, code: grpc.StatusCode | None) -> None:
-            final = code or context.code() or grpc.StatusCode.OK
-            model = current_model.get()
-            metrics.requests.labels(method, model, final.name).inc()
-            metrics.request_duration.labels(method, model).observe(time.perf_counter() - started)
-            metrics.inflight.labels(method).dec()
+        @asynccontextmanager
+        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            metrics.inflight.labels(method).inc()
+            current_model.set("")
+            code = None
+            try:
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                final = code or context.code() or grpc.StatusCode.OK
+                model = current_model.get()
+                metrics.requests.labels(method, model, final.name).inc()
+                metrics.request_duration.labels(method, model).observe(time.perf_counter() - started)
+                metrics.inflight.labels(method).dec()
 
-        if handler.unary_unary:
-            behaviour = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                metrics.inflight.labels(method).inc()
-                current_model.set("")
-                code = None
-                try:
-                    return await behaviour(request, context)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    record(context, started, code)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.stream_stream:
-            stream_behaviour = handler.stream_stream
-
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                metrics.inflight.labels(method).inc()
-                current_model.set("")
-                code = None
-                try:
-                    async for response in stream_behaviour(requests, context):
-                        yield response
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    record(context, started, code)
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
-        return handler
+        return wrap_rpc(handler, observed)
