@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
 BIN=.venv/bin
+# shellcheck source=scripts/gateway.sh
+source scripts/gateway.sh
 CHECKPOINT=${CHECKPOINT:-artifacts/wnut16-minilm}
 REPOSITORY=${REPOSITORY:-model_repository}
 EPOCHS=${EPOCHS:-3}
@@ -22,27 +24,13 @@ echo "== building $REPOSITORY/wnut16 (ONNX export, parity check against PyTorch,
 rm -rf "$REPOSITORY/wnut16"
 $BIN/ner-builder build "$CHECKPOINT" --repository "$REPOSITORY" --name wnut16
 
-PORT=$($BIN/python -c "from ner_gateway.triton_process import free_port; print(free_port())")
-LOG=$(mktemp -t ner-gateway.XXXXXX.log)
-echo "== starting ner-gateway (embedded Triton) on 127.0.0.1:$PORT, log in $LOG"
-$BIN/ner-gateway serve --model-repository "$REPOSITORY" --port "$PORT" >"$LOG" 2>&1 &
-GATEWAY=$!
-trap 'kill -TERM $GATEWAY 2>/dev/null; wait $GATEWAY 2>/dev/null || true' EXIT
-if ! $BIN/ner-gateway health --address "127.0.0.1:$PORT" --wait 120; then
-  tail -n 40 "$LOG"; exit 1
-fi
-
-$BIN/ner-gateway models --address "127.0.0.1:$PORT"
+start_gateway "$REPOSITORY"
 echo "== entities"
-$BIN/ner-gateway query --address "127.0.0.1:$PORT" \
+$BIN/ner-gateway query --address "$ADDRESS" \
   "Barack Obama and Angela Merkel met in Berlin before flying to New York on Tuesday." \
   "Just bought the new iPhone at the Apple store on Fifth Avenue, loving it!" \
   "Watching the Lakers beat the Celtics at Staples Center with @mike tonight #NBA" \
   "Taylor Swift is playing Madison Square Garden next week, can't wait" \
   "Microsoft and Google are hiring engineers in London and Seattle."
 
-echo "== stopping"
-kill -TERM $GATEWAY
-wait $GATEWAY
-trap - EXIT
-echo "== done"
+stop_gateway

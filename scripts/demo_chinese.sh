@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
 BIN=.venv/bin
+# shellcheck source=scripts/gateway.sh
+source scripts/gateway.sh
 BASE=${BASE:-artifacts/multilingual-e5-small}
 CHECKPOINT=${CHECKPOINT:-artifacts/msra-e5}
 REPOSITORY=${REPOSITORY:-model_repository}
@@ -42,27 +44,13 @@ rm -rf "$REPOSITORY/msra"
 $BIN/ner-builder build "$CHECKPOINT" --repository "$REPOSITORY" --name msra --sample-texts "$SAMPLES"
 rm -f "$SAMPLES"
 
-PORT=$($BIN/python -c "from ner_gateway.triton_process import free_port; print(free_port())")
-LOG=$(mktemp -t ner-gateway.XXXXXX.log)
-echo "== starting ner-gateway (embedded Triton) on 127.0.0.1:$PORT, log in $LOG"
-$BIN/ner-gateway serve --model-repository "$REPOSITORY" --port "$PORT" >"$LOG" 2>&1 &
-GATEWAY=$!
-trap 'kill -TERM $GATEWAY 2>/dev/null; wait $GATEWAY 2>/dev/null || true' EXIT
-if ! $BIN/ner-gateway health --address "127.0.0.1:$PORT" --wait 120; then
-  tail -n 40 "$LOG"; exit 1
-fi
-
-$BIN/ner-gateway models --address "127.0.0.1:$PORT"
+start_gateway "$REPOSITORY"
 echo "== entities (character offsets; the tokenizer merges characters, so a span can include a neighbour)"
-$BIN/ner-gateway query --address "127.0.0.1:$PORT" --model msra \
+$BIN/ner-gateway query --address "$ADDRESS" --model msra \
   "中共中央总书记江泽民在北京会见了联合国秘书长安南。" \
   "国务院总理李鹏今天上午在人民大会堂会见了日本首相桥本龙太郎。" \
   "新华社香港六月三十日电，香港特别行政区政府今天宣布成立。" \
   "王小明毕业于清华大学，现在在上海的一家银行工作。" \
   "我喜欢吃苹果和香蕉。"
 
-echo "== stopping"
-kill -TERM $GATEWAY
-wait $GATEWAY
-trap - EXIT
-echo "== done"
+stop_gateway
