@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -56,6 +57,7 @@ def train(base: Path, dataset: str, output: Path, epochs: int, batch_size: int, 
             base, load_dataset(dataset), output, epochs=epochs, batch_size=batch_size, max_length=max_length,
             eval_fraction=eval_fraction, seed=seed, limit=limit, eval_limit=eval_limit, body_lr=body_lr,
             head_lr=head_lr, freeze_embeddings=freeze_embeddings,
+            progress=sys.stderr.isatty(),  # a bar in a terminal; in logs the per-epoch lines say enough
         )
     except (DatasetError, TrainError) as e:
         raise click.ClickException(str(e)) from e
