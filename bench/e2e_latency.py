@@ -24,8 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as triton_grpc
 
-from ner_gateway.manifest import ModelManifest
-from ner_gateway.models import latest_version_dir
+from ner_gateway.manifest import ModelManifest, latest_version_dir
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.tokenization import TextTokenizer
 from ner_gateway.triton_process import EmbeddedTriton, free_port

@@ -21,7 +21,7 @@ from ner_builder import evaluate
 from ner_builder.checkpoint import Checkpoint, load_checkpoint
 from ner_builder.errors import BuildError
 from ner_builder.targets import TARGET_NAMES
-from ner_gateway.manifest import MANIFEST_FILE, ModelManifest
+from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -107,11 +107,6 @@ def _pts(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def latest_version(model_dir: Path) -> Path | None:
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(versions, key=lambda p: int(p.name), default=None)
-
-
 def find_artifacts(model_path: Path) -> list[tuple[Path, ModelManifest]]:
     """REPOSITORY/NAME -> the latest version of NAME and of every NAME-<target> beside it."""
     repository, name = model_path.parent, model_path.name
@@ -121,7 +116,7 @@ def find_artifacts(model_path: Path) -> list[tuple[Path, ModelManifest]]:
         p.name == name or (p.name.startswith(f"{name}-") and p.name[len(name) + 1 :] in TARGET_NAMES)))
     found = []
     for model_dir in family:
-        version_dir = latest_version(model_dir)
+        version_dir = latest_version_dir(model_dir)
         if version_dir is not None and (version_dir / MANIFEST_FILE).is_file():
             found.append((version_dir, ModelManifest.read(version_dir)))
     if not found:

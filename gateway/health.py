@@ -11,7 +11,6 @@ from grpc_health.v1._async import HealthServicer
 
 from ner_gateway.metrics import GatewayMetrics
 from ner_gateway.pb.ner.v1 import ner_pb2
-from ner_gateway.triton_backend import TritonBackend
 from ner_gateway.triton_pool import TritonPool
 
 LOGGER = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ class TritonHealth:
     """Keeps the overall ("") and NerService health in step with Triton's readiness."""
 
     def __init__(
-        self, backend: TritonBackend | TritonPool, interval_s: float, metrics: GatewayMetrics | None = None
+        self, backend: TritonPool, interval_s: float, metrics: GatewayMetrics | None = None
     ) -> None:
         self.servicer = HealthServicer()
         self.backend = backend

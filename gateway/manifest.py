@@ -140,6 +140,12 @@ class ModelManifest(BaseModel):
         return cls.model_validate_json((directory / MANIFEST_FILE).read_text())
 
 
+def latest_version_dir(model_dir: Path) -> Path | None:
+    """Triton's default version policy serves the highest numeric version."""
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(versions, key=lambda p: int(p.name), default=None)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -11,10 +11,10 @@ from pydantic import ValidationError
 
 from ner_gateway.decoding import LabelTable
 from ner_gateway.errors import ConfigurationError, ModelNotFound
-from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, sha256_file
+from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir, sha256_file
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.tokenization import TextTokenizer
-from ner_gateway.triton_backend import ServedModel, TritonBackend
+from ner_gateway.triton_backend import ServedModel
 from ner_gateway.triton_pool import TritonPool
 
 LOGGER = logging.getLogger(__name__)
@@ -31,12 +31,6 @@ class NerModel:
     @property
     def name(self) -> str:
         return self.manifest.name
-
-
-def latest_version_dir(model_dir: Path) -> Path | None:
-    """Triton's default version policy serves the highest numeric version."""
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(versions, key=lambda p: int(p.name), default=None)
 
 
 def read_manifests(repository: Path) -> list[tuple[Path, ModelManifest]]:
@@ -140,7 +134,7 @@ class ModelRegistry:
                                      f"(found: {', '.join(sorted(self._models))})")
 
     @classmethod
-    async def load(cls, repository: Path, backend: TritonBackend | TritonPool, default_model: str | None,
+    async def load(cls, repository: Path, backend: TritonPool, default_model: str | None,
                    stride: int | None = None, engines: EngineRuntime | None = None) -> ModelRegistry:
         """Models Triton has READY; others are skipped with a log line (e.g. TensorRT engines on a CPU Triton).
 

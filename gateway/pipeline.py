@@ -20,7 +20,6 @@ from ner_gateway.models import ModelRegistry, NerModel
 from ner_gateway.offsets import convert_entities
 from ner_gateway.tokenization import TextTokens, Window
 from ner_gateway.tracing import TRACER
-from ner_gateway.triton_backend import TritonBackend
 from ner_gateway.triton_pool import TritonPool
 
 LOGGER = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ class Limits:
 
 class RecognitionPipeline:
     def __init__(
-        self, registry: ModelRegistry, backend: TritonBackend | TritonPool, limits: Limits,
+        self, registry: ModelRegistry, backend: TritonPool, limits: Limits,
         on_triton_unavailable: Callable[[], None] = lambda: None, metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry

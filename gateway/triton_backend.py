@@ -5,7 +5,6 @@ tritonclient errors are translated here, by gRPC status code, into the gateway's
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -64,14 +63,6 @@ class TritonBackend:
             return bool(await self._client.is_server_ready(client_timeout=timeout_s))
         except InferenceServerException:
             return False
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not await self.is_ready():
-            if loop.time() > deadline:
-                raise ConfigurationError(f"Triton at {self.url} not ready after {timeout_s:.0f} s")
-            await asyncio.sleep(0.25)
 
     async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
         try:
