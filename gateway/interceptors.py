@@ -43,15 +43,20 @@ def wrap_rpc(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHand
     return handler
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
-    if isinstance(error, NerError):
-        if error.code is grpc.StatusCode.INTERNAL:
+def _set_status(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    """Set the RPC's final status instead of ``context.abort``: abort sends the status at once, before the
+    outer interceptors (metrics) have unwound, so a client could see the error before it is counted.
+    A status set here goes out when the handler returns, after every interceptor has finished."""
+    if isinstance(error, NerError) and error.code is not grpc.StatusCode.INTERNAL:
+        code, details = error.code, str(error)
+    else:
+        if isinstance(error, NerError):
             LOGGER.error("%s failed: %s", method, error)
-            await context.abort(error.code, INTERNAL_MESSAGE)
-        await context.abort(error.code, str(error))
-    # Anything else is a bug: log the detail, send nothing of it.
-    LOGGER.exception("%s failed unexpectedly", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        else:  # anything else is a bug: log the detail, send nothing of it
+            LOGGER.exception("%s failed unexpectedly", method, exc_info=error)
+        code, details = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    context.set_code(code)
+    context.set_details(details)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -71,7 +76,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 yield
             except grpc.aio.AbortError:
                 raise
-            except Exception as e:  # mapped, or reported as INTERNAL
-                await _abort(context, e, method)
+            except Exception as e:  # mapped, or reported as INTERNAL; the RPC then ends with that status
+                _set_status(context, e, method)
 
         return wrap_rpc(handler, mapped_errors)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from contextlib import asynccontextmanager
+
 import grpc
 import pytest
 
 from ner_gateway.errors import InferenceFailed, TritonUnavailable
-from ner_gateway.interceptors import ErrorInterceptor
+from ner_gateway.interceptors import ErrorInterceptor, wrap_rpc
 from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.servicer import NerServicer
@@ -57,3 +61,46 @@ async def test_errors_map_to_status_and_internal_details_stay_private(server, er
     for method in ("Recognize", "RecognizeStream"):
         assert sample("ner_requests_total", {"method": method, "model": "", "code": code.name}) == 1
         assert sample("ner_inflight_requests", {"method": method}) == 0
+
+
+class SlowToUnwind(grpc.aio.ServerInterceptor):
+    """An outer interceptor (like the metrics one) whose exit takes a while and records that it ran."""
+
+    def __init__(self) -> None:
+        self.unwound = threading.Event()
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        @asynccontextmanager
+        async def slow_exit(context):  # type: ignore[no-untyped-def]
+            try:
+                yield
+            finally:
+                await asyncio.sleep(0.3)
+                self.unwound.set()
+
+        return wrap_rpc(await continuation(handler_call_details), slow_exit)
+
+
+async def test_error_status_is_sent_only_after_outer_interceptors_unwound() -> None:
+    """``context.abort`` would send the status at once, so a client could read the error (and scrape
+    /metrics) before the metrics interceptor had counted it: the status must go out after every
+    interceptor has finished."""
+    pipeline, outer = FailingPipeline(), SlowToUnwind()
+    pipeline.error = TritonUnavailable("the inference server is unavailable; retry later")
+    aio_server = grpc.aio.server(interceptors=[outer, ErrorInterceptor()])
+    ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), aio_server)  # type: ignore[arg-type]
+    port = aio_server.add_insecure_port("127.0.0.1:0")
+    await aio_server.start()
+
+    def call_from_another_thread() -> tuple[grpc.StatusCode, bool]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                ner_pb2_grpc.NerServiceStub(channel).Recognize(ner_pb2.RecognizeRequest(texts=["x"]), timeout=5)
+            except grpc.RpcError as e:
+                return e.code(), outer.unwound.is_set()
+        raise AssertionError("the call should have failed")
+
+    try:
+        assert await asyncio.to_thread(call_from_another_thread) == (grpc.StatusCode.UNAVAILABLE, True)
+    finally:
+        await aio_server.stop(0)
