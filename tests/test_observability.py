@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import urllib.request
 from pathlib import Path
 
@@ -122,10 +123,16 @@ def test_metrics_count_requests_stages_and_labels(traced_gateway) -> None:
     assert value(after, "ner_triton_up") == 1
     assert value(after, "ner_inflight_requests", method="Recognize") == 0
 
-    triton = scrape(ports["NER_TRITON_METRICS_PORT"])
-    # (the exposition parser reports counters with their _total suffix)
-    assert value(triton, "nv_inference_request_success_total", model=TINY_MODEL, version="1") >= 3
-    assert value(triton, "nv_inference_count_total", model=TINY_MODEL, version="1") >= 9
+    # Triton counts a request when the backend releases it, which can be just after its response went out,
+    # so its counters are read until they catch up. (The parser reports counters with their _total suffix.)
+    def triton_counted(samples: dict) -> bool:
+        return (value(samples, "nv_inference_request_success_total", model=TINY_MODEL, version="1") >= 3
+                and value(samples, "nv_inference_count_total", model=TINY_MODEL, version="1") >= 9)
+
+    deadline = time.monotonic() + 10
+    while not triton_counted(triton := scrape(ports["NER_TRITON_METRICS_PORT"])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert triton_counted(triton)
     assert any(name.startswith("nv_inference_queue_duration_us") for name, _ in triton)
 
 
