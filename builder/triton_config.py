@@ -18,13 +18,19 @@ class ServingOptions:
     max_queue_delay_us: int = 500
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 16])
     intra_op_threads: int = 0  # 0 = ONNX Runtime decides
+    # Versions Triton serves side by side (its default, with no version_policy, is the latest one only);
+    # 2 lets a rollout load the new version while the old one keeps serving.
+    keep_versions: int = 1
 
 
 def _common(name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions,
             kind: str) -> dict[str, Any]:
     preferred = [size for size in options.preferred_batch_sizes if size <= options.max_batch_size]
+    keep = options.keep_versions
+    policy = {"version_policy": {"latest": {"num_versions": keep}}} if keep > 1 else {}
     return {
         "name": name,
+        **policy,
         "max_batch_size": options.max_batch_size,
         # dims exclude the batch dimension (max_batch_size > 0): [sequence] and [sequence, labels].
         "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in input_names],

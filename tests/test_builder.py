@@ -90,6 +90,38 @@ def test_next_version_after_explicit_version(tiny_checkpoint: Path, tmp_path: Pa
     assert _entries(repository) == {"m"}
 
 
+
+@pytest.mark.triton
+async def test_keep_versions_lets_triton_serve_old_and_new_side_by_side(tiny_checkpoint: Path,
+                                                                        tmp_path: Path) -> None:
+    """A rollout needs the old version serving while the new one loads: --keep-versions 2 writes a
+    version_policy; without it Triton's default serves the latest version only."""
+    from tritonclient.grpc import InferenceServerClient
+
+    from ner_gateway.triton_process import EmbeddedTriton
+
+    for _ in range(2):
+        assert _build_cli(tiny_checkpoint, tmp_path, "--name", "kept", "--keep-versions", "2")[0] == 0
+        assert _build_cli(tiny_checkpoint, tmp_path, "--name", "latest")[0] == 0
+    kept = _parse_config(tmp_path / "kept")[1]
+    assert kept.version_policy.WhichOneof("policy_choice") == "latest"
+    assert kept.version_policy.latest.num_versions == 2
+    assert not _parse_config(tmp_path / "latest")[1].HasField("version_policy")
+    code, output = _build_cli(tiny_checkpoint, tmp_path, "--name", "kept", "--keep-versions", "0")
+    assert code == 2 and "--keep-versions" in output
+
+    triton = EmbeddedTriton(tmp_path)
+    await triton.start()
+    try:
+        client = InferenceServerClient(triton.grpc_url)
+        ready = {(name, version): client.is_model_ready(name, version)
+                 for name in ("kept", "latest") for version in ("1", "2")}
+        client.close()
+    finally:
+        await triton.stop()
+    assert ready == {("kept", "1"): True, ("kept", "2"): True, ("latest", "1"): False, ("latest", "2"): True}
+
+
 # --- config.pbtxt ---------------------------------------------------------------------------------------
 
 
