@@ -1,5 +1,6 @@
 """Server interceptors: domain errors -> gRPC status codes for every RPC, in one place; and the one way
-this service wraps an RPC's behaviour (``wrap_rpc``), shared with the metrics interceptor."""
+this service wraps an RPC's behaviour (``GuardInterceptor``, ``wrap_rpc``), shared with the metrics
+interceptor."""
 
 from __future__ import annotations
 
@@ -59,17 +60,25 @@ def _set_status(context: grpc.aio.ServicerContext, error: Exception, method: str
     context.set_details(details)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that runs the behaviour of the RPCs it applies to inside the guard ``guard`` returns."""
+
+    def guard(self, method: str) -> Guard | None:
+        """The guard for RPCs of ``method`` (its full name, /package.Service/Method); None leaves them alone."""
+        raise NotImplementedError
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
+        guard = None if handler is None else self.guard(handler_call_details.method)
+        return handler if guard is None else wrap_rpc(handler, guard)
 
+
+class ErrorInterceptor(GuardInterceptor):
+    def guard(self, method: str) -> Guard:
         @asynccontextmanager
         async def mapped_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             try:
@@ -79,4 +88,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except Exception as e:  # mapped, or reported as INTERNAL; the RPC then ends with that status
                 _set_status(context, e, method)
 
-        return wrap_rpc(handler, mapped_errors)
+        return mapped_errors

@@ -9,14 +9,14 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ner_gateway.domain import Recognition
-from ner_gateway.interceptors import wrap_rpc
+from ner_gateway.interceptors import Guard, GuardInterceptor
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,28 +76,23 @@ class GatewayMetrics:
             self.entities_by_label.labels(model, entity.label).inc()
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(GuardInterceptor):
     """Counts RPCs by method/model/code and times them; runs outside the error interceptor."""
 
     def __init__(self, metrics: GatewayMetrics, service_prefix: str = "/ner.v1.") -> None:
         self.metrics = metrics
         self.service_prefix = service_prefix
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self.service_prefix):
-            return handler  # health checks and reflection are not traffic
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+    def guard(self, method: str) -> Guard | None:
+        if not method.startswith(self.service_prefix):
+            return None  # health checks and reflection are not traffic
+        name = method.rsplit("/", 1)[-1]
         metrics = self.metrics
 
         @asynccontextmanager
         async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             started = time.perf_counter()
-            metrics.inflight.labels(method).inc()
+            metrics.inflight.labels(name).inc()
             current_model.set("")
             code = None
             try:
@@ -111,8 +106,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 final = code or context.code() or grpc.StatusCode.OK
                 model = current_model.get()
-                metrics.requests.labels(method, model, final.name).inc()
-                metrics.request_duration.labels(method, model).observe(time.perf_counter() - started)
-                metrics.inflight.labels(method).dec()
+                metrics.requests.labels(name, model, final.name).inc()
+                metrics.request_duration.labels(name, model).observe(time.perf_counter() - started)
+                metrics.inflight.labels(name).dec()
 
-        return wrap_rpc(handler, observed)
+        return observed

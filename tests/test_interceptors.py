@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
 import pytest
 
 from ner_gateway.errors import InferenceFailed, TritonUnavailable
-from ner_gateway.interceptors import ErrorInterceptor, wrap_rpc
+from ner_gateway.interceptors import ErrorInterceptor, Guard, GuardInterceptor
 from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.servicer import NerServicer
@@ -26,16 +27,25 @@ class FailingPipeline:
         raise self.error
 
 
-@pytest.fixture
-async def server():
-    pipeline, metrics = FailingPipeline(), GatewayMetrics()
-    aio_server = grpc.aio.server(interceptors=[MetricsInterceptor(metrics), ErrorInterceptor()])
+@asynccontextmanager
+async def serving(pipeline: FailingPipeline, interceptors: list[grpc.aio.ServerInterceptor]) -> AsyncIterator[int]:
+    """A real aio server with the real servicer behind ``interceptors``, on a free loopback port (yielded)."""
+    aio_server = grpc.aio.server(interceptors=interceptors)
     ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), aio_server)  # type: ignore[arg-type]
     port = aio_server.add_insecure_port("127.0.0.1:0")
     await aio_server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield pipeline, metrics, ner_pb2_grpc.NerServiceStub(channel)
-    await aio_server.stop(0)
+    try:
+        yield port
+    finally:
+        await aio_server.stop(0)
+
+
+@pytest.fixture
+async def server():
+    pipeline, metrics = FailingPipeline(), GatewayMetrics()
+    async with serving(pipeline, [MetricsInterceptor(metrics), ErrorInterceptor()]) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pipeline, metrics, ner_pb2_grpc.NerServiceStub(channel)
 
 
 @pytest.mark.parametrize(
@@ -63,22 +73,22 @@ async def test_errors_map_to_status_and_internal_details_stay_private(server, er
         assert sample("ner_inflight_requests", {"method": method}) == 0
 
 
-class SlowToUnwind(grpc.aio.ServerInterceptor):
+class SlowToUnwind(GuardInterceptor):
     """An outer interceptor (like the metrics one) whose exit takes a while and records that it ran."""
 
     def __init__(self) -> None:
         self.unwound = threading.Event()
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    def guard(self, method: str) -> Guard:
         @asynccontextmanager
-        async def slow_exit(context):  # type: ignore[no-untyped-def]
+        async def slow_exit(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
             try:
                 yield
             finally:
                 await asyncio.sleep(0.3)
                 self.unwound.set()
 
-        return wrap_rpc(await continuation(handler_call_details), slow_exit)
+        return slow_exit
 
 
 async def test_error_status_is_sent_only_after_outer_interceptors_unwound() -> None:
@@ -87,12 +97,8 @@ async def test_error_status_is_sent_only_after_outer_interceptors_unwound() -> N
     interceptor has finished."""
     pipeline, outer = FailingPipeline(), SlowToUnwind()
     pipeline.error = TritonUnavailable("the inference server is unavailable; retry later")
-    aio_server = grpc.aio.server(interceptors=[outer, ErrorInterceptor()])
-    ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), aio_server)  # type: ignore[arg-type]
-    port = aio_server.add_insecure_port("127.0.0.1:0")
-    await aio_server.start()
 
-    def call_from_another_thread() -> tuple[grpc.StatusCode, bool]:
+    def call_from_another_thread(port: int) -> tuple[grpc.StatusCode, bool]:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             try:
                 ner_pb2_grpc.NerServiceStub(channel).Recognize(ner_pb2.RecognizeRequest(texts=["x"]), timeout=5)
@@ -100,7 +106,5 @@ async def test_error_status_is_sent_only_after_outer_interceptors_unwound() -> N
                 return e.code(), outer.unwound.is_set()
         raise AssertionError("the call should have failed")
 
-    try:
-        assert await asyncio.to_thread(call_from_another_thread) == (grpc.StatusCode.UNAVAILABLE, True)
-    finally:
-        await aio_server.stop(0)
+    async with serving(pipeline, [outer, ErrorInterceptor()]) as port:
+        assert await asyncio.to_thread(call_from_another_thread, port) == (grpc.StatusCode.UNAVAILABLE, True)
