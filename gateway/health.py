@@ -52,7 +52,7 @@ class TritonHealth:
 
     async def _poll(self) -> None:
         while True:
-            await self.set_serving(await self.backend.is_ready(timeout_s=self.interval_s))
+            await self.set_serving(self.backend.ready)
             await asyncio.sleep(self.interval_s)
 
     async def shutdown(self) -> None:

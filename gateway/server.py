@@ -74,7 +74,7 @@ class Gateway:
                  reflection.SERVICE_NAME], self.server,
             )
             self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
-            await self.health.set_serving(await self.backend.is_ready())
+            await self.health.set_serving(self.backend.ready)
             self.health.start()
             if s.metrics_port is not None:
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
@@ -119,7 +119,7 @@ class Gateway:
         assert self.health is not None and self.backend is not None
         if ready:
             await self.backend.refresh()
-            ready = await self.backend.is_ready()
+            ready = self.backend.ready
         await self.health.set_serving(ready)
 
     async def stop(self) -> None:

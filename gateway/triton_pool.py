@@ -111,7 +111,9 @@ class TritonPool:
         for backend in self._backends.values():
             await backend.close()
 
-    async def is_ready(self, timeout_s: float = 1.0) -> bool:
+    @property
+    def ready(self) -> bool:
+        """Some endpoint was ready at the last refresh (the refresh task polls; this reads no network)."""
         return bool(self._ready)
 
     async def wait_ready(self, timeout_s: float) -> None:
