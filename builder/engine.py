@@ -7,7 +7,7 @@ typed: precision comes from the graph (fp16 tensors, Q/DQ nodes), not from build
 int8 calibration is deprecated since TensorRT 10.1; TensorRT-RTX has no precision flags at all).
 
 A plan runs only on the TensorRT version that built it and on a GPU it was built for: the manifest
-records both and the gateway refuses a mismatch (see ``ner_gateway.manifest.check_engine``).
+records both and the gateway refuses a mismatch (see ``ner_gateway.models.check_engine``).
 Running an engine needs a GPU; nothing here runs one.
 """
 

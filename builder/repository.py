@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ner_builder.errors import BuildError
-from ner_gateway.manifest import MANIFEST_FILE
+from ner_gateway.manifest import MANIFEST_FILE, latest_version_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ PYTHON_MODEL_SOURCE = importlib.resources.files("ner_builder") / "triton_model" 
 
 
 def next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
+    latest = latest_version_dir(model_dir) if model_dir.is_dir() else None
+    return int(latest.name) + 1 if latest is not None else 1
 
 
 def staging_dir(repository: Path) -> Path:
