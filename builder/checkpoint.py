@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ner_builder.errors import BuildError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 LOGGER = logging.getLogger(__name__)
 
@@ -23,6 +23,15 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerFast
     labels: list[str]
     max_length: int
+
+
+def model_max_length(tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> int:
+    """The longest input (special tokens included) the model takes: what train and build both cap at.
+    Tokenizers without a limit report a huge sentinel (~1e30), read as BERT's usual 512."""
+    return min(
+        tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512,
+        getattr(config, "max_position_embeddings", 512),
+    )
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -59,9 +68,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
     # handling bakes trace-time shapes in).
     model = AutoModelForTokenClassification.from_pretrained(path, attn_implementation="eager").eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    max_length = min(
-        tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512,
-        getattr(model.config, "max_position_embeddings", 512),
-    )
+    max_length = model_max_length(tokenizer, model.config)
     LOGGER.info("loaded %s: %d labels, max length %d", path, len(labels), max_length)
     return Checkpoint(path=path, model=model, tokenizer=tokenizer, labels=labels, max_length=max_length)

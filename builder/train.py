@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ner_builder.checkpoint import model_max_length
 from ner_builder.datasets import NerDataset, head, held_out_split
 from ner_builder.spans import Scheme, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
 
@@ -126,12 +127,6 @@ def _collate(batch: list[_Encoded], pad_id: int) -> dict[str, Any]:
 def _batches(items: list[_Encoded], batch_size: int, order: list[int]) -> Iterator[list[_Encoded]]:
     for start in range(0, len(order), batch_size):
         yield [items[i] for i in order[start : start + batch_size]]
-
-
-def _model_max_length(tokenizer: Any, config: Any) -> int:
-    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
-    # Tokenizers without a limit report a huge sentinel (~1e30); ignore it.
-    return min(int(limit) for limit in limits if limit is not None and limit < 1_000_000)
 
 
 def _freeze_word_embeddings(model: Any) -> int:
@@ -304,7 +299,7 @@ def train_token_classifier(
     if not tokenizer.is_fast:
         raise TrainError(f"{base} has no fast tokenizer (tokenizer.json); word alignment needs one")
 
-    model_limit = _model_max_length(tokenizer, model.config)
+    model_limit = model_max_length(tokenizer, model.config)
     train_length = min(max_length, model_limit)
     if train_length < max_length:
         LOGGER.info("max_length %d capped to the model's limit %d", max_length, train_length)
