@@ -25,8 +25,8 @@ import onnxruntime as ort
 import tritonclient.grpc as triton_grpc
 
 from ner_gateway.manifest import ModelManifest, latest_version_dir
+from ner_gateway.models import load_tokenizer, window_stride
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.tokenization import TextTokenizer
 from ner_gateway.triton_process import EmbeddedTriton, free_port
 
 SENTENCES = [
@@ -54,9 +54,14 @@ def main() -> None:
 
     version_dir = latest_version_dir(args.repository / args.model)
     manifest = ModelManifest.read(version_dir)
-    tokenizer = TextTokenizer(version_dir / manifest.tokenizer_file, manifest.max_sequence_length, manifest.inputs)
+    # The gateway's own tokenizer path (checksum-checked, windows planned as it plans them).
+    tokenizer = load_tokenizer(version_dir, manifest)
+    stride = window_stride(tokenizer, None, manifest.name)
     texts = [[SENTENCES[(i + j) % len(SENTENCES)] for j in range(args.batch)] for i in range(len(SENTENCES))]
-    feeds = [tokenizer.encode(t).arrays(manifest.inputs) for t in texts]
+    feeds = []
+    for batch in texts:
+        tokens = tokenizer.tokenize(batch)
+        feeds.append(tokenizer.arrays(tokens, tokenizer.plan_windows(tokens, stride)))
 
     session = ort.InferenceSession(str(version_dir / manifest.model_file), providers=["CPUExecutionProvider"])
     triton = EmbeddedTriton(args.repository)

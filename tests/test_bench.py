@@ -1,0 +1,39 @@
+"""The benchmarks run (on the tiny model, a few rounds): their numbers go into notes, so they must not rot.
+Nothing here judges speed; bench/ measures that as ratios within one run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY_MODEL
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, *args: str, out: Path) -> dict:
+    subprocess.run([sys.executable, str(BENCH / script), *args, "--json-out", str(out)], check=True,
+                   capture_output=True, timeout=240)
+    return json.loads(out.read_text())
+
+
+def test_e2e_latency_runs_all_three_paths(tiny_repository: Path, tmp_path: Path) -> None:
+    result = run_bench("e2e_latency.py", "--repository", str(tiny_repository), "--model", TINY_MODEL,
+                       "--rounds", "3", "--batch", "2", out=tmp_path / "e2e.json")
+    for path in ("ort", "triton", "gateway"):
+        assert 0 < result[path]["p50_ms"] <= result[path]["p99_ms"]
+    assert set(result["ratios_p50"]) == {"gateway/triton", "gateway/ort", "triton/ort"}
+    setup = result["setup"]
+    assert (setup["model"], setup["rounds"], setup["texts_per_call"]) == (TINY_MODEL, 3, 2)
+    assert setup["median_tokens"] > 10
+
+
+def test_decode_speed_agrees_with_hf_and_reports_every_strategy(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    # The script asserts that HF and the gateway find the same spans before it times them.
+    result = run_bench("decode_speed.py", "--checkpoint", str(tiny_checkpoint), "--tokens", "48", "--repeats", "2",
+                       out=tmp_path / "decode.json")
+    assert result["tokens"] <= 48
+    assert set(result["per_aggregation"]) == {"SIMPLE", "FIRST", "AVERAGE", "MAX"}
+    assert all(row["hf_ms"] > 0 and row["ours_ms"] > 0 for row in result["per_aggregation"].values())
