@@ -34,8 +34,6 @@ GATEWAY_METRICS = {"ner_requests_total", "ner_request_duration_seconds", "ner_st
 TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
                   "nv_inference_request_success", "nv_inference_pending_request_count", "nv_inference_count",
                   "nv_inference_exec_count"}
-# NER_* keys the ConfigMap may set before the gateway's settings have the field (being added; the gateway
-# ignores unknown NER_* variables). Remove an entry once gateway/settings.py has it.
 def _load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
@@ -234,8 +232,7 @@ def test_gateway_settings_match_the_cluster(rendered: dict[str, list[dict[str, A
         settings = config_map(docs, "ner-gateway-config")
         keys = {k.removeprefix("NER_").lower() for k in settings if k.startswith("NER_")}
         assert keys <= fields, keys - fields
-        GatewaySettings(**{k: v for k, v in ((k.removeprefix("NER_").lower(), v) for k, v in settings.items()
-                                             if k.startswith("NER_")) if k in fields})
+        GatewaySettings(**{k.removeprefix("NER_").lower(): v for k, v in settings.items() if k.startswith("NER_")})
         deployment = one(docs, "Deployment", "ner-gateway")
         gateway = container(deployment, "gateway")
         ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
@@ -280,15 +277,10 @@ def test_prometheus_rule_is_generated_from_the_alert_rules() -> None:
     committed = (K8S / "base" / "prometheusrule.yaml").read_text()
     assert committed == gen_prometheusrule.render(), "stale: run `make prometheus-rule`"
     groups = yaml.safe_load(committed)["spec"]["groups"]
-    if gen_prometheusrule.SOURCE.is_file():
-        assert groups == yaml.safe_load(gen_prometheusrule.SOURCE.read_text())["groups"]
-    else:
-        assert groups == []
+    assert groups and groups == yaml.safe_load(gen_prometheusrule.SOURCE.read_text())["groups"]
 
 
 def test_alert_rules_select_the_scrape_jobs(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    if not gen_prometheusrule.SOURCE.is_file():
-        pytest.skip("no alert rules yet")
     wanted = set(re.findall(r'job="([^"]+)"', gen_prometheusrule.SOURCE.read_text()))
     for name, docs in rendered.items():
         jobs = set()
@@ -406,10 +398,11 @@ def test_gateway_runtime_installs_no_torch() -> None:
 
 def test_gateway_exports_the_contract_metrics() -> None:
     """The names the alert rules and dashboards rely on, from the gateway's own metrics registry."""
-    metrics = pytest.importorskip("ner_gateway.metrics")
     from prometheus_client import generate_latest
 
-    text = generate_latest(metrics.GatewayMetrics().registry).decode()
+    from ner_gateway.metrics import GatewayMetrics
+
+    text = generate_latest(GatewayMetrics().registry).decode()
     exported = set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
     assert GATEWAY_METRICS <= exported, GATEWAY_METRICS - exported
 

@@ -7,8 +7,6 @@ committed PrometheusRule differs from what this script writes.
 
     python deploy/k8s/gen_prometheusrule.py          # rewrite the PrometheusRule
     python deploy/k8s/gen_prometheusrule.py --check  # exit 1 if it is stale
-
-While the rules file does not exist, the PrometheusRule has no groups.
 """
 
 from __future__ import annotations
@@ -42,8 +40,6 @@ _Dumper.add_representer(str, _str)
 
 
 def load_groups(source: Path = SOURCE) -> list[dict[str, Any]]:
-    if not source.is_file():
-        return []
     data = yaml.safe_load(source.read_text()) or {}
     groups = data.get("groups")
     if not isinstance(groups, list):
