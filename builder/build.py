@@ -175,7 +175,7 @@ class _Graphs:
         path = self.work / f"{key}.onnx"
         info = None
         if wanted is Precision.FP32:
-            export.export_onnx(self.checkpoint, path, self.options.opset)
+            export.export_onnx(self.checkpoint, path, self.input_names, self.options.opset)
             parity = export.check_parity(self.checkpoint, path, self.input_names, list(self.options.sample_texts),
                                          self.options.atol, self.options.min_argmax_agreement)
             return Graph(wanted, path, parity, self.gate.score(path))
@@ -277,7 +277,7 @@ def build_model(checkpoint_path: Path, repository_path: Path, name: str, options
             fallbacks.extend(lines)
             planned.append((target, graph, fallback))
         staged_artifacts = [
-            _stage(staged, target, graph, fallback, name, checkpoint, checkpoint_path, input_names, max_length,
+            _stage(staged, target, graph, fallback, name, checkpoint, input_names, max_length,
                    options, gate, pruning, work / TOKENIZER_FILE)
             for target, graph, fallback in planned
         ]
@@ -296,7 +296,7 @@ def build_model(checkpoint_path: Path, repository_path: Path, name: str, options
 
 def _stage(
     staged: Path, target: Target, graph: Graph, fallback: Fallback | None, name: str, checkpoint: Checkpoint,
-    checkpoint_path: Path, input_names: list[str], max_length: int, options: BuildOptions, gate: _Gate,
+    input_names: list[str], max_length: int, options: BuildOptions, gate: _Gate,
     pruning: PruningInfo | None, tokenizer_file: Path,
 ) -> tuple[Target, Path, ModelManifest, str, evaluate.Scores | None]:
     model_name = target.model_name(name)
@@ -338,7 +338,7 @@ def _stage(
         inputs=input_names,
         output=export.OUTPUT_NAME,
         tokenizer_sha256=sha256_file(directory / TOKENIZER_FILE),
-        source_checkpoint=str(checkpoint_path.resolve()),
+        source_checkpoint=str(checkpoint.path.resolve()),
         package_versions={p: importlib.metadata.version(p) for p in RECORDED_PACKAGES},
         parity=parity,
         created_at=datetime.now(UTC),

@@ -37,10 +37,6 @@ class EvalSet:
     gold: list[list[str]] | None
     batches: list[Batch]
 
-    @property
-    def tokens(self) -> int:
-        return int(sum(b.feeds["attention_mask"].sum() for b in self.batches))
-
 
 @dataclass(frozen=True)
 class Scores:
@@ -124,11 +120,11 @@ def torch_runner(model: Any, input_names: list[str]) -> Runner:
     return infer
 
 
-def onnx_runner(path: Path, threads: int = 0) -> Runner:
+def onnx_runner(path: Path) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
 

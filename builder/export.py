@@ -47,9 +47,8 @@ def model_input_names(checkpoint: Checkpoint) -> list[str]:
     return [name for name in CANDIDATE_INPUTS if name in produced]
 
 
-def export_onnx(checkpoint: Checkpoint, path: Path, opset: int) -> list[str]:
-    """Write ``path`` with dynamic batch and sequence axes; returns the graph's input names."""
-    names = model_input_names(checkpoint)
+def export_onnx(checkpoint: Checkpoint, path: Path, names: list[str], opset: int) -> None:
+    """Write ``path`` with dynamic batch and sequence axes and ``names`` (``model_input_names``) as inputs."""
     sample = checkpoint.tokenizer(SAMPLE_TEXTS[:2], padding=True, return_tensors="pt")
     dynamic = {name: {0: "batch", 1: "sequence"} for name in [*names, OUTPUT_NAME]}
     # eval() on the wrapper too: the exporter restores the wrapper's train/eval mode afterwards,
@@ -66,11 +65,9 @@ def export_onnx(checkpoint: Checkpoint, path: Path, opset: int) -> list[str]:
             opset_version=opset,
             dynamo=False,
         )
-    return names
 
 
-def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str],
-                   measured_on: str = "artifact") -> ParityReport:
+def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str]) -> ParityReport:
     """Compare ONNX Runtime with PyTorch (the in-memory model, pruned or not) on ``texts``."""
     import onnxruntime as ort
 
@@ -86,7 +83,7 @@ def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[st
     diff = float(np.abs(onnx_logits[valid] - torch_logits[valid]).max())
     agreement = float((onnx_logits[valid].argmax(-1) == torch_logits[valid].argmax(-1)).mean())
     report = ParityReport(texts=len(texts), tokens=int(valid.sum()), max_abs_logit_diff=diff,
-                          argmax_agreement=agreement, measured_on=measured_on)
+                          argmax_agreement=agreement)
     LOGGER.info("parity of %s on %d texts / %d tokens: max |logit diff| %.2e, argmax agreement %.4f",
                 onnx_path.name, report.texts, report.tokens, diff, agreement)
     return report

@@ -74,7 +74,7 @@ def _reader(feeds: list[dict[str, np.ndarray]]) -> object:
 
 def quantize_int8(
     source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, mode: str = "static",
-    source_description: str = "", keep_ffn_float: bool = True,
+    source_description: str = "",
 ) -> CalibrationInfo:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -90,7 +90,7 @@ def quantize_int8(
         prepared = Path(scratch) / "prepared.onnx"
         # Constant folding + ONNX shape inference (symbolic inference does not cover HF BERT graphs).
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        excluded = gelu_fed_matmuls(onnx.load(str(prepared))) if keep_ffn_float else []
+        excluded = gelu_fed_matmuls(onnx.load(str(prepared)))
         quantize_static(
             str(prepared), str(target), _reader(calibration),  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,

@@ -42,7 +42,7 @@ ENGINE_FILES = ("model.plan", "model.onnx", MANIFEST_FILE)
 
 
 def install_version(staged: Path, model_dir: Path, version: int, config_pbtxt: str,
-                    required_files: tuple[str, ...] = ONNX_FILES) -> Path:
+                    required_files: tuple[str, ...]) -> Path:
     """Move a fully written version folder into place and (re)write the model's config."""
     for required in required_files:
         if not (staged / required).is_file():

@@ -79,6 +79,3 @@ def tensorrt_plan_config(
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
-
-def from_pbtxt(text: str) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
