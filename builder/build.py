@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from ner_builder import calibration, engine, evaluate, export, precision, repository
@@ -127,25 +126,24 @@ def save_serving_tokenizer(tokenizer_json: str, path: Path) -> None:
 class _Gate:
     """The held-out split, the PyTorch reference on it, and the rule an artifact must pass."""
 
-    data: evaluate.EvalSet | None
-    reference: list[np.ndarray]
-    reference_f1: float | None
+    ref: evaluate.Reference | None  # None: no --dataset (or --no-verify), so no F1 gate
     options: BuildOptions
     labels: list[str]
     input_names: list[str]
 
+    @property
+    def reference_f1(self) -> float | None:
+        return self.ref.f1 if self.ref is not None else None
+
     def score(self, path: Path) -> evaluate.Scores | None:
-        if self.data is None:
-            return None
-        logits = evaluate.run(evaluate.onnx_runner(path), self.data, self.input_names)
-        return evaluate.score(self.data, logits, self.reference, self.labels)
+        return evaluate.score_onnx(path, self.ref, self.labels, self.input_names) if self.ref is not None else None
 
     def refusal(self, graph: Graph) -> str | None:
         """Why ``graph`` may not be installed, or None when it passes."""
-        if graph.scores is not None and graph.scores.f1 is not None and self.reference_f1 is not None:
-            drop = (self.reference_f1 - graph.scores.f1) * 100
+        scores = graph.scores
+        if scores is not None and (drop := scores.f1_drop(self.reference_f1)) is not None:
             if drop > self.options.max_f1_drop:
-                return (f"F1 {graph.scores.f1:.4f} is {drop:.2f} points below the PyTorch checkpoint's "
+                return (f"F1 {scores.f1:.4f} is {drop:.2f} points below the PyTorch checkpoint's "
                         f"{self.reference_f1:.4f} (max drop {self.options.max_f1_drop:.1f})")
             return None
         agreement = graph.parity.argmax_agreement
@@ -202,7 +200,7 @@ def _make_gate(checkpoint: Checkpoint, input_names: list[str], max_length: int, 
                ) -> tuple[_Gate, NerDataset | None]:
     """The held-out evaluation set and PyTorch reference (computed before any pruning)."""
     if options.dataset is None:
-        return _Gate(None, [], None, options, checkpoint.labels, input_names), None
+        return _Gate(None, options, checkpoint.labels, input_names), None
     from ner_builder.datasets import DatasetError, held_out_split, load_dataset
 
     try:
@@ -211,19 +209,16 @@ def _make_gate(checkpoint: Checkpoint, input_names: list[str], max_length: int, 
     except DatasetError as e:
         raise BuildError(str(e)) from e
     if not options.verify:
-        return _Gate(None, [], None, options, checkpoint.labels, input_names), train_split
+        return _Gate(None, options, checkpoint.labels, input_names), train_split
     if dataset.char_level:
         raise BuildError(f"the accuracy gate scores word-level datasets; {options.dataset} is character-level")
     missing = sorted(set(dataset.labels) - set(checkpoint.labels))
     if missing:
         raise BuildError(f"{checkpoint.path} was not trained on {options.dataset}: its labels lack {missing[:5]}")
-    data = evaluate.encode(checkpoint.tokenizer, held_out.name, held_out.sentences, held_out.tags, input_names,
-                           max_length)
-    reference = evaluate.run(evaluate.torch_runner(checkpoint.model, input_names), data, input_names)
-    reference_f1 = evaluate.entity_f1(held_out.tags, evaluate.word_tags(data, reference, checkpoint.labels))
-    LOGGER.info("PyTorch checkpoint: entity F1 %.4f on %d held-out %s sentences", reference_f1, len(held_out),
+    ref = evaluate.reference(checkpoint, held_out.name, held_out.sentences, held_out.tags, input_names, max_length)
+    LOGGER.info("PyTorch checkpoint: entity F1 %.4f on %d held-out %s sentences", ref.f1, len(held_out),
                 options.dataset)
-    return _Gate(data, reference, reference_f1, options, checkpoint.labels, input_names), train_split
+    return _Gate(ref, options, checkpoint.labels, input_names), train_split
 
 
 def _resolve(target: Target, name: str, graphs: _Graphs, gate: _Gate) -> tuple[Graph, Fallback | None, list[str]]:
@@ -291,7 +286,7 @@ def build_model(checkpoint_path: Path, repository_path: Path, name: str, options
             artifacts.append(Artifact(target, version_dir, manifest, scores))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return BuildResult(artifacts, fallbacks, gate.reference_f1, len(gate.data.sentences) if gate.data else 0)
+    return BuildResult(artifacts, fallbacks, gate.reference_f1, len(gate.ref.data.sentences) if gate.ref else 0)
 
 
 def _stage(

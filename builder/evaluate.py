@@ -12,9 +12,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ner_builder.checkpoint import Checkpoint
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,6 +49,21 @@ class Scores:
     argmax_agreement: float
     f1: float | None  # entity-level F1 vs the gold tags (None on unlabelled texts)
     f1_vs_reference: float  # entity-level F1 of this graph's tags against the PyTorch checkpoint's
+
+    def f1_drop(self, reference_f1: float | None) -> float | None:
+        """F1 points lost against the checkpoint's ``reference_f1`` (None when either is unknown)."""
+        if self.f1 is None or reference_f1 is None:
+            return None
+        return (reference_f1 - self.f1) * 100
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The PyTorch checkpoint on an eval set: what every artifact is scored against."""
+
+    data: EvalSet
+    logits: list[np.ndarray]
+    f1: float | None  # against the gold tags; None on unlabelled sentences
 
 
 def encode(
@@ -133,3 +151,17 @@ def onnx_runner(path: Path) -> Runner:
         return np.asarray(logits, dtype=np.float32)
 
     return infer
+
+
+def reference(checkpoint: Checkpoint, name: str, sentences: list[list[str]], gold: list[list[str]] | None,
+              input_names: list[str], max_length: int) -> Reference:
+    """Encode ``sentences`` once and run the checkpoint's PyTorch model over them."""
+    data = encode(checkpoint.tokenizer, name, sentences, gold, input_names, max_length)
+    logits = run(torch_runner(checkpoint.model, input_names), data, input_names)
+    f1 = entity_f1(gold, word_tags(data, logits, checkpoint.labels)) if gold is not None else None
+    return Reference(data, logits, f1)
+
+
+def score_onnx(path: Path, ref: Reference, labels: list[str], input_names: list[str]) -> Scores:
+    """An ONNX graph in ONNX Runtime on the reference's eval set, scored against it."""
+    return score(ref.data, run(onnx_runner(path), ref.data, input_names), ref.logits, labels)

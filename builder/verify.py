@@ -15,10 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ner_builder import evaluate
-from ner_builder.checkpoint import Checkpoint, load_checkpoint
+from ner_builder.checkpoint import load_checkpoint
 from ner_builder.errors import BuildError
 from ner_builder.targets import TARGET_NAMES
 from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir
@@ -63,9 +61,8 @@ class Report:
         }
 
     def drop(self, scores: evaluate.Scores | None) -> float | None:
-        if scores is None or scores.f1 is None or self.reference_f1 is None:
-            return None
-        return round((self.reference_f1 - scores.f1) * 100, 4)
+        drop = scores.f1_drop(self.reference_f1) if scores is not None else None
+        return round(drop, 4) if drop is not None else None
 
     def table(self) -> str:
         f1_name = "F1" if self.labelled else "F1 vs PyTorch"
@@ -148,37 +145,33 @@ def verify(model_path: Path, *, dataset: str | None = None, texts: list[str] | N
         if not sentences:
             raise BuildError("no texts to verify on")
     artifacts = find_artifacts(model_path)
-    references: dict[str, tuple[Checkpoint, evaluate.EvalSet, list[np.ndarray]]] = {}
+    references: dict[str, tuple[list[str], evaluate.Reference]] = {}
     rows = []
     for version_dir, manifest in artifacts:
         source = str(checkpoint or manifest.source_checkpoint)
         if source not in references:
             references[source] = _reference(Path(source), name, sentences, gold, manifest.inputs)
-        ckpt, data, reference = references[source]
-        if ckpt.labels != manifest.labels:
+        labels, ref = references[source]
+        if labels != manifest.labels:
             raise BuildError(f"{manifest.name}: labels differ from its checkpoint {source}")
         if manifest.engine is None:
-            scores = _score_onnx(version_dir / manifest.model_file, data, reference, ckpt.labels, manifest.inputs)
+            scores = evaluate.score_onnx(version_dir / manifest.model_file, ref, labels, manifest.inputs)
             rows.append(_row(manifest, scores))
         else:
             graph = version_dir / manifest.engine.onnx_file
             LOGGER.info("%s: %s is a TensorRT engine: %s", manifest.name, manifest.model_file, NOT_RUN)
-            graph_scores = (_score_onnx(graph, data, reference, ckpt.labels, manifest.inputs)
-                            if graph.is_file() else None)
+            graph_scores = evaluate.score_onnx(graph, ref, labels, manifest.inputs) if graph.is_file() else None
             rows.append(_row(manifest, None, graph_scores))
-    first = next(iter(references.values()))
-    reference_f1 = (evaluate.entity_f1(gold, evaluate.word_tags(first[1], first[2], first[0].labels))
-                    if gold is not None else None)
-    return Report(name, len(sentences), gold is not None, reference_f1, rows)
+    _, first = next(iter(references.values()))
+    return Report(name, len(sentences), gold is not None, first.f1, rows)
 
 
 def _reference(path: Path, name: str, sentences: list[list[str]], gold: list[list[str]] | None,
-               input_names: list[str]) -> tuple[Checkpoint, evaluate.EvalSet, list[np.ndarray]]:
+               input_names: list[str]) -> tuple[list[str], evaluate.Reference]:
     if not path.is_dir():
         raise BuildError(f"source checkpoint {path} (from the manifest) does not exist; pass --checkpoint")
     ckpt = load_checkpoint(path)
-    data = evaluate.encode(ckpt.tokenizer, name, sentences, gold, input_names, ckpt.max_length)
-    return ckpt, data, evaluate.run(evaluate.torch_runner(ckpt.model, input_names), data, input_names)
+    return ckpt.labels, evaluate.reference(ckpt, name, sentences, gold, input_names, ckpt.max_length)
 
 
 def build_report(result: Any, dataset: str) -> Report:
@@ -195,7 +188,3 @@ def _row(manifest: ModelManifest, scores: evaluate.Scores | None, graph_scores: 
     return Row(manifest.name, manifest.version, manifest.target, manifest.precision, runtime, scores, graph_scores,
                fallback)
 
-
-def _score_onnx(path: Path, data: evaluate.EvalSet, reference: list[np.ndarray], labels: list[str],
-                input_names: list[str]) -> evaluate.Scores:
-    return evaluate.score(data, evaluate.run(evaluate.onnx_runner(path), data, input_names), reference, labels)
