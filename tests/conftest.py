@@ -66,6 +66,14 @@ from dataclasses import dataclass  # noqa: E402
 import grpc  # noqa: E402
 
 TINY_MODEL = "tiny"
+# Triton's per-model metrics (TRITON.md; labels model, version) that deploy/ may use in alert rules, the
+# dashboard and the autoscaler; test_deploy checks every one on a real Triton.
+TRITON_METRICS = {
+    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us", "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
+}
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import TRITON_METRICS
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
@@ -31,9 +33,6 @@ TRITON_TENSORRT = "10.13.3.9"  # TensorRT in NVIDIA's 25.09 Triton/TensorRT imag
 # The metric contract: what the gateway (gateway/metrics.py) and Triton export, by name.
 GATEWAY_METRICS = {"ner_requests_total", "ner_request_duration_seconds", "ner_stage_duration_seconds",
                    "ner_inflight_requests", "ner_triton_up", "ner_entities_total"}
-TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
-                  "nv_inference_request_success", "nv_inference_pending_request_count", "nv_inference_count",
-                  "nv_inference_exec_count"}
 def _load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None

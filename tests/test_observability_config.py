@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from conftest import TRITON_METRICS
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "rules" / "ner-alerts.yml"
@@ -24,13 +26,6 @@ PROMETHEUS_README = DEPLOY / "prometheus" / "README.md"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 DASHBOARD = DEPLOY / "grafana" / "ner-dashboard.json"
 
-# Triton's metrics (TRITON.md; labels model, version).
-TRITON_METRICS = {
-    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
-    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
-    "nv_inference_compute_infer_duration_us", "nv_inference_compute_input_duration_us",
-    "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count",
-}
 # Grafana's variables and what stands in for them when a dashboard query is checked as PromQL.
 GRAFANA_BUILTINS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 INSTALL_HINT = "apt-get install prometheus prometheus-alertmanager (.ci/run does this)"
