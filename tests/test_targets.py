@@ -218,9 +218,8 @@ def pseudo_wnut16(tiny_checkpoint: Path) -> NerDataset:
     sentences = [list(rng.choice(words, size=int(rng.integers(3, 12)))) for _ in range(160)]
     checkpoint = load_checkpoint(tiny_checkpoint)
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    data = evaluate.encode(checkpoint.tokenizer, "pseudo", sentences, None, names, TINY_MAX_LENGTH)
-    logits = evaluate.run(evaluate.torch_runner(checkpoint.model, names), data, names)
-    return NerDataset("wnut16", sentences, evaluate.word_tags(data, logits, checkpoint.labels), TINY_LABELS)
+    ref = evaluate.reference(checkpoint, "pseudo", sentences, None, names, TINY_MAX_LENGTH)
+    return NerDataset("wnut16", sentences, evaluate.word_tags(ref.data, ref.logits, checkpoint.labels), TINY_LABELS)
 
 
 @pytest.fixture
