@@ -91,7 +91,6 @@ def test_next_version_after_explicit_version(tiny_checkpoint: Path, tmp_path: Pa
 
 
 
-@pytest.mark.triton
 async def test_keep_versions_lets_triton_serve_old_and_new_side_by_side(tiny_checkpoint: Path,
                                                                         tmp_path: Path) -> None:
     """A rollout needs the old version serving while the new one loads: --keep-versions 2 writes a

@@ -406,7 +406,6 @@ def test_gateway_exports_the_contract_metrics() -> None:
     assert GATEWAY_METRICS <= exported, GATEWAY_METRICS - exported
 
 
-@pytest.mark.triton
 def test_the_autoscaler_metrics_exist_on_a_real_triton(start_gateway, tiny_repository: Path) -> None:
     """The series the adapter rules read, scraped from a real Triton after a real request through the gateway."""
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
