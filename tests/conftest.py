@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,15 +62,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) 
 
 
 # --- real servers -----------------------------------------------------------------------------
-
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import grpc  # noqa: E402
 
 TINY_MODEL = "tiny"
 # Triton's per-model metrics (TRITON.md; labels model, version) that deploy/ may use in alert rules, the
