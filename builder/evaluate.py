@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,16 +93,22 @@ def run(runner: Runner, data: EvalSet, input_names: list[str]) -> list[np.ndarra
     return [np.asarray(runner({n: b.feeds[n] for n in input_names}), dtype=np.float32) for b in data.batches]
 
 
+def first_subtokens(word_ids: Sequence[int | None]) -> Iterator[tuple[int, int]]:
+    """(position, word id) of each word's first sub-token: where a word's tag is trained and read."""
+    seen: set[int] = set()
+    for position, word_id in enumerate(word_ids):
+        if word_id is not None and word_id not in seen:
+            seen.add(word_id)
+            yield position, word_id
+
+
 def word_tags(data: EvalSet, logits: list[np.ndarray], labels: list[str]) -> list[list[str]]:
     tags: list[list[str]] = [["O"] * len(words) for words in data.sentences]
     for batch, batch_logits in zip(data.batches, logits, strict=True):
         best = batch_logits.argmax(-1)
         for row, (index, word_ids) in enumerate(zip(batch.indices, batch.word_ids, strict=True)):
-            seen: set[int] = set()
-            for position, word_id in enumerate(word_ids):
-                if word_id is not None and word_id not in seen:
-                    seen.add(word_id)
-                    tags[index][word_id] = labels[int(best[row, position])]
+            for position, word_id in first_subtokens(word_ids):
+                tags[index][word_id] = labels[int(best[row, position])]
     return tags
 
 

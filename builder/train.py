@@ -22,6 +22,7 @@ from typing import Any
 
 from ner_builder.checkpoint import model_max_length
 from ner_builder.datasets import NerDataset, head, held_out_split
+from ner_builder.evaluate import first_subtokens
 from ner_builder.spans import Scheme, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
 
 LOGGER = logging.getLogger(__name__)
@@ -69,12 +70,10 @@ def _encode(
 ) -> _Encoded:
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     word_ids = enc.word_ids()
-    labels: list[int] = []
-    previous: int | None = None
-    for word_id in word_ids:
-        first = word_id is not None and word_id != previous
-        labels.append(label2id[tags[word_id]] if first and tags is not None else IGNORE_INDEX)
-        previous = word_id
+    labels = [IGNORE_INDEX] * len(word_ids)
+    if tags is not None:
+        for position, word_id in first_subtokens(word_ids):
+            labels[position] = label2id[tags[word_id]]
     token_type_ids = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
     return _Encoded(list(enc["input_ids"]), list(token_type_ids), labels, word_ids)
 
@@ -159,12 +158,10 @@ def _optimizer(model: Any, body_lr: float, head_lr: float, total_steps: int) -> 
 def _word_tags(item: _Encoded, row: list[int], n_words: int, id2label: dict[int, str]) -> tuple[list[str], int]:
     """Word-level tags from each word's first sub-token, and how many words had no sub-token."""
     tags = ["O"] * n_words
-    seen: set[int] = set()
-    for position, word_id in enumerate(item.word_ids):
-        if word_id is not None and word_id not in seen:
-            seen.add(word_id)
-            tags[word_id] = id2label[row[position]]
-    return tags, n_words - len(seen)
+    firsts = list(first_subtokens(item.word_ids))
+    for position, word_id in firsts:
+        tags[word_id] = id2label[row[position]]
+    return tags, n_words - len(firsts)
 
 
 def _char_tags(
