@@ -164,12 +164,14 @@ class _Graphs:
 
     def get(self, wanted: Precision, for_engine: bool) -> Graph:
         mode = "static" if for_engine else self.options.int8_mode
-        key = f"int8-{mode}" if wanted is Precision.INT8 else wanted.value
+        # TensorRT needs symmetric (s8) activations; CPUs run u8 activations x s8 weights fastest.
+        activation = "s8" if for_engine else "u8"
+        key = f"int8-{mode}-{activation}" if wanted is Precision.INT8 else wanted.value
         if key not in self._cache:
-            self._cache[key] = self._make(wanted, key, mode)
+            self._cache[key] = self._make(wanted, key, mode, activation)
         return self._cache[key]
 
-    def _make(self, wanted: Precision, key: str, mode: str) -> Graph:
+    def _make(self, wanted: Precision, key: str, mode: str, activation: str = "s8") -> Graph:
         path = self.work / f"{key}.onnx"
         info = None
         if wanted is Precision.FP32:
@@ -183,7 +185,7 @@ class _Graphs:
         else:
             feeds = calibration.feeds(self.checkpoint.tokenizer, self.calibration_texts.texts, self.input_names,
                                       self.checkpoint.max_length) if mode == "static" else []
-            info = precision.quantize_int8(source, path, feeds, mode=mode,
+            info = precision.quantize_int8(source, path, feeds, mode=mode, activation=activation,
                                            source_description=self.calibration_texts.source)
         parity = export.measure_parity(self.checkpoint, path, self.input_names, list(self.options.sample_texts))
         return Graph(wanted, path, parity, self.gate.score(path), info)

@@ -3,12 +3,16 @@
 - fp16: ONNX Runtime's float16 converter; LayerNormalization, Softmax and the ops of an unfused
   LayerNorm stay fp32 (their sums overflow or lose too much in fp16); inputs (INT64) and the logits
   output (FP32) keep their types, so Triton's config and the gateway do not change.
-- int8 static: ONNX Runtime quantization to an explicit Q/DQ graph, symmetric (zero point 0, what
-  TensorRT requires), weights per output channel, activation ranges calibrated (MinMax) on texts.
+- int8 static: ONNX Runtime quantization to an explicit Q/DQ graph, weights symmetric per output
+  channel, activation ranges calibrated (MinMax) on texts; activations symmetric int8 for TensorRT
+  engines (zero point 0, what TensorRT requires), asymmetric uint8 for the CPU (ONNX Runtime's fast
+  u8 x s8 kernels; ``bench/int8_choice.py`` measured the choices). Fixed scales: batch-invariant.
   The FFN down-projections are left in float: their inputs are GELU outputs whose outliers a
   per-tensor int8 scale cannot hold (on the WNUT-16 MiniLM quantizing them costs ~11 F1 points).
 - int8 dynamic: weights int8 per channel, activations quantized at run time (ONNX Runtime only:
-  TensorRT has no dynamic quantization, so engines always use the static Q/DQ graph).
+  TensorRT has no dynamic quantization, so engines always use the static Q/DQ graph). Its activation
+  scale is computed over the whole batch, padding included, so a text's result depends on its batch
+  neighbours: kept as an option, not the default.
 """
 
 from __future__ import annotations
@@ -72,33 +76,86 @@ def _reader(feeds: list[dict[str, np.ndarray]]) -> object:
     return Feeds()
 
 
+def fuse_transformer(source: Path, target: Path, heads_and_hidden: tuple[int, int]) -> None:
+    """ONNX Runtime's BERT graph fusion (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    heads, hidden = heads_and_hidden
+    optimized = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1)
+    optimized.save_model_to_file(str(target))
+
+
+def quantize_static_graph(
+    source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, activation: str = "s8",
+    quant_format: str = "qdq", fuse: tuple[int, int] | None = None, method: str = "minmax",
+) -> int:
+    """A calibrated int8 graph; returns how many GELU-fed MatMuls stayed float.
+
+    ``activation`` s8: symmetric int8 activations (zero point 0, what TensorRT requires); u8: asymmetric
+    uint8 activations, which x86 CPUs run with their fast u8 x s8 dot-product kernels. Scales are fixed at
+    build time, so a row's result never depends on the rows beside it (unlike dynamic quantization).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise BuildError("static int8 needs calibration texts")
+    with tempfile.TemporaryDirectory(prefix="ner-quant-") as scratch:
+        graph = source
+        if fuse is not None:  # (attention heads, hidden size)
+            graph = Path(scratch) / "fused.onnx"
+            fuse_transformer(source, graph, fuse)
+        prepared = Path(scratch) / "prepared.onnx"
+        # Constant folding + ONNX shape inference (symbolic inference does not cover HF BERT graphs).
+        quant_pre_process(str(graph), str(prepared), skip_symbolic_shape=True)
+        excluded = gelu_fed_matmuls(onnx.load(str(prepared)))
+        symmetric = activation == "s8"
+        quantize_static(
+            str(prepared), str(target), _reader(calibration),  # type: ignore[arg-type]
+            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator, per_channel=True,
+            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                              "entropy": CalibrationMethod.Entropy}[method],
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+        )
+    return len(excluded)
+
+
+# The variants bench/int8_choice.py compares (kwargs of quantize_variant).
+INT8_VARIANTS: dict[str, dict[str, object]] = {
+    "dynamic-s8": {"dynamic": True},
+    "static-qdq-s8s8": {"activation": "s8"},
+    "static-qdq-u8s8": {"activation": "u8"},
+    "fused-static-qdq-u8s8": {"activation": "u8", "fuse": True},
+}
+
+
+def quantize_variant(source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, dynamic: bool = False,
+                     **kwargs: object) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if dynamic:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+    else:
+        quantize_static_graph(source, target, calibration, **kwargs)  # type: ignore[arg-type]
+
+
 def quantize_int8(
     source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, mode: str = "static",
-    source_description: str = "",
+    activation: str = "s8", source_description: str = "",
 ) -> CalibrationInfo:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if mode not in INT8_MODES:
         raise BuildError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
     if mode == "dynamic":
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
         return CalibrationInfo(mode="dynamic", per_channel=True, source="none: activations quantized at run time")
-    if not calibration:
-        raise BuildError("static int8 needs calibration texts")
-    with tempfile.TemporaryDirectory(prefix="ner-quant-") as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        # Constant folding + ONNX shape inference (symbolic inference does not cover HF BERT graphs).
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        excluded = gelu_fed_matmuls(onnx.load(str(prepared)))
-        quantize_static(
-            str(prepared), str(target), _reader(calibration),  # type: ignore[arg-type]
-            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
-            calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
-    LOGGER.info("int8 Q/DQ graph calibrated on %d texts; %d GELU-fed MatMuls kept in float",
-                len(calibration), len(excluded))
-    return CalibrationInfo(mode="static", method="minmax", per_channel=True, texts=len(calibration),
-                           source=source_description, excluded_nodes=len(excluded))
+    excluded = quantize_static_graph(source, target, calibration, activation=activation)
+    LOGGER.info("int8 Q/DQ graph (%s activations) calibrated on %d texts; %d GELU-fed MatMuls kept in float",
+                activation, len(calibration), excluded)
+    return CalibrationInfo(mode="static", method=f"minmax, {activation} activations", per_channel=True,
+                           texts=len(calibration),
+                           source=source_description, excluded_nodes=excluded)

@@ -18,22 +18,28 @@ class ServingOptions:
     max_queue_delay_us: int = 500
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 16])
     intra_op_threads: int = 0  # 0 = ONNX Runtime decides
+    # Python backend: a dynamic batch is split into length groups whose padded size stays within this
+    # ratio of their real tokens.
+    max_padding_ratio: float = 1.25
     # Versions Triton serves side by side (its default, with no version_policy, is the latest one only);
     # 2 lets a rollout load the new version while the old one keeps serving.
     keep_versions: int = 1
 
 
 def _common(name: str, input_names: list[str], output_name: str, num_labels: int, options: ServingOptions,
-            kind: str) -> dict[str, Any]:
+            kind: str, ragged: bool) -> dict[str, Any]:
     preferred = [size for size in options.preferred_batch_sizes if size <= options.max_batch_size]
     keep = options.keep_versions
+    # Ragged: Triton batches requests of different lengths (the model pads them itself); without it the
+    # dynamic batcher groups only requests of identical shape, which sentences of varied length never are.
+    ragged = {"allow_ragged_batch": True} if ragged else {}
     policy = {"version_policy": {"latest": {"num_versions": keep}}} if keep > 1 else {}
     return {
         "name": name,
         **policy,
         "max_batch_size": options.max_batch_size,
         # dims exclude the batch dimension (max_batch_size > 0): [sequence] and [sequence, labels].
-        "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1]} for n in input_names],
+        "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1], **ragged} for n in input_names],
         "output": [{"name": output_name, "data_type": "TYPE_FP32", "dims": [-1, num_labels]}],
         "dynamic_batching": {
             "preferred_batch_size": preferred,
@@ -48,9 +54,10 @@ def python_onnx_config(
 ) -> model_config_pb2.ModelConfig:
     """Config for the Python-backend model that runs the ONNX graph (any precision) on CPU."""
     as_dict = {
-        **_common(name, input_names, output_name, num_labels, options, "KIND_CPU"),
+        **_common(name, input_names, output_name, num_labels, options, "KIND_CPU", ragged=True),
         "backend": "python",
         "parameters": {
+            "max_padding_ratio": {"string_value": str(options.max_padding_ratio)},
             "intra_op_num_threads": {"string_value": str(options.intra_op_threads)},
             "onnx_file": {"string_value": "model.onnx"},
         },
@@ -68,7 +75,9 @@ def tensorrt_plan_config(
     instance gets all optimization profiles; the backend picks the closest one per batch.
     """
     as_dict = {
-        **_common(name, input_names, output_name, num_labels, options, "KIND_GPU"),
+        # TensorRT takes no ragged input: the gateway pads every window to the engine's sequence bucket,
+        # so requests of one bucket share a shape and Triton batches them.
+        **_common(name, input_names, output_name, num_labels, options, "KIND_GPU", ragged=False),
         "platform": TENSORRT_PLATFORM,
         "default_model_filename": "model.plan",
     }

@@ -14,6 +14,23 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
+def length_groups(lengths, max_padding_ratio):
+    """Row indices sorted by length and cut into groups whose padded size (rows x longest) stays within
+    ``max_padding_ratio`` of their real tokens, so one ONNX Runtime call never pads short rows to a long one."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups, current, real = [], [], 0
+    for i in order:
+        length = lengths[i]
+        if current and (len(current) + 1) * length > max_padding_ratio * (real + length):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += length
+    if current:
+        groups.append(current)
+    return groups
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -21,6 +38,10 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0"))
         options.inter_op_num_threads = 1
+        # ONNX Runtime's threads spin between calls by default, burning the cores that tokenization and
+        # gRPC need; a served model waits for Triton's next batch, so let them sleep.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         self.session = ort.InferenceSession(
             os.path.join(version_dir, params.get("onnx_file", "model.onnx")), options,
@@ -28,30 +49,36 @@ class TritonPythonModel:
         )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = config["output"][0]["name"]
+        self.num_labels = int(config["output"][0]["dims"][-1])
+        self.max_padding_ratio = float(params.get("max_padding_ratio", "1.25"))
 
     def execute(self, requests):
-        # Triton hands over every request of a dynamic batch at once. Each may have its own
-        # sequence length, so pad them to the longest (attention_mask 0 masks the padding)
-        # and run one ONNX Runtime call for all of them.
-        per_request = [
-            {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names}
-            for r in requests
-        ]
-        longest = max(inputs[self.input_names[0]].shape[1] for inputs in per_request)
-        feeds = {
-            name: np.concatenate(
-                [np.pad(inputs[name], ((0, 0), (0, longest - inputs[name].shape[1]))) for inputs in per_request]
-            )
-            for name in self.input_names
-        }
-        (logits,) = self.session.run([self.output_name], feeds)
-        responses, start = [], 0
-        for inputs in per_request:
-            rows, length = inputs[self.input_names[0]].shape
-            out = np.ascontiguousarray(logits[start : start + rows, :length], dtype=np.float32)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)]))
-            start += rows
-        return responses
+        # Triton hands over every request of a dynamic batch at once, each with its own sequence length
+        # (ragged batching). Rows are sorted by real length (attention_mask) and run in groups padded only
+        # to their own longest row; padding has attention_mask 0, so a row's logits do not depend on its group.
+        rows = []  # (request index, row in request) for every row of the batch
+        tensors = []
+        for index, request in enumerate(requests):
+            inputs = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+            tensors.append(inputs)
+            rows.extend((index, row) for row in range(inputs[self.input_names[0]].shape[0]))
+        lengths = []
+        for index, row in rows:
+            mask = tensors[index].get("attention_mask")
+            lengths.append(int(mask[row].sum()) if mask is not None else tensors[index][self.input_names[0]].shape[1])
+        outputs = [np.zeros((*t[self.input_names[0]].shape, self.num_labels), dtype=np.float32) for t in tensors]
+        for group in length_groups(lengths, self.max_padding_ratio):
+            width = max(lengths[i] for i in group)
+            feeds = {
+                name: np.stack([tensors[rows[i][0]][name][rows[i][1], :width] for i in group])
+                for name in self.input_names
+            }
+            (logits,) = self.session.run([self.output_name], feeds)
+            for position, i in enumerate(group):
+                index, row = rows[i]
+                outputs[index][row, :width] = logits[position]
+        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
+                for out in outputs]
 
     def finalize(self):
         self.session = None

@@ -1,0 +1,121 @@
+"""Which int8 graph to serve on CPU: accuracy, speed and batch invariance of each quantization, one run.
+
+    .venv/bin/python bench/int8_choice.py artifacts/wnut16-minilm --json-out bench/results/int8_choice.json
+
+For each variant (built from the same fp32 export): entity F1 on the WNUT-16 held-out split (the build's
+accuracy gate), sentences/s of ONNX Runtime in-process on length-sorted batches of 16 (2 threads, no
+spinning; interleaved rounds, medians), and how many held-out texts change their argmax when run alone
+versus padded beside a longer neighbour (batch invariance: must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ner_builder import calibration, evaluate, export, precision
+from ner_builder.checkpoint import load_checkpoint
+from ner_builder.datasets import held_out_split, load_dataset
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def sorted_batches(data: evaluate.EvalSet) -> list[dict[str, np.ndarray]]:
+    return [b.feeds for b in data.batches]
+
+
+def throughput(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], names: list[str]) -> float:
+    rows = sum(b[names[0]].shape[0] for b in batches)
+    start = time.perf_counter()
+    for feeds in batches:
+        sess.run(None, {n: feeds[n] for n in names})
+    return rows / (time.perf_counter() - start)
+
+
+def changed_alone_vs_batched(sess: ort.InferenceSession, data: evaluate.EvalSet, names: list[str],
+                             limit: int = 60) -> int:
+    """Texts whose token argmax differs between running alone and in a batch beside the longest text."""
+    rows = [(b, r) for b in data.batches for r in range(b.feeds[names[0]].shape[0])][:limit]
+    longest_batch = data.batches[-1]
+    long_row = {n: longest_batch.feeds[n][-1:] for n in names}
+    width = long_row[names[0]].shape[1]
+    changed = 0
+    for batch, row in rows:
+        length = int(batch.feeds["attention_mask"][row].sum())
+        alone = {n: batch.feeds[n][row : row + 1, :length] for n in names}
+        padded = {n: np.concatenate([np.pad(alone[n], ((0, 0), (0, width - length))), long_row[n]]) for n in names}
+        a = sess.run(None, alone)[0][0].argmax(-1)
+        b = sess.run(None, padded)[0][0, :length].argmax(-1)
+        changed += int((a != b).any())
+    return changed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    names = export.model_input_names(checkpoint)
+    train_split, held_out = held_out_split(load_dataset("wnut16"), eval_fraction=0.15, seed=13)
+    ref = evaluate.reference(checkpoint, "wnut16", held_out.sentences, held_out.tags, names, checkpoint.max_length)
+    texts = calibration.choose_texts(None, train_split).texts
+    feeds = calibration.feeds(checkpoint.tokenizer, texts, names, checkpoint.max_length)
+
+    work = Path(tempfile.mkdtemp(prefix="int8-choice-"))
+    fp32 = work / "fp32.onnx"
+    export.export_onnx(checkpoint, fp32, names, 17)
+    variants: dict[str, Path] = {"fp32": fp32}
+    config = checkpoint.model.config
+    fused = work / "fused.onnx"
+    precision.fuse_transformer(fp32, fused, (config.num_attention_heads, config.hidden_size))
+    variants["fp32-fused"] = fused
+    for name, kwargs in precision.INT8_VARIANTS.items():
+        if kwargs.get("fuse"):
+            kwargs = {**kwargs, "fuse": (config.num_attention_heads, config.hidden_size)}
+        path = work / f"{name}.onnx"
+        precision.quantize_variant(fp32, path, feeds, **kwargs)
+        variants[name] = path
+
+    results: dict[str, dict[str, float]] = {}
+    sessions = {name: session(path, args.threads) for name, path in variants.items()}
+    for name, path in variants.items():
+        scores = evaluate.score_onnx(path, ref, checkpoint.labels, names)
+        results[name] = {"f1": round(scores.f1 or 0.0, 4), "f1_drop_points": round(scores.f1_drop(ref.f1) or 0.0, 2),
+                         "changed_alone_vs_batched": changed_alone_vs_batched(sessions[name], ref.data, names)}
+    batches = sorted_batches(ref.data)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):  # interleaved: noise hits every variant alike
+        for name, sess in sessions.items():
+            samples[name].append(throughput(sess, batches, names))
+    for name in variants:
+        results[name]["sentences_per_s"] = round(statistics.median(samples[name]), 1)
+        results[name]["speed_vs_fp32"] = round(statistics.median(samples[name]) / statistics.median(samples["fp32"]), 2)
+    print(f"reference (PyTorch) F1 {ref.f1:.4f} on {len(held_out)} held-out sentences")
+    print(f"{'variant':<28}{'F1':>8}{'drop':>7}{'sent/s':>9}{'x fp32':>8}{'changed':>9}")
+    for name, row in results.items():
+        print(f"{name:<28}{row['f1']:>8.4f}{row['f1_drop_points']:>7.2f}{row['sentences_per_s']:>9.1f}"
+              f"{row['speed_vs_fp32']:>8.2f}{row['changed_alone_vs_batched']:>9}")
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({"reference_f1": ref.f1, "variants": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
