@@ -32,6 +32,12 @@ class NerModel:
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def sequence_buckets(self) -> tuple[int, ...]:
+        """Lengths every input is padded up to: a TensorRT engine's profile maxima; () for ragged models."""
+        engine = self.manifest.engine
+        return tuple(sorted({p.max[1] for p in engine.profiles})) if engine is not None else ()
+
 
 def read_manifests(repository: Path) -> list[tuple[Path, ModelManifest]]:
     if not repository.is_dir():

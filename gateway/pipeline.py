@@ -114,19 +114,26 @@ class RecognitionPipeline:
         in batches of at most its max_batch_size, sent concurrently."""
         loop = asyncio.get_running_loop()
         size = model.served.max_batch_size
-        chunks = [windows[i : i + size] for i in range(0, len(windows), size)]
+        # Longest windows together: each Triton call pads to its own longest window, so sorting first keeps
+        # the padding (and, for engines, the bucket) small.
+        order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].start)
+        chunks = [[windows[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
         try:
             results = await asyncio.gather(*(
-                self.backend.infer(model.served, model.tokenizer.arrays(tokens, chunk), model.manifest.output,
-                                   deadline - loop.time(), request_id)
+                self.backend.infer(model.served, model.tokenizer.arrays(tokens, chunk, model.sequence_buckets),
+                                   model.manifest.output, deadline - loop.time(), request_id)
                 for chunk in chunks
             ))
         except TritonUnavailable:
             self.on_triton_unavailable()
             raise
         specials = model.tokenizer.special_tokens
-        return [
+        sorted_logits = [
             result[row, : window.end - window.start + specials]
             for chunk, result in zip(chunks, results, strict=True)
             for row, window in enumerate(chunk)
         ]
+        logits: list[np.ndarray] = [np.empty(0)] * len(windows)
+        for position, index in enumerate(order):
+            logits[index] = sorted_logits[position]
+        return logits

@@ -109,11 +109,19 @@ class TextTokenizer:
                 start += step
         return windows
 
-    def arrays(self, tokens: list[TextTokens], windows: list[Window]) -> dict[str, np.ndarray]:
-        """Right-padded [windows, longest] int64 model inputs (padding has attention_mask 0)."""
+    def arrays(self, tokens: list[TextTokens], windows: list[Window], buckets: tuple[int, ...] = ()
+               ) -> dict[str, np.ndarray]:
+        """Right-padded [windows, width] int64 model inputs (padding has attention_mask 0).
+
+        The one padding rule: ``width`` is the longest window, or with ``buckets`` (a TensorRT engine's
+        profile lengths, which take no ragged input) the smallest bucket that holds it, so that requests
+        of one bucket share a shape and Triton batches them. Without buckets Triton batches ragged
+        requests and the model pads each length group itself.
+        """
         prefix_ids, prefix_types = (list(x) for x in zip(*self._prefix, strict=True)) if self._prefix else ([], [])
         suffix_ids, suffix_types = (list(x) for x in zip(*self._suffix, strict=True)) if self._suffix else ([], [])
         longest = max(w.end - w.start for w in windows) + self.special_tokens
+        longest = min((b for b in buckets if b >= longest), default=longest)
         ids = np.zeros((len(windows), longest), dtype=np.int64)
         type_ids = np.zeros_like(ids)
         mask = np.zeros_like(ids)

@@ -69,14 +69,17 @@ class TritonPythonModel:
         outputs = [np.zeros((*t[self.input_names[0]].shape, self.num_labels), dtype=np.float32) for t in tensors]
         for group in length_groups(lengths, self.max_padding_ratio):
             width = max(lengths[i] for i in group)
-            feeds = {
-                name: np.stack([tensors[rows[i][0]][name][rows[i][1], :width] for i in group])
-                for name in self.input_names
-            }
+            feeds = {name: np.zeros((len(group), width), dtype=np.int64) for name in self.input_names}
+            for position, i in enumerate(group):
+                index, row = rows[i]
+                for name, feed in feeds.items():
+                    values = tensors[index][name][row, :width]
+                    feed[position, : len(values)] = values
             (logits,) = self.session.run([self.output_name], feeds)
             for position, i in enumerate(group):
                 index, row = rows[i]
-                outputs[index][row, :width] = logits[position]
+                columns = min(width, outputs[index].shape[1])  # the request's own width (its padding stays 0)
+                outputs[index][row, :columns] = logits[position, :columns]
         return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
                 for out in outputs]
 
