@@ -156,6 +156,6 @@ def quantize_int8(
     excluded = quantize_static_graph(source, target, calibration, activation=activation)
     LOGGER.info("int8 Q/DQ graph (%s activations) calibrated on %d texts; %d GELU-fed MatMuls kept in float",
                 activation, len(calibration), excluded)
-    return CalibrationInfo(mode="static", method=f"minmax, {activation} activations", per_channel=True,
-                           texts=len(calibration),
+    return CalibrationInfo(mode="static", method="minmax", per_channel=True, texts=len(calibration),
+                           activations=activation,
                            source=source_description, excluded_nodes=excluded)

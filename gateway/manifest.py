@@ -72,6 +72,8 @@ class CalibrationInfo(BaseModel):
     texts: int = 0
     source: str = Field("", description="Where the calibration texts came from.")
     excluded_nodes: int = 0
+    activations: str = Field("", description="Static: 's8' (symmetric, for TensorRT) or 'u8' (asymmetric, fast "
+                                             "on x86 CPUs) activations; weights are always s8 per channel.")
 
 
 class PruningInfo(BaseModel):

@@ -37,3 +37,26 @@ def test_decode_speed_agrees_with_hf_and_reports_every_strategy(tiny_checkpoint:
     assert result["tokens"] <= 48
     assert set(result["per_aggregation"]) == {"SIMPLE", "FIRST", "AVERAGE", "MAX"}
     assert all(row["hf_ms"] > 0 and row["ours_ms"] > 0 for row in result["per_aggregation"].values())
+
+
+def test_throughput_reports_every_path_and_draws_the_sweep(tiny_repository: Path, tiny_checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--repository", str(tiny_repository), "--models",
+                    TINY_MODEL, "--checkpoint", str(tiny_checkpoint), "--clients", "1,4", "--duration", "1",
+                    "--rounds", "1", "--texts", "48", "--json-out", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["sweep"]) == {f"gateway:{TINY_MODEL}", f"triton:{TINY_MODEL}"}
+    for by_clients in result["sweep"].values():
+        assert set(by_clients) == {"1", "4"}
+        for cell in by_clients.values():
+            assert cell["sentences_per_s"] > 0 and 0 < cell["p50_ms"] <= cell["p99_ms"]
+            assert cell["triton_avg_batch"] >= 1
+    assert result["sweep"][f"gateway:{TINY_MODEL}"]["4"]["tokenize_ms"] >= 0
+    assert set(result["baselines_sentences_per_s"]) == {f"ort-as-they-come:{TINY_MODEL}", f"ort-sorted:{TINY_MODEL}",
+                                                        "hf-pipeline"}
+    padding = result["padding_ratio_batches_of_16"]
+    assert padding[f"ort-sorted:{TINY_MODEL}"] <= padding[f"ort-as-they-come:{TINY_MODEL}"]
+    assert f"gateway:{TINY_MODEL} / hf-pipeline" in result["ratios"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -164,25 +164,31 @@ def test_fp16_graph_keeps_types_at_the_boundary_and_sensitive_ops_in_fp32(target
     assert matmul_weights and any(types[w] == onnx.TensorProto.FLOAT16 for w in matmul_weights)
 
 
-def test_int8_graph_is_symmetric_per_channel_qdq_with_the_ffn_kept_float(target_repository: Path) -> None:
-    path = target_repository / "tiny-onnx-int8" / "1" / "model.onnx"
-    model = onnx.load(str(path))
-    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    quantize = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+@pytest.mark.parametrize(("model", "activations"), [("tiny-trt-int8", "s8"), ("tiny-onnx-int8", "u8")])
+def test_int8_graph_is_per_channel_qdq_with_the_ffn_kept_float(target_repository: Path, model: str,
+                                                               activations: str) -> None:
+    """Engines get symmetric int8 activations (TensorRT's rule), the CPU graph u8 activations; weights s8."""
+    path = target_repository / model / "1" / "model.onnx"
+    graph = onnx.load(str(path))
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    quantize = [n for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert quantize
     zero_points = [initializers[n.input[2]] for n in quantize if len(n.input) > 2 and n.input[2] in initializers]
-    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric
-    per_channel = [n for n in quantize if n.op_type == "DequantizeLinear" and initializers.get(n.input[1]) is not None
-                   and initializers[n.input[1]].ndim == 1 and initializers[n.input[1]].size > 1]
-    assert per_channel
-    producers = {o: n for n in model.graph.node for o in n.output}
-    ffn = [n for n in model.graph.node
+    weights = [z for z in zero_points if z.ndim == 1 and z.size > 1]  # per-channel: the weights
+    assert weights and all(z.dtype == np.int8 and not z.any() for z in weights)  # symmetric weights
+    activation_zero_points = [z for z in zero_points if z.size == 1]
+    expected = np.int8 if activations == "s8" else np.uint8
+    assert activation_zero_points and all(z.dtype == expected for z in activation_zero_points)
+    if activations == "s8":
+        assert not any(z.any() for z in activation_zero_points)
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    ffn = [n for n in graph.graph.node
            if n.op_type == "MatMul" and "output/dense" in n.name and "attention" not in n.name]
     assert len(ffn) == 2 and all(producers[n.input[0]].op_type != "DequantizeLinear" for n in ffn)
     manifest = ModelManifest.read(path.parent)
     assert manifest.calibration is not None
-    assert (manifest.calibration.mode, manifest.calibration.method, manifest.calibration.excluded_nodes) == (
-        "static", "minmax", 2)
+    assert (manifest.calibration.mode, manifest.calibration.method, manifest.calibration.excluded_nodes,
+            manifest.calibration.activations) == ("static", "minmax", 2, activations)
     assert "built-in texts" in manifest.calibration.source and manifest.calibration.texts > 20
     assert manifest.parity.argmax_agreement >= 0.95
 

@@ -1,0 +1,318 @@
+"""Served throughput under concurrency, with every baseline measured in the same run.
+
+    .venv/bin/python bench/throughput.py --repository model_repository --models wnut16,wnut16-onnx-int8 \
+        --checkpoint artifacts/wnut16-minilm --json-out bench/results/throughput.json
+
+Paths, interleaved round by round (this machine is noisy; medians over rounds are reported):
+  gateway   ner.v1 Recognize over gRPC, one WNUT text per call, N concurrent clients in client processes
+  triton    the same concurrency straight to the embedded Triton's model (tritonclient, tokenized inputs)
+  hf        transformers.pipeline("token-classification", batch_size=16) in-process on the checkpoint
+  ort       ONNX Runtime in-process on the served graph, batches of 16 as they come / sorted by length
+For each served cell: sentences/s, p50/p90/p99, Triton's average batch (inference_count / execution_count
+over the cell) and the gateway's stage times; a PNG of sentences/s and p99 against clients goes beside the
+JSON. Triton's own perf_analyzer is not installable here; see the README for running it elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCH = 16
+
+
+def wnut_texts(limit: int) -> list[str]:
+    from ner_builder.datasets import load_dataset
+
+    return [" ".join(words) for words in load_dataset("wnut16").sentences[:limit]]
+
+
+# --- client processes ---------------------------------------------------------------------------------
+
+async def _gateway_calls(address: str, model: str, texts: list[str], concurrency: int, duration_s: float,
+                         offset: int) -> dict[str, list[float]]:
+    import grpc
+
+    from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+
+    out: dict[str, list[float]] = {"latency": [], "tokenize": [], "infer": [], "decode": []}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ner_pb2_grpc.NerServiceStub(channel)
+        end = time.perf_counter() + duration_s
+
+        async def client(k: int) -> None:
+            i = offset + k
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                reply = await stub.Recognize(ner_pb2.RecognizeRequest(texts=[texts[i % len(texts)]], model=model),
+                                             timeout=60)
+                out["latency"].append(time.perf_counter() - start)
+                out["tokenize"].append(reply.timings.tokenize_us / 1e6)
+                out["infer"].append(reply.timings.infer_us / 1e6)
+                out["decode"].append(reply.timings.decode_us / 1e6)
+                i += concurrency
+
+        await asyncio.gather(*(client(k) for k in range(concurrency)))
+    return out
+
+
+async def _triton_calls(url: str, model: str, feeds: list[dict[str, np.ndarray]], concurrency: int,
+                        duration_s: float, offset: int) -> dict[str, list[float]]:
+    import tritonclient.grpc.aio as triton_aio
+
+    out: dict[str, list[float]] = {"latency": []}
+    client = triton_aio.InferenceServerClient(url)
+    end = time.perf_counter() + duration_s
+
+    async def one(k: int) -> None:
+        i = offset + k
+        while time.perf_counter() < end:
+            inputs = []
+            for name, array in feeds[i % len(feeds)].items():
+                tensor = triton_aio.InferInput(name, list(array.shape), "INT64")
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            start = time.perf_counter()
+            await client.infer(model, inputs, outputs=[triton_aio.InferRequestedOutput("logits")])
+            out["latency"].append(time.perf_counter() - start)
+            i += concurrency
+
+    try:
+        await asyncio.gather(*(one(k) for k in range(concurrency)))
+    finally:
+        await client.close()
+    return out
+
+
+def client_process(kind: str, target: str, model: str, payload: list[Any], concurrency: int, duration_s: float,
+                   offset: int) -> dict[str, list[float]]:
+    calls = _gateway_calls if kind == "gateway" else _triton_calls
+    return asyncio.run(calls(target, model, payload, concurrency, duration_s, offset))
+
+
+def load(pool: ProcessPoolExecutor, processes: int, kind: str, target: str, model: str, payload: list[Any],
+         clients: int, duration_s: float) -> dict[str, list[float]]:
+    """``clients`` concurrent callers spread over ``processes`` client processes for ``duration_s``."""
+    shares = [clients // processes + (1 if p < clients % processes else 0) for p in range(processes)]
+    futures = [pool.submit(client_process, kind, target, model, payload, n, duration_s, sum(shares[:p]))
+               for p, n in enumerate(shares) if n]
+    merged: dict[str, list[float]] = {}
+    for future in futures:
+        for key, values in future.result().items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
+# --- in-process baselines -----------------------------------------------------------------------------
+
+def ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def padded_batches(feeds: list[dict[str, np.ndarray]], sort: bool) -> tuple[list[dict[str, np.ndarray]], float]:
+    """Batches of 16 single-text feeds padded to their longest, and the padding ratio (padded / real tokens)."""
+    order = sorted(range(len(feeds)), key=lambda i: feeds[i]["input_ids"].shape[1]) if sort else range(len(feeds))
+    rows = [feeds[i] for i in order]
+    batches, padded, real = [], 0, 0
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start : start + BATCH]
+        width = max(f["input_ids"].shape[1] for f in chunk)
+        batches.append({name: np.concatenate([np.pad(f[name], ((0, 0), (0, width - f[name].shape[1])))
+                                              for f in chunk]) for name in chunk[0]})
+        padded += width * len(chunk)
+        real += sum(f["input_ids"].shape[1] for f in chunk)
+    return batches, padded / real
+
+
+def time_ort(session: Any, batches: list[dict[str, np.ndarray]]) -> float:
+    start = time.perf_counter()
+    for feeds in batches:
+        session.run(None, feeds)
+    return sum(b["input_ids"].shape[0] for b in batches) / (time.perf_counter() - start)
+
+
+def time_hf(pipe: Any, texts: list[str]) -> float:
+    start = time.perf_counter()
+    pipe(texts, batch_size=BATCH)
+    return len(texts) / (time.perf_counter() - start)
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ms = np.asarray(latencies) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 90, 99)}
+
+
+def triton_counts(url: str, model: str) -> tuple[int, int]:
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def median_cells(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    return {key: round(statistics.median(c[key] for c in cells), 2) for key in cells[0]}
+
+
+def draw(sweep: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, by_clients in sweep.items():
+        clients = sorted(by_clients)
+        left.plot(clients, [by_clients[c]["sentences_per_s"] for c in clients], marker="o", label=name)
+        right.plot(clients, [by_clients[c]["p99_ms"] for c in clients], marker="o", label=name)
+    for axis, label in ((left, "sentences/s"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--models", default="wnut16", help="comma-separated served models")
+    parser.add_argument("--checkpoint", type=Path, help="PyTorch checkpoint for the HF pipeline baseline")
+    parser.add_argument("--clients", default="1,4,16,64", help="concurrency sweep")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per served cell")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--texts", type=int, default=512, help="WNUT texts used")
+    parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--json-out", type=Path, default=Path("bench/results/throughput.json"))
+    args = parser.parse_args()
+
+    from ner_gateway.manifest import ModelManifest, latest_version_dir
+    from ner_gateway.models import load_tokenizer
+    from ner_gateway.tokenization import Window
+    from ner_gateway.triton_process import EmbeddedTriton, free_port
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    sweep_clients = [int(c) for c in args.clients.split(",")]
+    texts = wnut_texts(args.texts)
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {}
+    sessions: dict[str, Any] = {}
+    for model in models:
+        version_dir = latest_version_dir(args.repository / model)
+        manifest = ModelManifest.read(version_dir)
+        tokenizer = load_tokenizer(version_dir, manifest)
+        tokens = tokenizer.tokenize(texts)
+        feeds[model] = [tokenizer.arrays([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
+                        for t in tokens]
+        sessions[model] = ort_session(version_dir / manifest.model_file)
+    hf = None
+    if args.checkpoint is not None:
+        from transformers import pipeline
+
+        hf = pipeline("token-classification", model=str(args.checkpoint), aggregation_strategy="simple",
+                      device="cpu")
+
+    loop = asyncio.new_event_loop()  # one loop owns the Triton process from start to stop
+    triton = EmbeddedTriton(args.repository)
+    loop.run_until_complete(triton.start())
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    gateway = subprocess.Popen([str(bin_dir / "ner-gateway"), "serve", "--model-repository", str(args.repository),
+                                "--triton-url", triton.grpc_url, "--port", str(port), "--log-level", "WARNING"])
+    address = f"127.0.0.1:{port}"
+    cells: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    baselines: dict[str, list[float]] = {}
+    padding: dict[str, float] = {}
+    pool = ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn"))
+    try:
+        subprocess.run([str(bin_dir / "ner-gateway"), "health", "--address", address, "--wait", "120"], check=True,
+                       capture_output=True)
+        for model in models:  # warm-up (and the client processes' imports)
+            load(pool, args.client_processes, "gateway", address, model, texts, 4, 1.0)
+        for _ in range(args.rounds):
+            for clients in sweep_clients:
+                for model in models:
+                    for kind, target, payload in (("gateway", address, texts),
+                                                  ("triton", triton.grpc_url, feeds[model])):
+                        before = triton_counts(triton.grpc_url, model)
+                        started = time.perf_counter()
+                        samples = load(pool, args.client_processes, kind, target, model, payload, clients,
+                                       args.duration)
+                        elapsed = time.perf_counter() - started
+                        after = triton_counts(triton.grpc_url, model)
+                        executions = max(after[1] - before[1], 1)
+                        cell = {"sentences_per_s": len(samples["latency"]) / elapsed,
+                                **percentiles(samples["latency"]),
+                                "triton_avg_batch": (after[0] - before[0]) / executions}
+                        if kind == "gateway":
+                            cell.update({f"{stage}_ms": 1000 * statistics.median(samples[stage])
+                                         for stage in ("tokenize", "infer", "decode")})
+                        cells.setdefault(f"{kind}:{model}", {}).setdefault(clients, []).append(cell)
+            for model in models:  # in-process baselines, on the same texts
+                for sort in (False, True):
+                    batches, ratio = padded_batches(feeds[model], sort)
+                    key = f"ort-{'sorted' if sort else 'as-they-come'}:{model}"
+                    padding[key] = round(ratio, 3)
+                    baselines.setdefault(key, []).append(time_ort(sessions[model], batches))
+            if hf is not None:
+                baselines.setdefault("hf-pipeline", []).append(time_hf(hf, texts))
+    finally:
+        pool.shutdown()
+        gateway.terminate()
+        gateway.wait(30)
+        loop.run_until_complete(triton.stop())
+        loop.close()
+
+    sweep = {path: {c: median_cells(rounds) for c, rounds in by_clients.items()} for path, by_clients in cells.items()}
+    base = {key: round(statistics.median(values), 1) for key, values in baselines.items()}
+    reference_clients = 16 if 16 in sweep_clients else max(sweep_clients)
+    ratios: dict[str, float] = {}
+    for model in models:
+        served = sweep[f"gateway:{model}"][reference_clients]["sentences_per_s"]
+        limit = base[f"ort-sorted:{model}"]
+        ratios[f"gateway:{model} / ort-sorted"] = round(served / limit, 2)
+        ratios[f"gateway:{model} / ort-as-they-come"] = round(served / base[f"ort-as-they-come:{model}"], 2)
+        ratios[f"gateway:{model} / triton"] = round(served / sweep[f"triton:{model}"][reference_clients]
+                                                    ["sentences_per_s"], 2)
+        if "hf-pipeline" in base:
+            ratios[f"gateway:{model} / hf-pipeline"] = round(served / base["hf-pipeline"], 2)
+            ratios[f"ort-sorted:{model} / hf-pipeline"] = round(limit / base["hf-pipeline"], 2)
+    result = {"setup": {"models": models, "clients": sweep_clients, "duration_s": args.duration,
+                        "rounds": args.rounds, "texts": len(texts), "client_processes": args.client_processes,
+                        "ratios_at_clients": reference_clients},
+              "sweep": sweep, "baselines_sentences_per_s": base, "padding_ratio_batches_of_16": padding,
+              "ratios": ratios}
+    print(f"{'path':<34}{'clients':>8}{'sent/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'batch':>7}")
+    for path, by_clients in sweep.items():
+        for clients, cell in sorted(by_clients.items()):
+            print(f"{path:<34}{clients:>8}{cell['sentences_per_s']:>9.1f}{cell['p50_ms']:>8.1f}{cell['p90_ms']:>8.1f}"
+                  f"{cell['p99_ms']:>8.1f}{cell['triton_avg_batch']:>7.2f}")
+    print(json.dumps({"baselines": base, "padding": padding, "ratios": ratios}, indent=2))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(result, indent=2))
+    draw(sweep, args.json_out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
