@@ -146,12 +146,10 @@ def quantize_int8(
     source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, mode: str = "static",
     activation: str = "s8", source_description: str = "",
 ) -> CalibrationInfo:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     if mode not in INT8_MODES:
         raise BuildError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
     if mode == "dynamic":
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_variant(source, target, [], dynamic=True)
         return CalibrationInfo(mode="dynamic", per_channel=True, source="none: activations quantized at run time")
     excluded = quantize_static_graph(source, target, calibration, activation=activation)
     LOGGER.info("int8 Q/DQ graph (%s activations) calibrated on %d texts; %d GELU-fed MatMuls kept in float",
