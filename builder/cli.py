@@ -134,9 +134,9 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--preferred-batch-sizes", default="8,16", show_default=True,
               help="Triton dynamic batching preferred sizes (capped by --max-batch-size).")
-@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
               help="Triton model instances (CPU for ONNX targets, per GPU for TensorRT targets).")
-@click.option("--ort-threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--ort-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="ONNX Runtime intra-op threads per instance (0 = automatic).")
 @click.option("--keep-versions", type=click.IntRange(min=1), default=1, show_default=True,
               help="Versions Triton serves side by side (config.pbtxt version_policy latest); 2 for rollouts.")

@@ -154,7 +154,7 @@ def _check_config(config: model_config_pb2.ModelConfig, name: str, max_batch: in
 
 def test_config_pbtxt_api(built: BuildResult) -> None:
     text, config = _parse_config(built.version_dir.parent)
-    _check_config(config, "tiny", max_batch=32, instances=1, preferred=[8, 16], threads="0")
+    _check_config(config, "tiny", max_batch=32, instances=2, preferred=[8, 16], threads="1")
     assert text_format.MessageToString(config) == text
 
 
@@ -168,7 +168,7 @@ def test_preferred_batch_sizes_capped_by_max_batch_size(tiny_checkpoint: Path, t
     code, output = _build_cli(tiny_checkpoint, tmp_path, "--name", "m", "--max-batch-size", "8")
     assert code == 0, output
     text, config = _parse_config(tmp_path / "m")
-    _check_config(config, "m", max_batch=8, instances=1, preferred=[8], threads="0")
+    _check_config(config, "m", max_batch=8, instances=2, preferred=[8], threads="1")
     assert text_format.MessageToString(config) == text
 
 

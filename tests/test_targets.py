@@ -119,7 +119,7 @@ def test_every_target_is_its_own_model_entry(target_repository: Path) -> None:
         assert list(config.output[0].dims) == [-1, len(TINY_LABELS)]
         assert list(config.dynamic_batching.preferred_batch_size) == [8]
         kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if engine else model_config_pb2.ModelInstanceGroup.KIND_CPU
-        assert [(g.kind, g.count) for g in config.instance_group] == [(kind, 1)]
+        assert [(g.kind, g.count) for g in config.instance_group] == [(kind, 2)]
         if engine:
             assert (config.platform, config.backend) == ("tensorrt_plan", "")
             assert config.default_model_filename == "model.plan"
