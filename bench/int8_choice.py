@@ -83,15 +83,20 @@ def main() -> None:
     export.export_onnx(checkpoint, fp32, names, 17)
     variants: dict[str, Path] = {"fp32": fp32}
     config = checkpoint.model.config
+    shape = (config.num_attention_heads, config.hidden_size)
     fused = work / "fused.onnx"
-    precision.fuse_transformer(fp32, fused, (config.num_attention_heads, config.hidden_size))
+    precision.fuse_transformer(fp32, fused, shape)
     variants["fp32-fused"] = fused
-    for name, kwargs in precision.INT8_VARIANTS.items():
-        if kwargs.get("fuse"):
-            kwargs = {**kwargs, "fuse": (config.num_attention_heads, config.hidden_size)}
-        path = work / f"{name}.onnx"
-        precision.quantize_variant(fp32, path, feeds, **kwargs)
-        variants[name] = path
+    builders = {
+        "dynamic-s8": lambda target: precision.quantize_dynamic_graph(fp32, target),
+        "static-qdq-s8s8": lambda target: precision.quantize_static_graph(fp32, target, feeds, activation="s8"),
+        "static-qdq-u8s8": lambda target: precision.quantize_static_graph(fp32, target, feeds, activation="u8"),
+        "fused-static-qdq-u8s8": lambda target: precision.quantize_static_graph(fp32, target, feeds, activation="u8",
+                                                                               fuse=shape),
+    }
+    for name, make in builders.items():
+        variants[name] = work / f"{name}.onnx"
+        make(variants[name])
 
     results: dict[str, dict[str, float]] = {}
     sessions = {name: session(path, args.threads) for name, path in variants.items()}

@@ -171,7 +171,7 @@ class _Graphs:
             self._cache[key] = self._make(wanted, key, mode, activation)
         return self._cache[key]
 
-    def _make(self, wanted: Precision, key: str, mode: str, activation: str = "s8") -> Graph:
+    def _make(self, wanted: Precision, key: str, mode: str, activation: str) -> Graph:
         path = self.work / f"{key}.onnx"
         info = None
         if wanted is Precision.FP32:

@@ -85,15 +85,22 @@ def fuse_transformer(source: Path, target: Path, heads_and_hidden: tuple[int, in
     optimized.save_model_to_file(str(target))
 
 
+def quantize_dynamic_graph(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+
+
 def quantize_static_graph(
-    source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, activation: str = "s8",
-    quant_format: str = "qdq", fuse: tuple[int, int] | None = None, method: str = "minmax",
+    source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, activation: str,
+    fuse: tuple[int, int] | None = None,
 ) -> int:
-    """A calibrated int8 graph; returns how many GELU-fed MatMuls stayed float.
+    """A calibrated (MinMax) Q/DQ int8 graph; returns how many GELU-fed MatMuls stayed float.
 
     ``activation`` s8: symmetric int8 activations (zero point 0, what TensorRT requires); u8: asymmetric
     uint8 activations, which x86 CPUs run with their fast u8 x s8 dot-product kernels. Scales are fixed at
     build time, so a row's result never depends on the rows beside it (unlike dynamic quantization).
+    ``fuse`` (attention heads, hidden size): apply ONNX Runtime's transformer fusion first (measured only).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -102,7 +109,7 @@ def quantize_static_graph(
         raise BuildError("static int8 needs calibration texts")
     with tempfile.TemporaryDirectory(prefix="ner-quant-") as scratch:
         graph = source
-        if fuse is not None:  # (attention heads, hidden size)
+        if fuse is not None:
             graph = Path(scratch) / "fused.onnx"
             fuse_transformer(source, graph, fuse)
         prepared = Path(scratch) / "prepared.onnx"
@@ -112,34 +119,13 @@ def quantize_static_graph(
         symmetric = activation == "s8"
         quantize_static(
             str(prepared), str(target), _reader(calibration),  # type: ignore[arg-type]
-            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator, per_channel=True,
+            quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                              "entropy": CalibrationMethod.Entropy}[method],
-            calibration_providers=["CPUExecutionProvider"],
+            calibrate_method=CalibrationMethod.MinMax, calibration_providers=["CPUExecutionProvider"],
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
         )
     return len(excluded)
-
-
-# The variants bench/int8_choice.py compares (kwargs of quantize_variant).
-INT8_VARIANTS: dict[str, dict[str, object]] = {
-    "dynamic-s8": {"dynamic": True},
-    "static-qdq-s8s8": {"activation": "s8"},
-    "static-qdq-u8s8": {"activation": "u8"},
-    "fused-static-qdq-u8s8": {"activation": "u8", "fuse": True},
-}
-
-
-def quantize_variant(source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, dynamic: bool = False,
-                     **kwargs: object) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if dynamic:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
-    else:
-        quantize_static_graph(source, target, calibration, **kwargs)  # type: ignore[arg-type]
 
 
 def quantize_int8(
@@ -149,11 +135,10 @@ def quantize_int8(
     if mode not in INT8_MODES:
         raise BuildError(f"unknown int8 mode {mode!r}; choose from {', '.join(INT8_MODES)}")
     if mode == "dynamic":
-        quantize_variant(source, target, [], dynamic=True)
+        quantize_dynamic_graph(source, target)
         return CalibrationInfo(mode="dynamic", per_channel=True, source="none: activations quantized at run time")
     excluded = quantize_static_graph(source, target, calibration, activation=activation)
     LOGGER.info("int8 Q/DQ graph (%s activations) calibrated on %d texts; %d GELU-fed MatMuls kept in float",
                 activation, len(calibration), excluded)
     return CalibrationInfo(mode="static", method="minmax", per_channel=True, texts=len(calibration),
-                           activations=activation,
-                           source=source_description, excluded_nodes=excluded)
+                           activations=activation, source=source_description, excluded_nodes=excluded)

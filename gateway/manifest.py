@@ -62,6 +62,11 @@ class EngineInfo(BaseModel):
     onnx_file: str = Field("model.onnx", description="The ONNX graph the engine was built from (kept beside it).")
     onnx_sha256: str = ""
 
+    @property
+    def sequence_buckets(self) -> tuple[int, ...]:
+        """The sequence lengths of the profiles (``--seq-buckets`` capped by the model), ascending."""
+        return tuple(sorted({profile.max[1] for profile in self.profiles}))
+
 
 class CalibrationInfo(BaseModel):
     """How an int8 graph was calibrated (or that it was quantized dynamically)."""

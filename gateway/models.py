@@ -36,7 +36,7 @@ class NerModel:
     def sequence_buckets(self) -> tuple[int, ...]:
         """Lengths every input is padded up to: a TensorRT engine's profile maxima; () for ragged models."""
         engine = self.manifest.engine
-        return tuple(sorted({p.max[1] for p in engine.profiles})) if engine is not None else ()
+        return engine.sequence_buckets if engine is not None else ()
 
 
 def read_manifests(repository: Path) -> list[tuple[Path, ModelManifest]]:

@@ -102,7 +102,7 @@ def test_python_entries_batch_ragged_and_engines_do_not() -> None:
 def test_engine_inputs_are_padded_to_their_bucket(target_repository: Path) -> None:
     tokenizer, manifest = tokenizer_of(target_repository, "tiny-trt-fp16")
     assert manifest.engine is not None
-    buckets = tuple(sorted({p.max[1] for p in manifest.engine.profiles}))
+    buckets = manifest.engine.sequence_buckets
     assert buckets == (16, 32, 64)
     tokens = tokenizer.tokenize(["Ada Lovelace", TEXTS[-1]])
     windows = [Window(i, 0, len(t)) for i, t in enumerate(tokens)]
