@@ -70,7 +70,9 @@ class BuildOptions:
     min_reduced_agreement: float = 0.95  # gate for fp16/int8 when there is no dataset: argmax agreement
     calibration_file: Path | None = None
     calibration_limit: int = calibration.DEFAULT_LIMIT
-    int8_mode: str = "static"  # onnx-int8 only; engines always use the static Q/DQ graph
+    # onnx-int8 only (engines always use the static Q/DQ graph). Dynamic: fastest served on CPU, and exactly
+    # batch-invariant because the served model runs its rows alone (CalibrationInfo.rows_alone).
+    int8_mode: str = "dynamic"
     prune_heads: int = 0
     engine: engine.EngineOptions = field(default_factory=engine.EngineOptions)
 
@@ -135,8 +137,10 @@ class _Gate:
     def reference_f1(self) -> float | None:
         return self.ref.f1 if self.ref is not None else None
 
-    def score(self, path: Path) -> evaluate.Scores | None:
-        return evaluate.score_onnx(path, self.ref, self.labels, self.input_names) if self.ref is not None else None
+    def score(self, path: Path, rows_alone: bool = False) -> evaluate.Scores | None:
+        if self.ref is None:
+            return None
+        return evaluate.score_onnx(path, self.ref, self.labels, self.input_names, rows_alone)
 
     def refusal(self, graph: Graph) -> str | None:
         """Why ``graph`` may not be installed, or None when it passes."""
@@ -187,8 +191,10 @@ class _Graphs:
                                       self.checkpoint.max_length) if mode == "static" else []
             info = precision.quantize_int8(source, path, feeds, mode=mode, activation=activation,
                                            source_description=self.calibration_texts.source)
-        parity = export.measure_parity(self.checkpoint, path, self.input_names, list(self.options.sample_texts))
-        return Graph(wanted, path, parity, self.gate.score(path), info)
+        rows_alone = info is not None and info.rows_alone
+        parity = export.measure_parity(self.checkpoint, path, self.input_names, list(self.options.sample_texts),
+                                       rows_alone)
+        return Graph(wanted, path, parity, self.gate.score(path, rows_alone), info)
 
 
 def _check_names(name: str, targets: tuple[Target, ...]) -> None:
@@ -348,6 +354,11 @@ def _stage(
         fallback=fallback,
     )
     manifest.write(directory)
-    make_config = tensorrt_plan_config if target.is_engine else python_onnx_config
-    config = make_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels), options.serving)
+    if target.is_engine:
+        config = tensorrt_plan_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels),
+                                      options.serving)
+    else:
+        rows_alone = graph.calibration is not None and graph.calibration.rows_alone
+        config = python_onnx_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels),
+                                    options.serving, rows_alone)
     return target, directory, manifest, to_pbtxt(config), graph.scores

@@ -122,8 +122,9 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
                    "split, else built-in texts).")
 @click.option("--calibration-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most calibration texts used.")
-@click.option("--int8-mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-              help="onnx-int8: static Q/DQ (calibrated) or dynamic quantization. trt-int8 is always static.")
+@click.option("--int8-mode", type=click.Choice(["static", "dynamic"]), default="dynamic", show_default=True,
+              help="onnx-int8: dynamic quantization (served one row at a time, so batch-invariant) or static "
+                   "Q/DQ (calibrated). trt-int8 is always static.")
 @click.option("--prune-heads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Remove the N least important attention heads (importance on the calibration texts).")
 @click.option("--seq-buckets", default="32,64,128,256", show_default=True,

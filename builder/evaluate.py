@@ -144,7 +144,19 @@ def torch_runner(model: Any, input_names: list[str]) -> Runner:
     return infer
 
 
-def onnx_runner(path: Path) -> Runner:
+def each_row_alone(runner: Runner, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """``runner`` on every row of a padded batch alone, cut to its real length (attention_mask), as the
+    served model runs a graph whose activation scales span its input (CalibrationInfo.rows_alone)."""
+    lengths = feeds["attention_mask"].sum(axis=1)
+    rows = [runner({name: np.ascontiguousarray(array[row : row + 1, :length]) for name, array in feeds.items()})[0]
+            for row, length in enumerate(lengths)]
+    logits = np.zeros((len(rows), feeds["attention_mask"].shape[1], rows[0].shape[-1]), dtype=np.float32)
+    for row, (length, values) in enumerate(zip(lengths, rows, strict=True)):
+        logits[row, :length] = values
+    return logits
+
+
+def onnx_runner(path: Path, rows_alone: bool = False) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -156,7 +168,7 @@ def onnx_runner(path: Path) -> Runner:
         (logits,) = session.run([output], feeds)
         return np.asarray(logits, dtype=np.float32)
 
-    return infer
+    return (lambda feeds: each_row_alone(infer, feeds)) if rows_alone else infer
 
 
 def reference(checkpoint: Checkpoint, name: str, sentences: list[list[str]], gold: list[list[str]] | None,
@@ -168,6 +180,7 @@ def reference(checkpoint: Checkpoint, name: str, sentences: list[list[str]], gol
     return Reference(data, logits, f1)
 
 
-def score_onnx(path: Path, ref: Reference, labels: list[str], input_names: list[str]) -> Scores:
-    """An ONNX graph in ONNX Runtime on the reference's eval set, scored against it."""
-    return score(ref.data, run(onnx_runner(path), ref.data, input_names), ref.logits, labels)
+def score_onnx(path: Path, ref: Reference, labels: list[str], input_names: list[str], rows_alone: bool = False
+               ) -> Scores:
+    """An ONNX graph in ONNX Runtime on the reference's eval set (run as served), scored against it."""
+    return score(ref.data, run(onnx_runner(path, rows_alone), ref.data, input_names), ref.logits, labels)

@@ -67,15 +67,16 @@ def export_onnx(checkpoint: Checkpoint, path: Path, names: list[str], opset: int
         )
 
 
-def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str]) -> ParityReport:
-    """Compare ONNX Runtime with PyTorch (the in-memory model, pruned or not) on ``texts``."""
-    import onnxruntime as ort
+def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[str], texts: list[str],
+                   rows_alone: bool = False) -> ParityReport:
+    """Compare ONNX Runtime with PyTorch (the in-memory model, pruned or not) on ``texts``, the ONNX graph run
+    as served (``rows_alone``: each text alone, see CalibrationInfo.rows_alone)."""
+    from ner_builder.evaluate import onnx_runner
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch = checkpoint.tokenizer(texts, padding=True, truncation=True, max_length=checkpoint.max_length,
                                  return_tensors="np")
     feeds = {name: batch[name].astype(np.int64) for name in input_names}
-    (onnx_logits,) = session.run([OUTPUT_NAME], feeds)
+    onnx_logits = onnx_runner(onnx_path, rows_alone)(feeds)
     with torch.no_grad():
         torch_logits = checkpoint.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     valid = batch["attention_mask"].astype(bool)

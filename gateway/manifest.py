@@ -80,6 +80,13 @@ class CalibrationInfo(BaseModel):
     activations: str = Field("", description="Static: 's8' (symmetric, for TensorRT) or 'u8' (asymmetric, fast "
                                              "on x86 CPUs) activations; weights are always s8 per channel.")
 
+    @property
+    def rows_alone(self) -> bool:
+        """Dynamic quantization computes activation scales at run time over the whole input, padding and
+        neighbours included: such a graph is served and scored one unpadded row at a time, so that a row's
+        result never depends on its batch."""
+        return self.mode == "dynamic"
+
 
 class PruningInfo(BaseModel):
     heads_pruned: int

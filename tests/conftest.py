@@ -85,6 +85,22 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: P
     return repository
 
 
+@pytest.fixture(scope="session")
+def int8_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """fp32 ``tiny``, the default (dynamic) ``tiny-onnx-int8`` and the static Q/DQ ``tiny-static-onnx-int8``."""
+    from ner_builder.build import BuildOptions, build_model
+    from ner_builder.targets import parse_targets
+    from ner_builder.triton_config import ServingOptions
+
+    repository = tmp_path_factory.mktemp("int8_repository")
+    serving = ServingOptions(max_batch_size=8)
+    build_model(tiny_checkpoint, repository, TINY_MODEL,
+                BuildOptions(serving=serving, targets=tuple(parse_targets("onnx-fp32,onnx-int8"))))
+    build_model(tiny_checkpoint, repository, f"{TINY_MODEL}-static",
+                BuildOptions(serving=serving, targets=tuple(parse_targets("onnx-int8")), int8_mode="static"))
+    return repository
+
+
 TARGETS = "onnx-fp32,onnx-int8,onnx-fp16,trt-fp16,trt-int8"
 SEQ_BUCKETS = (16, 32, 128)  # 128 is capped to the tiny model's 64 tokens
 

@@ -1,15 +1,21 @@
 """Batching as served, on a real Triton: requests of different lengths batch together, and batching never
-changes a result (fp32 and int8), whichever neighbours a text shares its batch with."""
+changes a result (fp32, dynamic int8, static int8), whichever neighbours a text shares its batch with."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
+from ner_builder.repository import PYTHON_MODEL_SOURCE
 from ner_builder.triton_config import ServingOptions, python_onnx_config
 from ner_gateway.manifest import ModelManifest
 from ner_gateway.models import load_tokenizer
@@ -22,8 +28,8 @@ TEXTS = [" ".join(WORDS[: 2 + (i * 7) % (len(WORDS) - 2)]) for i in range(48)]  
 
 
 @pytest.fixture(scope="module")
-async def triton(target_repository: Path):
-    server = EmbeddedTriton(target_repository)
+async def triton(int8_repository: Path):
+    server = EmbeddedTriton(int8_repository)
     await server.start()
     yield server
     await server.stop()
@@ -50,14 +56,16 @@ def one_window(tokenizer: TextTokenizer, texts: list[str]) -> dict[str, np.ndarr
     return tokenizer.arrays(tokens, [Window(i, 0, len(t)) for i, t in enumerate(tokens)])
 
 
-async def test_requests_of_different_lengths_form_batches(triton: EmbeddedTriton, target_repository: Path) -> None:
-    tokenizer, _ = tokenizer_of(target_repository, "tiny")
+@pytest.mark.parametrize("model", ["tiny", "tiny-onnx-int8"])
+async def test_requests_of_different_lengths_form_batches(triton: EmbeddedTriton, int8_repository: Path,
+                                                          model: str) -> None:
+    tokenizer, _ = tokenizer_of(int8_repository, model)
     client = triton_aio.InferenceServerClient(triton.grpc_url)
     try:
-        before = (await client.get_inference_statistics("tiny", as_json=True))["model_stats"][0]
+        before = (await client.get_inference_statistics(model, as_json=True))["model_stats"][0]
         for _ in range(3):
-            await asyncio.gather(*(infer(client, "tiny", one_window(tokenizer, [text])) for text in TEXTS))
-        after = (await client.get_inference_statistics("tiny", as_json=True))["model_stats"][0]
+            await asyncio.gather(*(infer(client, model, one_window(tokenizer, [text])) for text in TEXTS))
+        after = (await client.get_inference_statistics(model, as_json=True))["model_stats"][0]
     finally:
         await client.close()
     requests = int(after["inference_count"]) - int(before.get("inference_count", 0))
@@ -68,10 +76,10 @@ async def test_requests_of_different_lengths_form_batches(triton: EmbeddedTriton
     assert requests / executions >= 3, f"average batch {requests / executions:.2f}: Triton did not batch"
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-onnx-int8"])
-async def test_a_texts_logits_do_not_depend_on_its_batch(triton: EmbeddedTriton, target_repository: Path,
+@pytest.mark.parametrize("model", ["tiny", "tiny-onnx-int8", "tiny-static-onnx-int8"])
+async def test_a_texts_logits_do_not_depend_on_its_batch(triton: EmbeddedTriton, int8_repository: Path,
                                                           model: str) -> None:
-    tokenizer, _ = tokenizer_of(target_repository, model)
+    tokenizer, manifest = tokenizer_of(int8_repository, model)
     short, middle, longest = TEXTS[1], TEXTS[5], max(TEXTS, key=len)
     client = triton_aio.InferenceServerClient(triton.grpc_url)
     try:
@@ -87,6 +95,46 @@ async def test_a_texts_logits_do_not_depend_on_its_batch(triton: EmbeddedTriton,
     np.testing.assert_allclose(together, alone, atol=1e-4)
     np.testing.assert_allclose(crowd[1][0], alone, atol=1e-4)
     assert (together.argmax(-1) == alone.argmax(-1)).all()
+    if manifest.calibration is not None and manifest.calibration.rows_alone:
+        # Dynamic int8 runs each row alone and unpadded: the very same computation whatever the batch.
+        np.testing.assert_array_equal(together, alone)
+        np.testing.assert_array_equal(crowd[1][0], alone)
+
+
+def test_only_dynamic_int8_entries_run_rows_alone(int8_repository: Path) -> None:
+    modes = {}
+    for model in ("tiny", "tiny-onnx-int8", "tiny-static-onnx-int8"):
+        config = text_format.Parse((int8_repository / model / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        calibration = ModelManifest.read(int8_repository / model / "1").calibration
+        alone = config.parameters["rows_alone"].string_value == "true"
+        modes[model] = (calibration.mode if calibration else None, alone)
+    assert modes == {"tiny": (None, False), "tiny-onnx-int8": ("dynamic", True),
+                     "tiny-static-onnx-int8": ("static", False)}
+
+
+def length_groups():  # type: ignore[no-untyped-def]
+    """model.py's length_groups. model.py imports Triton's stub-only module at the top, so an empty module
+    stands in for it here: length_groups itself never touches it."""
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("ner_triton_model", str(PYTHON_MODEL_SOURCE))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.length_groups
+
+
+@pytest.mark.parametrize(("lengths", "overhead", "expected"), [
+    ([7, 7, 7, 7], 16, [[0, 1, 2, 3]]),  # equal lengths: one call
+    ([100, 5, 6], 16, [[1, 2], [0]]),  # 16 + 2x6 + 16 + 100 beats 16 + 3x100
+    ([100, 5, 6], 0, [[1], [2], [0]]),  # free calls: never pad
+    ([100, 5, 6], 1000, [[1, 2, 0]]),  # dear calls: one call, padding and all
+    ([], 16, []),
+])
+def test_length_groups_cut_at_the_least_cost(lengths: list[int], overhead: float, expected: list[list[int]]) -> None:
+    groups = length_groups()(lengths, overhead)
+    assert groups == expected
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
 
 
 def test_python_entries_batch_ragged_and_engines_do_not() -> None:
@@ -94,7 +142,10 @@ def test_python_entries_batch_ragged_and_engines_do_not() -> None:
 
     onnx = python_onnx_config("m", ["input_ids", "attention_mask"], "logits", 3, ServingOptions())
     assert all(tensor.allow_ragged_batch for tensor in onnx.input)
-    assert onnx.parameters["max_padding_ratio"].string_value == "1.25"
+    assert onnx.parameters["call_overhead_tokens"].string_value == "16"
+    assert onnx.parameters["rows_alone"].string_value == "false"
+    alone = python_onnx_config("m", ["input_ids"], "logits", 3, ServingOptions(), rows_alone=True)
+    assert alone.parameters["rows_alone"].string_value == "true"
     plan = tensorrt_plan_config("m", ["input_ids", "attention_mask"], "logits", 3, ServingOptions())
     assert not any(tensor.allow_ragged_batch for tensor in plan.input)
 

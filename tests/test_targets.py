@@ -164,11 +164,13 @@ def test_fp16_graph_keeps_types_at_the_boundary_and_sensitive_ops_in_fp32(target
     assert matmul_weights and any(types[w] == onnx.TensorProto.FLOAT16 for w in matmul_weights)
 
 
-@pytest.mark.parametrize(("model", "activations"), [("tiny-trt-int8", "s8"), ("tiny-onnx-int8", "u8")])
-def test_int8_graph_is_per_channel_qdq_with_the_ffn_kept_float(target_repository: Path, model: str,
-                                                               activations: str) -> None:
-    """Engines get symmetric int8 activations (TensorRT's rule), the CPU graph u8 activations; weights s8."""
-    path = target_repository / model / "1" / "model.onnx"
+@pytest.mark.parametrize(("model", "activations"), [("tiny-trt-int8", "s8"), ("tiny-static-onnx-int8", "u8")])
+def test_int8_graph_is_per_channel_qdq_with_the_ffn_kept_float(target_repository: Path, int8_repository: Path,
+                                                               model: str, activations: str) -> None:
+    """Engines get symmetric int8 activations (TensorRT's rule), the static CPU graph (``--int8-mode static``)
+    u8 activations; weights s8."""
+    repository = target_repository if model.startswith("tiny-trt") else int8_repository
+    path = repository / model / "1" / "model.onnx"
     graph = onnx.load(str(path))
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
     quantize = [n for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -197,14 +199,15 @@ def test_dynamic_int8_and_calibration_file(tiny_checkpoint: Path, tmp_path: Path
     texts = tmp_path / "calibration.txt"
     texts.write_text("Paris is nice\n\nAda Lovelace met Charles Babbage in London\n")
     code, output = cli("build", str(tiny_checkpoint), "--repository", str(tmp_path / "repo"), "--name", "m",
-                       "--target", "onnx-int8", "--int8-mode", "dynamic", "--calibration-texts", str(texts))
+                       "--target", "onnx-int8", "--calibration-texts", str(texts))
     assert code == 0, output
     manifest = ModelManifest.read(tmp_path / "repo" / "m-onnx-int8" / "1")
-    assert manifest.calibration is not None and manifest.calibration.mode == "dynamic"
+    assert manifest.calibration is not None and manifest.calibration.mode == "dynamic"  # the default
+    assert manifest.calibration.rows_alone and manifest.calibration.texts == 0
     assert "MatMulInteger" in ops(tmp_path / "repo" / "m-onnx-int8" / "1" / "model.onnx")
     assert {p.name for p in (tmp_path / "repo").iterdir()} == {"m-onnx-int8"}
     code, output = cli("build", str(tiny_checkpoint), "--repository", str(tmp_path / "repo2"), "--name", "m",
-                       "--target", "onnx-int8", "--calibration-texts", str(texts))
+                       "--target", "onnx-int8", "--int8-mode", "static", "--calibration-texts", str(texts))
     assert code == 0, output
     calibration = ModelManifest.read(tmp_path / "repo2" / "m-onnx-int8" / "1").calibration
     assert calibration is not None and calibration.texts == 2 and str(texts) in calibration.source
@@ -286,7 +289,7 @@ def test_damaged_int8_falls_back_to_fp16_and_says_so(tiny_checkpoint: Path, tmp_
 
 def test_undamaged_int8_passes_the_gate(tiny_checkpoint: Path, tmp_path: Path, gate_dataset) -> None:
     result = build_model(tiny_checkpoint, tmp_path, "m", BuildOptions(
-        targets=tuple(parse_targets("onnx-int8")), dataset="wnut16", max_f1_drop=5.0))
+        targets=tuple(parse_targets("onnx-int8")), dataset="wnut16", max_f1_drop=5.0, int8_mode="static"))
     (artifact,) = result.artifacts
     assert artifact.manifest.precision is Precision.INT8 and artifact.manifest.fallback is None
     assert result.fallbacks == [] and result.reference_f1 == 1.0
