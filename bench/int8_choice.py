@@ -5,7 +5,9 @@
 For each variant (built from the same fp32 export): entity F1 on the WNUT-16 held-out split (the build's
 accuracy gate), sentences/s of ONNX Runtime in-process on length-sorted batches of 16 (2 threads, no
 spinning; interleaved rounds, medians), and how many held-out texts change their argmax when run alone
-versus padded beside a longer neighbour (batch invariance: must be 0).
+versus padded beside a longer neighbour (batch invariance: must be 0). The ``rows-alone`` variant is the
+dynamic graph as the served model runs it (CalibrationInfo.rows_alone): every row alone and unpadded, scored,
+timed and checked that way.
 """
 
 from __future__ import annotations
@@ -37,16 +39,25 @@ def sorted_batches(data: evaluate.EvalSet) -> list[dict[str, np.ndarray]]:
     return [b.feeds for b in data.batches]
 
 
-def throughput(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], names: list[str]) -> float:
+def throughput(sess: ort.InferenceSession, batches: list[dict[str, np.ndarray]], names: list[str],
+               rows_alone: bool = False) -> float:
     rows = sum(b[names[0]].shape[0] for b in batches)
+    run = runner(sess, rows_alone)
     start = time.perf_counter()
     for feeds in batches:
-        sess.run(None, {n: feeds[n] for n in names})
+        run({n: feeds[n] for n in names})
     return rows / (time.perf_counter() - start)
 
 
+def runner(sess: ort.InferenceSession, rows_alone: bool) -> evaluate.Runner:
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(sess.run(None, feeds)[0])
+
+    return (lambda feeds: evaluate.each_row_alone(run, feeds)) if rows_alone else run
+
+
 def changed_alone_vs_batched(sess: ort.InferenceSession, data: evaluate.EvalSet, names: list[str],
-                             limit: int = 60) -> int:
+                             rows_alone: bool = False, limit: int = 60) -> int:
     """Texts whose token argmax differs between running alone and in a batch beside the longest text."""
     rows = [(b, r) for b in data.batches for r in range(b.feeds[names[0]].shape[0])][:limit]
     longest_batch = data.batches[-1]
@@ -57,8 +68,9 @@ def changed_alone_vs_batched(sess: ort.InferenceSession, data: evaluate.EvalSet,
         length = int(batch.feeds["attention_mask"][row].sum())
         alone = {n: batch.feeds[n][row : row + 1, :length] for n in names}
         padded = {n: np.concatenate([np.pad(alone[n], ((0, 0), (0, width - length))), long_row[n]]) for n in names}
-        a = sess.run(None, alone)[0][0].argmax(-1)
-        b = sess.run(None, padded)[0][0, :length].argmax(-1)
+        run = runner(sess, rows_alone)
+        a = run(alone)[0].argmax(-1)
+        b = run(padded)[0, :length].argmax(-1)
         changed += int((a != b).any())
     return changed
 
@@ -97,18 +109,21 @@ def main() -> None:
     for name, make in builders.items():
         variants[name] = work / f"{name}.onnx"
         make(variants[name])
+    variants["dynamic-s8-rows-alone"] = variants["dynamic-s8"]  # the default onnx-int8, as served
+    alone = {"dynamic-s8-rows-alone"}
 
     results: dict[str, dict[str, float]] = {}
     sessions = {name: session(path, args.threads) for name, path in variants.items()}
     for name, path in variants.items():
-        scores = evaluate.score_onnx(path, ref, checkpoint.labels, names)
+        scores = evaluate.score_onnx(path, ref, checkpoint.labels, names, rows_alone=name in alone)
+        changed = changed_alone_vs_batched(sessions[name], ref.data, names, rows_alone=name in alone)
         results[name] = {"f1": round(scores.f1 or 0.0, 4), "f1_drop_points": round(scores.f1_drop(ref.f1) or 0.0, 2),
-                         "changed_alone_vs_batched": changed_alone_vs_batched(sessions[name], ref.data, names)}
+                         "changed_alone_vs_batched": changed}
     batches = sorted_batches(ref.data)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved: noise hits every variant alike
         for name, sess in sessions.items():
-            samples[name].append(throughput(sess, batches, names))
+            samples[name].append(throughput(sess, batches, names, rows_alone=name in alone))
     for name in variants:
         results[name]["sentences_per_s"] = round(statistics.median(samples[name]), 1)
         results[name]["speed_vs_fp32"] = round(statistics.median(samples[name]) / statistics.median(samples["fp32"]), 2)

@@ -7,10 +7,15 @@ Paths, interleaved round by round (this machine is noisy; medians over rounds ar
   gateway   ner.v1 Recognize over gRPC, one WNUT text per call, N concurrent clients in client processes
   triton    the same concurrency straight to the embedded Triton's model (tritonclient, tokenized inputs)
   hf        transformers.pipeline("token-classification", batch_size=16) in-process on the checkpoint
-  ort       ONNX Runtime in-process on the served graph, batches of 16 as they come / sorted by length
+  ort       ONNX Runtime in-process on the served graph, batches of 16 as they come / sorted by length; for
+            a graph served one row at a time (dynamic int8, ``rows_alone``) also rows one at a time; and the
+            single-sentence latency (one text per call), the reference for the gateway's p50 at 1 client
 For each served cell: sentences/s, p50/p90/p99, Triton's average batch (inference_count / execution_count
-over the cell) and the gateway's stage times; a PNG of sentences/s and p99 against clients goes beside the
-JSON. Triton's own perf_analyzer is not installable here; see the README for running it elsewhere.
+over the cell), the gateway's stage times, and the CPU each process spent per sentence (client processes,
+gateway, tritonserver, its Python-backend stubs; read from /proc, so Linux only): on a small machine the
+served path's own processes share the cores with the model. A PNG of sentences/s and p99 against clients
+goes beside the JSON. Triton's own perf_analyzer is not installable here; see the README for running it
+elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -98,7 +104,10 @@ async def _triton_calls(url: str, model: str, feeds: list[dict[str, np.ndarray]]
 def client_process(kind: str, target: str, model: str, payload: list[Any], concurrency: int, duration_s: float,
                    offset: int) -> dict[str, list[float]]:
     calls = _gateway_calls if kind == "gateway" else _triton_calls
-    return asyncio.run(calls(target, model, payload, concurrency, duration_s, offset))
+    cpu = time.process_time()
+    out = asyncio.run(calls(target, model, payload, concurrency, duration_s, offset))
+    out["cpu_s"] = [time.process_time() - cpu]
+    return out
 
 
 def load(pool: ProcessPoolExecutor, processes: int, kind: str, target: str, model: str, payload: list[Any],
@@ -112,6 +121,28 @@ def load(pool: ProcessPoolExecutor, processes: int, kind: str, target: str, mode
         for key, values in future.result().items():
             merged.setdefault(key, []).extend(values)
     return merged
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the gateway, tritonserver and its Python-backend stubs (its child processes)."""
+    stubs = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                if parent == triton_pid:
+                    stubs += process_cpu_s(int(entry))
+            except (OSError, ValueError):
+                continue  # a process that ended meanwhile
+    return {"gateway": process_cpu_s(gateway_pid), "tritonserver": process_cpu_s(triton_pid), "stubs": stubs}
 
 
 # --- in-process baselines -----------------------------------------------------------------------------
@@ -144,6 +175,24 @@ def time_ort(session: Any, batches: list[dict[str, np.ndarray]]) -> float:
     for feeds in batches:
         session.run(None, feeds)
     return sum(b["input_ids"].shape[0] for b in batches) / (time.perf_counter() - start)
+
+
+def time_rows(session: Any, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Sentences/s one unpadded text per call: how a ``rows_alone`` graph is served."""
+    start = time.perf_counter()
+    for feed in feeds:
+        session.run(None, feed)
+    return len(feeds) / (time.perf_counter() - start)
+
+
+def single_latency_ms(session: Any, feeds: list[dict[str, np.ndarray]], count: int = 100) -> float:
+    """Median milliseconds of one text per call (the in-process reference for one client's latency)."""
+    times = []
+    for feed in feeds[:count]:
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def time_hf(pipe: Any, texts: list[str]) -> float:
@@ -218,6 +267,7 @@ def main() -> None:
     texts = wnut_texts(args.texts)
     feeds: dict[str, list[dict[str, np.ndarray]]] = {}
     sessions: dict[str, Any] = {}
+    rows_alone: dict[str, bool] = {}
     for model in models:
         version_dir = latest_version_dir(args.repository / model)
         manifest = ModelManifest.read(version_dir)
@@ -226,6 +276,7 @@ def main() -> None:
         feeds[model] = [tokenizer.arrays([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
                         for t in tokens]
         sessions[model] = ort_session(version_dir / manifest.model_file)
+        rows_alone[model] = manifest.calibration is not None and manifest.calibration.rows_alone
     hf = None
     if args.checkpoint is not None:
         from transformers import pipeline
@@ -236,6 +287,8 @@ def main() -> None:
     loop = asyncio.new_event_loop()  # one loop owns the Triton process from start to stop
     triton = EmbeddedTriton(args.repository)
     loop.run_until_complete(triton.start())
+    triton_pid = triton.pid
+    assert triton_pid is not None
     port = free_port()
     bin_dir = Path(sys.executable).parent
     gateway = subprocess.Popen([str(bin_dir / "ner-gateway"), "serve", "--model-repository", str(args.repository),
@@ -243,6 +296,7 @@ def main() -> None:
     address = f"127.0.0.1:{port}"
     cells: dict[str, dict[int, list[dict[str, Any]]]] = {}
     baselines: dict[str, list[float]] = {}
+    latency: dict[str, list[float]] = {}
     padding: dict[str, float] = {}
     pool = ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn"))
     try:
@@ -256,15 +310,25 @@ def main() -> None:
                     for kind, target, payload in (("gateway", address, texts),
                                                   ("triton", triton.grpc_url, feeds[model])):
                         before = triton_counts(triton.grpc_url, model)
+                        cpu_before = server_cpu_s(gateway.pid, triton_pid)
                         started = time.perf_counter()
                         samples = load(pool, args.client_processes, kind, target, model, payload, clients,
                                        args.duration)
                         elapsed = time.perf_counter() - started
+                        cpu_after = server_cpu_s(gateway.pid, triton_pid)
                         after = triton_counts(triton.grpc_url, model)
                         executions = max(after[1] - before[1], 1)
+                        sentences = max(len(samples["latency"]), 1)
+                        cpu = {"clients": sum(samples["cpu_s"]),
+                               **{role: cpu_after[role] - cpu_before[role] for role in cpu_after}}
+                        if kind == "triton":
+                            del cpu["gateway"]
                         cell = {"sentences_per_s": len(samples["latency"]) / elapsed,
                                 **percentiles(samples["latency"]),
-                                "triton_avg_batch": (after[0] - before[0]) / executions}
+                                "triton_avg_batch": (after[0] - before[0]) / executions,
+                                **{f"cpu_ms_per_sentence_{role}": 1000 * value / sentences
+                                   for role, value in cpu.items()},
+                                "cores_busy": sum(cpu.values()) / elapsed}
                         if kind == "gateway":
                             cell.update({f"{stage}_ms": 1000 * statistics.median(samples[stage])
                                          for stage in ("tokenize", "infer", "decode")})
@@ -275,6 +339,10 @@ def main() -> None:
                     key = f"ort-{'sorted' if sort else 'as-they-come'}:{model}"
                     padding[key] = round(ratio, 3)
                     baselines.setdefault(key, []).append(time_ort(sessions[model], batches))
+                if rows_alone[model]:
+                    baselines.setdefault(f"ort-rows:{model}", []).append(time_rows(sessions[model], feeds[model]))
+                latency.setdefault(f"ort-single-ms:{model}", []).append(single_latency_ms(sessions[model],
+                                                                                          feeds[model]))
             if hf is not None:
                 baselines.setdefault("hf-pipeline", []).append(time_hf(hf, texts))
     finally:
@@ -286,6 +354,7 @@ def main() -> None:
 
     sweep = {path: {c: median_cells(rounds) for c, rounds in by_clients.items()} for path, by_clients in cells.items()}
     base = {key: round(statistics.median(values), 1) for key, values in baselines.items()}
+    single = {key: round(statistics.median(values), 2) for key, values in latency.items()}
     reference_clients = 16 if 16 in sweep_clients else max(sweep_clients)
     ratios: dict[str, float] = {}
     for model in models:
@@ -295,20 +364,32 @@ def main() -> None:
         ratios[f"gateway:{model} / ort-as-they-come"] = round(served / base[f"ort-as-they-come:{model}"], 2)
         ratios[f"gateway:{model} / triton"] = round(served / sweep[f"triton:{model}"][reference_clients]
                                                     ["sentences_per_s"], 2)
+        if f"ort-rows:{model}" in base:
+            ratios[f"gateway:{model} / ort-rows"] = round(served / base[f"ort-rows:{model}"], 2)
         if "hf-pipeline" in base:
             ratios[f"gateway:{model} / hf-pipeline"] = round(served / base["hf-pipeline"], 2)
             ratios[f"ort-sorted:{model} / hf-pipeline"] = round(limit / base["hf-pipeline"], 2)
+        if 1 in sweep[f"gateway:{model}"]:
+            ratios[f"gateway:{model} p50 at 1 client / ort-single"] = round(
+                sweep[f"gateway:{model}"][1]["p50_ms"] / single[f"ort-single-ms:{model}"], 2)
+        cell = sweep[f"gateway:{model}"][reference_clients]
+        ratios[f"gateway:{model} p99 / p50"] = round(cell["p99_ms"] / cell["p50_ms"], 2)
     result = {"setup": {"models": models, "clients": sweep_clients, "duration_s": args.duration,
                         "rounds": args.rounds, "texts": len(texts), "client_processes": args.client_processes,
                         "ratios_at_clients": reference_clients},
-              "sweep": sweep, "baselines_sentences_per_s": base, "padding_ratio_batches_of_16": padding,
-              "ratios": ratios}
-    print(f"{'path':<34}{'clients':>8}{'sent/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'batch':>7}")
+              "sweep": sweep, "baselines_sentences_per_s": base, "single_sentence_latency_ms": single,
+              "padding_ratio_batches_of_16": padding, "ratios": ratios}
+    roles = ("clients", "gateway", "tritonserver", "stubs")
+    print(f"{'path':<34}{'clients':>8}{'sent/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'batch':>7}   CPU ms/sentence: "
+          + " ".join(f"{role:>12}" for role in roles) + f"{'cores':>7}")
     for path, by_clients in sweep.items():
         for clients, cell in sorted(by_clients.items()):
             print(f"{path:<34}{clients:>8}{cell['sentences_per_s']:>9.1f}{cell['p50_ms']:>8.1f}{cell['p90_ms']:>8.1f}"
-                  f"{cell['p99_ms']:>8.1f}{cell['triton_avg_batch']:>7.2f}")
-    print(json.dumps({"baselines": base, "padding": padding, "ratios": ratios}, indent=2))
+                  f"{cell['p99_ms']:>8.1f}{cell['triton_avg_batch']:>7.2f}{'':>19}"
+                  + " ".join(f"{cell.get(f'cpu_ms_per_sentence_{role}', float('nan')):>12.2f}" for role in roles)
+                  + f"{cell['cores_busy']:>7.2f}")
+    print(json.dumps({"baselines": base, "single_sentence_latency_ms": single, "padding": padding,
+                      "ratios": ratios}, indent=2))
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2))
     draw(sweep, args.json_out.with_suffix(".png"))

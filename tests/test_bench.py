@@ -39,24 +39,36 @@ def test_decode_speed_agrees_with_hf_and_reports_every_strategy(tiny_checkpoint:
     assert all(row["hf_ms"] > 0 and row["ours_ms"] > 0 for row in result["per_aggregation"].values())
 
 
-def test_throughput_reports_every_path_and_draws_the_sweep(tiny_repository: Path, tiny_checkpoint: Path,
+def test_throughput_reports_every_path_and_draws_the_sweep(int8_repository: Path, tiny_checkpoint: Path,
                                                             tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
-    subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--repository", str(tiny_repository), "--models",
-                    TINY_MODEL, "--checkpoint", str(tiny_checkpoint), "--clients", "1,4", "--duration", "1",
-                    "--rounds", "1", "--texts", "48", "--json-out", str(out)], check=True, capture_output=True,
+    int8 = f"{TINY_MODEL}-onnx-int8"  # dynamic int8, served one row at a time
+    subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--repository", str(int8_repository), "--models",
+                    f"{TINY_MODEL},{int8}", "--checkpoint", str(tiny_checkpoint), "--clients", "1,4", "--duration",
+                    "1", "--rounds", "1", "--texts", "48", "--json-out", str(out)], check=True, capture_output=True,
                    timeout=300)
     result = json.loads(out.read_text())
-    assert set(result["sweep"]) == {f"gateway:{TINY_MODEL}", f"triton:{TINY_MODEL}"}
-    for by_clients in result["sweep"].values():
+    assert set(result["sweep"]) == {f"{kind}:{model}" for kind in ("gateway", "triton") for model in (TINY_MODEL, int8)}
+    for path, by_clients in result["sweep"].items():
         assert set(by_clients) == {"1", "4"}
         for cell in by_clients.values():
             assert cell["sentences_per_s"] > 0 and 0 < cell["p50_ms"] <= cell["p99_ms"]
             assert cell["triton_avg_batch"] >= 1
+            # Where the CPU went, per sentence: every process of the served path did some work.
+            roles = ["clients", "tritonserver", "stubs"] + (["gateway"] if path.startswith("gateway") else [])
+            assert all(cell[f"cpu_ms_per_sentence_{role}"] > 0 for role in roles), cell
+            assert ("cpu_ms_per_sentence_gateway" in cell) == path.startswith("gateway")
+            assert 0 < cell["cores_busy"]
     assert result["sweep"][f"gateway:{TINY_MODEL}"]["4"]["tokenize_ms"] >= 0
-    assert set(result["baselines_sentences_per_s"]) == {f"ort-as-they-come:{TINY_MODEL}", f"ort-sorted:{TINY_MODEL}",
-                                                        "hf-pipeline"}
+    assert set(result["baselines_sentences_per_s"]) == {
+        *(f"ort-{order}:{model}" for order in ("as-they-come", "sorted") for model in (TINY_MODEL, int8)),
+        f"ort-rows:{int8}", "hf-pipeline"}
+    assert set(result["single_sentence_latency_ms"]) == {f"ort-single-ms:{m}" for m in (TINY_MODEL, int8)}
     padding = result["padding_ratio_batches_of_16"]
     assert padding[f"ort-sorted:{TINY_MODEL}"] <= padding[f"ort-as-they-come:{TINY_MODEL}"]
-    assert f"gateway:{TINY_MODEL} / hf-pipeline" in result["ratios"]
+    ratios = result["ratios"]
+    for model in (TINY_MODEL, int8):
+        assert {f"gateway:{model} / hf-pipeline", f"gateway:{model} / ort-sorted",
+                f"gateway:{model} p50 at 1 client / ort-single", f"gateway:{model} p99 / p50"} <= set(ratios)
+    assert f"gateway:{int8} / ort-rows" in ratios and f"gateway:{TINY_MODEL} / ort-rows" not in ratios
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
