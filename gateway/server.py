@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,7 +17,7 @@ from ner_gateway.interceptors import ErrorInterceptor
 from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
 from ner_gateway.models import EngineRuntime, ModelRegistry
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
-from ner_gateway.pipeline import Limits, RecognitionPipeline
+from ner_gateway.pipeline import CpuOffload, Limits, RecognitionPipeline
 from ner_gateway.servicer import NerServicer
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.tracing import Tracing, configure_tracing
@@ -39,6 +40,7 @@ class Gateway:
         self.health: TritonHealth | None = None
         self.server: grpc.aio.Server | None = None
         self.pipeline: RecognitionPipeline | None = None
+        self.cpu_pool: ThreadPoolExecutor | None = None
         self.port: int | None = None
         self._stopped = False
 
@@ -61,10 +63,12 @@ class Gateway:
                                                 EngineRuntime.from_settings(s))
             self.backend.start()
             self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
+            self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
             self.pipeline = pipeline = RecognitionPipeline(
                 registry, self.backend,
                 Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
                 on_triton_unavailable=self.health.mark_unavailable, metrics=self.metrics,
+                offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars),
             )
             self.server = grpc.aio.server(interceptors=self._interceptors())
             ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), self.server)
@@ -133,6 +137,8 @@ class Gateway:
             await self.server.stop(self.settings.shutdown_grace_s)
         if self.backend is not None:
             await self.backend.close()
+        if self.cpu_pool is not None:
+            self.cpu_pool.shutdown(wait=False, cancel_futures=True)
         if self.triton is not None:
             await self.triton.stop()
         self.metrics.close()

@@ -37,6 +37,12 @@ class GatewaySettings(BaseSettings):
     Unset: a quarter of the window."""
     default_timeout_s: float = Field(30.0, gt=0)
     """Deadline for requests whose client set none."""
+    cpu_offload_chars: int = Field(2000, ge=0)
+    """Requests whose texts hold at least this many characters in all are tokenized and decoded in a worker
+    thread, so that the event loop goes on serving other RPCs meanwhile; smaller ones (a tweet: ~0.8 ms of
+    both) stay on the loop, where the thread hop would cost more than it frees. 0: every request."""
+    cpu_offload_threads: int = Field(2, ge=1)
+    """Worker threads for those large requests (tokenizing runs in Rust without Python's lock)."""
     triton_ready_timeout_s: float = Field(120.0, gt=0)
     """How long to wait at startup for Triton and its models to become ready."""
     health_check_interval_s: float = Field(1.0, gt=0)

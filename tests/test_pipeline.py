@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ import pytest
 from ner_gateway.domain import RecognizeRequest
 from ner_gateway.errors import ConfigurationError, DeadlineExceeded, TritonUnavailable
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+from ner_gateway.pipeline import CpuOffload, RecognitionPipeline
 from ner_gateway.server import Gateway
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.triton_process import EmbeddedTriton
@@ -55,6 +57,38 @@ async def test_deadline_is_enforced_inside_the_pipeline(gateway: Gateway) -> Non
     with pytest.raises(DeadlineExceeded):
         await gateway.pipeline.recognize(request, timeout_s=1e-4)  # expires inside the Triton call
     assert len((await gateway.pipeline.recognize(request, timeout_s=10)).documents) == 8
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A real thread pool that counts the work handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(2, thread_name_prefix="test-cpu")
+        self.submitted = 0
+
+    def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+async def test_large_requests_tokenize_and_decode_off_the_event_loop(gateway: Gateway) -> None:
+    pool = CountingPool()
+    served = gateway.pipeline
+    offloading = RecognitionPipeline(served.registry, served.backend, served.limits,
+                                     offload=CpuOffload(pool, min_chars=200))
+    small = RecognizeRequest(texts=["Angela Merkel visited Paris"])
+    large = RecognizeRequest(texts=["Angela Merkel visited Paris and met Ada Lovelace in London. " * 4] * 2)
+    try:
+        assert sum(map(len, large.texts)) >= 200 > sum(map(len, small.texts))
+        for request, handed in ((small, 0), (large, 3)):  # tokenize, the Triton arrays, decode: one each
+            before = pool.submitted
+            offloaded = await offloading.recognize(request, timeout_s=10)
+            assert pool.submitted - before == handed
+            inline = await served.recognize(request, timeout_s=10)  # the served pipeline: default threshold
+            assert offloaded.documents == inline.documents
+    finally:
+        pool.shutdown()
+    assert served.offload is not None and served.offload.min_chars == 2000  # the setting's default
 
 
 def copy_repository(source: Path, target: Path) -> Path:
