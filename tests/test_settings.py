@@ -35,6 +35,7 @@ def test_defaults() -> None:
     assert settings.max_request_chars == 400_000
     assert settings.window_stride is None
     assert settings.default_timeout_s == 30.0
+    assert (settings.cpu_offload_chars, settings.cpu_offload_threads) == (2000, 2)
     assert settings.log_level == "INFO"
 
 
@@ -85,6 +86,8 @@ def test_dotenv_between_default_and_environment(monkeypatch: pytest.MonkeyPatch,
         ("NER_MAX_TEXTS_PER_REQUEST", "0"),
         ("NER_MAX_TEXT_CHARS", "0"),
         ("NER_DEFAULT_TIMEOUT_S", "0"),
+        ("NER_CPU_OFFLOAD_CHARS", "-1"),
+        ("NER_CPU_OFFLOAD_THREADS", "0"),
         ("NER_LOG_LEVEL", "TRACE"),
     ],
 )
