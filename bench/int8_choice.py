@@ -63,12 +63,12 @@ def changed_alone_vs_batched(sess: ort.InferenceSession, data: evaluate.EvalSet,
     longest_batch = data.batches[-1]
     long_row = {n: longest_batch.feeds[n][-1:] for n in names}
     width = long_row[names[0]].shape[1]
+    run = runner(sess, rows_alone)
     changed = 0
     for batch, row in rows:
         length = int(batch.feeds["attention_mask"][row].sum())
         alone = {n: batch.feeds[n][row : row + 1, :length] for n in names}
         padded = {n: np.concatenate([np.pad(alone[n], ((0, 0), (0, width - length))), long_row[n]]) for n in names}
-        run = runner(sess, rows_alone)
         a = run(alone)[0].argmax(-1)
         b = run(padded)[0, :length].argmax(-1)
         changed += int((a != b).any())

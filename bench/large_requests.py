@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from throughput import percentiles, wnut_texts  # bench/throughput.py, beside this script
+from throughput import percentiles, start_gateway, wnut_texts  # bench/throughput.py, beside this script
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
@@ -70,20 +68,6 @@ async def run_phase(address: str, model: str, texts: list[str], large: str | Non
     return out
 
 
-def start_gateway(repository: Path, triton_url: str, offload_chars: int) -> tuple[subprocess.Popen[bytes], str]:
-    from ner_gateway.triton_process import free_port
-
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "NER_CPU_OFFLOAD_CHARS": str(offload_chars), "NER_METRICS_PORT": "0"}
-    process = subprocess.Popen([str(bin_dir / "ner-gateway"), "serve", "--model-repository", str(repository),
-                                "--triton-url", triton_url, "--port", str(port), "--log-level", "WARNING"], env=env)
-    address = f"127.0.0.1:{port}"
-    subprocess.run([str(bin_dir / "ner-gateway"), "health", "--address", address, "--wait", "120"], check=True,
-                   capture_output=True)
-    return process, address
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -105,8 +89,9 @@ def main() -> None:
     gateways: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     cells: dict[str, dict[str, list[dict[str, float]]]] = {}
     try:
-        gateways["offload"] = start_gateway(args.repository, triton.grpc_url, 2000)
-        gateways["inline"] = start_gateway(args.repository, triton.grpc_url, 10**9)
+        for name, offload_chars in (("offload", 2000), ("inline", 10**9)):
+            gateways[name] = start_gateway(args.repository, triton.grpc_url,
+                                           {"NER_CPU_OFFLOAD_CHARS": str(offload_chars), "NER_METRICS_PORT": "0"})
         for _, address in gateways.values():  # warm-up
             loop.run_until_complete(run_phase(address, args.model, texts, None, args.clients, 2.0))
         for _ in range(args.rounds):

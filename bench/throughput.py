@@ -123,11 +123,11 @@ def load(pool: ProcessPoolExecutor, processes: int, kind: str, target: str, mode
     return merged
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads) so far."""
+def process_stat(pid: int | str) -> tuple[int, float]:
+    """(parent pid, user + system CPU seconds so far, all threads) of one process, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
@@ -136,13 +136,33 @@ def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-                if parent == triton_pid:
-                    stubs += process_cpu_s(int(entry))
+                parent, cpu_s = process_stat(entry)
             except (OSError, ValueError):
                 continue  # a process that ended meanwhile
-    return {"gateway": process_cpu_s(gateway_pid), "tritonserver": process_cpu_s(triton_pid), "stubs": stubs}
+            if parent == triton_pid:
+                stubs += cpu_s
+    return {"gateway": process_stat(gateway_pid)[1], "tritonserver": process_stat(triton_pid)[1], "stubs": stubs}
+
+
+def start_gateway(repository: Path, triton_url: str, env: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen[bytes], str]:
+    """``ner-gateway serve`` in front of ``triton_url`` on a free port, once it reports SERVING."""
+    from ner_gateway.triton_process import free_port
+
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    process = subprocess.Popen([str(bin_dir / "ner-gateway"), "serve", "--model-repository", str(repository),
+                                "--triton-url", triton_url, "--port", str(port), "--log-level", "WARNING"],
+                               env={**os.environ, **(env or {})})
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run([str(bin_dir / "ner-gateway"), "health", "--address", address, "--wait", "120"], check=True,
+                       capture_output=True)
+    except BaseException:
+        process.terminate()
+        process.wait(30)
+        raise
+    return process, address
 
 
 # --- in-process baselines -----------------------------------------------------------------------------
@@ -175,14 +195,6 @@ def time_ort(session: Any, batches: list[dict[str, np.ndarray]]) -> float:
     for feeds in batches:
         session.run(None, feeds)
     return sum(b["input_ids"].shape[0] for b in batches) / (time.perf_counter() - start)
-
-
-def time_rows(session: Any, feeds: list[dict[str, np.ndarray]]) -> float:
-    """Sentences/s one unpadded text per call: how a ``rows_alone`` graph is served."""
-    start = time.perf_counter()
-    for feed in feeds:
-        session.run(None, feed)
-    return len(feeds) / (time.perf_counter() - start)
 
 
 def single_latency_ms(session: Any, feeds: list[dict[str, np.ndarray]], count: int = 100) -> float:
@@ -260,7 +272,7 @@ def main() -> None:
     from ner_gateway.manifest import ModelManifest, latest_version_dir
     from ner_gateway.models import load_tokenizer
     from ner_gateway.tokenization import Window
-    from ner_gateway.triton_process import EmbeddedTriton, free_port
+    from ner_gateway.triton_process import EmbeddedTriton
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     sweep_clients = [int(c) for c in args.clients.split(",")]
@@ -276,7 +288,7 @@ def main() -> None:
         feeds[model] = [tokenizer.arrays([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
                         for t in tokens]
         sessions[model] = ort_session(version_dir / manifest.model_file)
-        rows_alone[model] = manifest.calibration is not None and manifest.calibration.rows_alone
+        rows_alone[model] = manifest.rows_alone
     hf = None
     if args.checkpoint is not None:
         from transformers import pipeline
@@ -289,19 +301,14 @@ def main() -> None:
     loop.run_until_complete(triton.start())
     triton_pid = triton.pid
     assert triton_pid is not None
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    gateway = subprocess.Popen([str(bin_dir / "ner-gateway"), "serve", "--model-repository", str(args.repository),
-                                "--triton-url", triton.grpc_url, "--port", str(port), "--log-level", "WARNING"])
-    address = f"127.0.0.1:{port}"
     cells: dict[str, dict[int, list[dict[str, Any]]]] = {}
     baselines: dict[str, list[float]] = {}
     latency: dict[str, list[float]] = {}
     padding: dict[str, float] = {}
+    gateway: subprocess.Popen[bytes] | None = None
     pool = ProcessPoolExecutor(args.client_processes, mp_context=get_context("spawn"))
     try:
-        subprocess.run([str(bin_dir / "ner-gateway"), "health", "--address", address, "--wait", "120"], check=True,
-                       capture_output=True)
+        gateway, address = start_gateway(args.repository, triton.grpc_url)
         for model in models:  # warm-up (and the client processes' imports)
             load(pool, args.client_processes, "gateway", address, model, texts, 4, 1.0)
         for _ in range(args.rounds):
@@ -339,16 +346,17 @@ def main() -> None:
                     key = f"ort-{'sorted' if sort else 'as-they-come'}:{model}"
                     padding[key] = round(ratio, 3)
                     baselines.setdefault(key, []).append(time_ort(sessions[model], batches))
-                if rows_alone[model]:
-                    baselines.setdefault(f"ort-rows:{model}", []).append(time_rows(sessions[model], feeds[model]))
+                if rows_alone[model]:  # one unpadded text per call, as such a graph is served
+                    baselines.setdefault(f"ort-rows:{model}", []).append(time_ort(sessions[model], feeds[model]))
                 latency.setdefault(f"ort-single-ms:{model}", []).append(single_latency_ms(sessions[model],
                                                                                           feeds[model]))
             if hf is not None:
                 baselines.setdefault("hf-pipeline", []).append(time_hf(hf, texts))
     finally:
         pool.shutdown()
-        gateway.terminate()
-        gateway.wait(30)
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(30)
         loop.run_until_complete(triton.stop())
         loop.close()
 

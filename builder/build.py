@@ -87,6 +87,11 @@ class Graph:
     scores: evaluate.Scores | None
     calibration: CalibrationInfo | None = None
 
+    @property
+    def rows_alone(self) -> bool:
+        """Served (and scored) one unpadded row at a time: CalibrationInfo.rows_alone."""
+        return self.calibration is not None and self.calibration.rows_alone
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -358,7 +363,6 @@ def _stage(
         config = tensorrt_plan_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels),
                                       options.serving)
     else:
-        rows_alone = graph.calibration is not None and graph.calibration.rows_alone
         config = python_onnx_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels),
-                                    options.serving, rows_alone)
+                                    options.serving, graph.rows_alone)
     return target, directory, manifest, to_pbtxt(config), graph.scores

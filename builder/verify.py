@@ -155,8 +155,8 @@ def verify(model_path: Path, *, dataset: str | None = None, texts: list[str] | N
         if labels != manifest.labels:
             raise BuildError(f"{manifest.name}: labels differ from its checkpoint {source}")
         if manifest.engine is None:
-            rows_alone = manifest.calibration is not None and manifest.calibration.rows_alone
-            scores = evaluate.score_onnx(version_dir / manifest.model_file, ref, labels, manifest.inputs, rows_alone)
+            scores = evaluate.score_onnx(version_dir / manifest.model_file, ref, labels, manifest.inputs,
+                                         manifest.rows_alone)
             rows.append(_row(manifest, scores))
         else:
             graph = version_dir / manifest.engine.onnx_file

@@ -144,6 +144,11 @@ class ModelManifest(BaseModel):
     accuracy: AccuracyReport | None = None
     fallback: Fallback | None = None
 
+    @property
+    def rows_alone(self) -> bool:
+        """Whether the graph is served (and scored) one unpadded row at a time: CalibrationInfo.rows_alone."""
+        return self.calibration is not None and self.calibration.rows_alone
+
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST_FILE
         path.write_text(self.model_dump_json(indent=2) + "\n")

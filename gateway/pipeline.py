@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from itertools import groupby
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,12 @@ class Limits:
     max_text_chars: int
     max_request_chars: int
     default_timeout_s: float
+
+
+class CpuStage(Protocol):
+    """Runs one CPU stage of a request: inline, or in the offload pool for large requests."""
+
+    def __call__(self, work: Callable[[], T]) -> Awaitable[T]: ...
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,7 @@ class RecognitionPipeline:
         return documents
 
     async def _infer(self, model: NerModel, tokens: list[TextTokens], windows: list[Window], deadline: float,
-                     request_id: str, cpu_stage: Callable[[Callable[[], list[dict[str, np.ndarray]]]],
-                                                          Awaitable[list[dict[str, np.ndarray]]]],
-                     ) -> list[np.ndarray]:
+                     request_id: str, cpu_stage: CpuStage) -> list[np.ndarray]:
         """Logits per window ([its tokens with specials, classes]); all windows of all texts go to Triton
         in batches of at most its max_batch_size, sent concurrently. ``cpu_stage`` builds their arrays."""
         loop = asyncio.get_running_loop()

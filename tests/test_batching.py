@@ -95,7 +95,7 @@ async def test_a_texts_logits_do_not_depend_on_its_batch(triton: EmbeddedTriton,
     np.testing.assert_allclose(together, alone, atol=1e-4)
     np.testing.assert_allclose(crowd[1][0], alone, atol=1e-4)
     assert (together.argmax(-1) == alone.argmax(-1)).all()
-    if manifest.calibration is not None and manifest.calibration.rows_alone:
+    if manifest.rows_alone:
         # Dynamic int8 runs each row alone and unpadded: the very same computation whatever the batch.
         np.testing.assert_array_equal(together, alone)
         np.testing.assert_array_equal(crowd[1][0], alone)
