@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,12 +34,26 @@ from ner_gateway.errors import ConfigurationError, TritonUnavailable
 
 LOGGER = logging.getLogger(__name__)
 
+SHM_DIR = Path("/dev/shm")
+# Triton protocols the gateway never uses (it needs health, metadata, model-config and inference; statistics
+# stay open: the metrics port serves the same numbers). Each needs ADMIN_KEY=<per-start random value>:
+# over gRPC as the header ``triton-grpc-protocol-admin-key``, over HTTP as ``admin-key``.
+RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_KEY = "admin-key"
+# How long the rest of a Triton process group may take to die after SIGKILL.
+_GROUP_EXIT_S = 10.0
+
 
 @dataclass(frozen=True)
 class TritonPorts:
+    """Embedded Triton's ports; each 0 means a free port for that one."""
+
     grpc: int
     http: int
     metrics: int
+
+    def resolved(self) -> TritonPorts:
+        return TritonPorts(*(port or free_port() for port in (self.grpc, self.http, self.metrics)))
 
 
 def free_port() -> int:
@@ -119,7 +134,10 @@ class EmbeddedTriton:
         on_state_change: Callable[[bool], None] | None = None,
     ) -> None:
         self.model_repository = model_repository.resolve()
-        self.ports = ports or TritonPorts(free_port(), free_port(), free_port())
+        self.ports = (ports or TritonPorts(0, 0, 0)).resolved()
+        # Unique per instance: this server's Python-backend regions in /dev/shm, removed once it is gone.
+        self.shm_prefix = f"ner_triton_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._admin_key = ""  # new at every start; in the command line only, never logged
         self.ready_timeout_s = ready_timeout_s
         self.restart_backoff_s = restart_backoff_s
         self.log_verbose = log_verbose
@@ -138,8 +156,15 @@ class EmbeddedTriton:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC headers that open the RESTRICTED_PROTOCOLS of the running server (the gateway sends none)."""
+        return {f"triton-grpc-protocol-{ADMIN_KEY}": self._admin_key}
+
     def command(self) -> list[str]:
+        """tritonserver's command line. It holds the admin key: never log it."""
         assert self._backend_dir is not None
+        restricted = f"{','.join(RESTRICTED_PROTOCOLS)}:{ADMIN_KEY}={self._admin_key}"
         return [
             str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
@@ -148,6 +173,8 @@ class EmbeddedTriton:
             "--http-address=127.0.0.1", f"--http-port={self.ports.http}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.ports.metrics}",
             "--allow-gpu-metrics=false",
+            f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--exit-on-error=true",
             f"--log-verbose={self.log_verbose}",
             # Explicit control: load only what this CPU build can run (see loadable_models).
@@ -178,6 +205,8 @@ class EmbeddedTriton:
 
     async def _spawn_and_wait(self) -> None:
         LOGGER.info("starting tritonserver (gRPC %s) on %s", self.grpc_url, self.model_repository)
+        self._remove_shm()  # stale regions of a previous server of this instance, if any
+        self._admin_key = secrets.token_hex(32)
         self._process = await asyncio.create_subprocess_exec(
             *self.command(), env=triton_environment(), start_new_session=True, preexec_fn=_die_with_parent,
         )
@@ -210,6 +239,7 @@ class EmbeddedTriton:
                 return
             LOGGER.error("tritonserver exited unexpectedly (code %s); restarting", code)
             self.on_state_change(False)
+            await self._end_group(self._process.pid)  # its Python-backend stubs may outlive it
             while not self._stopping:
                 await asyncio.sleep(self.restart_backoff_s)
                 try:
@@ -219,7 +249,8 @@ class EmbeddedTriton:
                     LOGGER.error("restarting tritonserver failed: %s", e)
 
     async def stop(self) -> None:
-        """SIGTERM Triton (it drains in-flight requests), SIGKILL after a grace period. Idempotent."""
+        """SIGTERM Triton (it drains in-flight requests), SIGKILL its process group after a grace period, remove
+        its shared-memory regions. Idempotent."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -232,16 +263,54 @@ class EmbeddedTriton:
             self._backend_dir = None
 
     async def _terminate(self, grace_s: float = 15.0) -> None:
+        """SIGTERM Triton's process group (its stubs ignore SIGTERM: Triton stops them), then end the group."""
         process = self._process
-        if process is None or process.returncode is not None:
+        if process is None:
             return
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace_s)
+            except TimeoutError:
+                LOGGER.warning("tritonserver ignored SIGTERM for %.0f s; killing it", grace_s)
+        await self._end_group(process.pid)
+
+    async def _end_group(self, pgid: int) -> None:
+        """SIGKILL what is left of a Triton's process group (started with its own session: pgid == its pid),
+        wait until it is gone, then remove the server's shared-memory regions."""
+        _signal_group(pgid, signal.SIGKILL)
+        if self._process is not None and self._process.pid == pgid:
+            await self._process.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _GROUP_EXIT_S
+        while (left := group_members(pgid)) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if left:
+            LOGGER.warning("processes %s of tritonserver's group %d survived SIGKILL", left, pgid)
+        self._remove_shm()
+
+    def _remove_shm(self) -> None:
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            await asyncio.wait_for(process.wait(), grace_s)
-        except TimeoutError:
-            LOGGER.warning("tritonserver ignored SIGTERM for %.0f s; killing it", grace_s)
-            process.kill()
-            await process.wait()
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state not in {"Z", "X"}:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
 
 
 def _die_with_parent() -> None:

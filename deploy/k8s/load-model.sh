@@ -19,16 +19,19 @@ for pod in $pods; do
   # Triton's image has Python (for its Python backend) but no guarantee of curl.
   "$kubectl" -n "$namespace" exec -i "$pod" -c triton -- python3 - "$model" "$version" <<'PY'
 import json
+import os
 import sys
 import urllib.request
 
 model, version = sys.argv[1], sys.argv[2]
-base = "http://127.0.0.1:8000/v2"
+base = os.environ.get("TRITON_HTTP_URL", "http://127.0.0.1:8000") + "/v2"
+# The repository API is restricted (base/triton/deployment.yaml): it needs the key of the Secret
+# triton-admin-key, which the container has as TRITON_ADMIN_KEY.
+headers = {"Content-Type": "application/json", "admin-key": os.environ["TRITON_ADMIN_KEY"]}
 
 
 def post(path):
-    request = urllib.request.Request(base + path, data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(base + path, data=b"{}", method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=900) as response:
         body = response.read()
     return json.loads(body) if body else None
