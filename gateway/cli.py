@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import grpc
@@ -16,6 +18,9 @@ from pydantic import ValidationError
 
 from ner_gateway.errors import ConfigurationError
 from ner_gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from ner_gateway.client import NerClient
 
 AGGREGATIONS = ["none", "simple", "first", "average", "max"]
 OFFSET_UNITS = ["code_point", "utf8_byte", "utf16_code_unit"]
@@ -51,10 +56,38 @@ def serve(**flags: Any) -> None:
         raise click.ClickException(str(e)) from e
 
 
-def _stub(address: str):  # type: ignore[no-untyped-def]
-    from ner_gateway.pb.ner.v1 import ner_pb2_grpc
+def _client_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--address, TLS and the bearer token, for the commands that call a gateway (through NerClient)."""
+    file = click.Path(exists=True, dir_okay=False, path_type=Path)
+    options = [
+        click.option("--address", default="127.0.0.1:50051", show_default=True,
+                     help="host:port, several ip:port comma-separated (round robin), or dns:///name:port."),
+        click.option("--tls", is_flag=True, help="TLS, verified against the system's CA roots."),
+        click.option("--tls-ca", type=file, help="CA (PEM) that signed the gateway's certificate; implies TLS."),
+        click.option("--tls-cert", type=file, help="Client certificate (PEM) for mutual TLS; implies TLS."),
+        click.option("--tls-key", type=file, help="Key (PEM) of --tls-cert."),
+        click.option("--tls-server-name", help="Name to check the gateway's certificate against (default: the "
+                     "address's host)."),
+        # No --token flag: a token on the command line lands in shell history and in `ps`.
+        click.option("--token-file", type=file, envvar="NER_CLIENT_TOKEN_FILE",
+                     help="File holding the bearer token [NER_CLIENT_TOKEN_FILE]; or pass the token itself in "
+                     "NER_CLIENT_TOKEN."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    return ner_pb2_grpc.NerServiceStub(grpc.insecure_channel(address))
+
+def _client(address: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+            tls_server_name: str | None, token_file: Path | None) -> NerClient:
+    from ner_gateway.client import NerClient
+
+    try:
+        return NerClient(address, tls=tls or None, ca_file=tls_ca, cert_file=tls_cert, key_file=tls_key,
+                         server_name=tls_server_name, token_file=token_file,
+                         token=os.environ.get("NER_CLIENT_TOKEN") or None)
+    except (OSError, ValueError) as e:
+        raise click.UsageError(str(e)) from e
 
 
 def _print(message: Any) -> None:
@@ -64,58 +97,51 @@ def _print(message: Any) -> None:
 
 @main.command()
 @click.argument("texts", nargs=-1)
-@click.option("--address", default="127.0.0.1:50051", show_default=True)
+@_client_options
 @click.option("--model", default="", help="Model name (default: the gateway's default model).")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="simple", show_default=True)
 @click.option("--offset-unit", type=click.Choice(OFFSET_UNITS), default="code_point", show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Deadline in seconds.")
-def query(texts: tuple[str, ...], address: str, model: str, aggregation: str, offset_unit: str,
-          timeout: float) -> None:
+def query(texts: tuple[str, ...], model: str, aggregation: str, offset_unit: str, timeout: float,
+          **connection: Any) -> None:
     """Recognize entities in TEXTS (or in stdin lines when none are given) and print JSON."""
-    from ner_gateway.pb.ner.v1 import ner_pb2
-
     lines = list(texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    request = ner_pb2.RecognizeRequest(
-        texts=lines, model=model,
-        aggregation=ner_pb2.AggregationStrategy.Value(f"AGGREGATION_STRATEGY_{aggregation.upper()}"),
-        offset_unit=ner_pb2.OffsetUnit.Value(f"OFFSET_UNIT_{offset_unit.upper()}"),
-    )
     try:
-        _print(_stub(address).Recognize(request, timeout=timeout))
+        with _client(**connection) as client:
+            _print(client.recognize(lines, model=model, aggregation=aggregation, offset_unit=offset_unit,
+                                    timeout=timeout))
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from e
 
 
 @main.command()
-@click.option("--address", default="127.0.0.1:50051", show_default=True)
-def models(address: str) -> None:
+@_client_options
+def models(**connection: Any) -> None:
     """List the models the gateway serves."""
-    from ner_gateway.pb.ner.v1 import ner_pb2
-
     try:
-        _print(_stub(address).ListModels(ner_pb2.ListModelsRequest(), timeout=10))
+        with _client(**connection) as client:
+            _print(client.list_models(timeout=10))
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from e
 
 
 @main.command()
-@click.option("--address", default="127.0.0.1:50051", show_default=True)
+@_client_options
 @click.option("--service", default="", help="Service to check ('' = the whole server).")
 @click.option("--wait", type=float, default=0.0, show_default=True,
               help="Keep checking for up to this many seconds until SERVING.")
-def health(address: str, service: str, wait: float) -> None:
+def health(service: str, wait: float, **connection: Any) -> None:
     """grpc.health.v1 check: exit 0 when SERVING, 1 otherwise."""
     import time
 
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
 
     deadline = time.monotonic() + wait
     status = "UNREACHABLE"
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with _client(**connection) as client:
         while True:
             try:
-                response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                response = client.health(service, timeout=2)
                 status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             except grpc.RpcError as e:
                 status = e.code().name

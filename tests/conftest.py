@@ -125,19 +125,25 @@ class GatewayProcess:
     process: subprocess.Popen[bytes]
     address: str
     log: Path
+    credentials: grpc.ChannelCredentials | None = None  # a TLS gateway's
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+        return secure_or_insecure_channel(self.address, self.credentials)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def secure_or_insecure_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    return grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+
+
+def wait_serving(address: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with secure_or_insecure_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -170,19 +176,22 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(repository: Path, *extra: str, env: dict[str, str] | None = None) -> GatewayProcess:
+    def start(repository: Path, *extra: str, env: dict[str, str] | None = None,
+              credentials: grpc.ChannelCredentials | None = None) -> GatewayProcess:
         port = free_port()
         log = tmp_path_factory.mktemp("gateway-log") / "gateway.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [str(Path(sys.executable).parent / "ner-gateway"), "serve", "--model-repository", str(repository),
                  "--port", str(port), *extra],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NER_METRICS_PORT": "0", **(env or {})},
+                # No shutdown drain unless a test asks for one (test_shutdown): stopping stays quick.
+                stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "NER_METRICS_PORT": "0", "NER_SHUTDOWN_DRAIN_S": "0", **(env or {})},
             )
         started.append(process)
-        gateway = GatewayProcess(process, f"127.0.0.1:{port}", log)
+        gateway = GatewayProcess(process, f"127.0.0.1:{port}", log, credentials)
         try:
-            wait_serving(gateway.address, 120, process)
+            wait_serving(gateway.address, 120, process, credentials)
         except Exception:
             stop_process(process)
             raise RuntimeError(f"gateway failed to start:\n{gateway.output()[-4000:]}") from None
