@@ -1,17 +1,20 @@
-"""Server interceptors: domain errors -> gRPC status codes for every RPC, in one place; and the one way
-this service wraps an RPC's behaviour (``GuardInterceptor``, ``wrap_rpc``), shared with the metrics
-interceptor."""
+"""Server interceptors: domain errors -> gRPC status codes for every RPC, in one place (a request that does
+not parse included: INVALID_ARGUMENT, not grpc's UNKNOWN); and the one way this service wraps an RPC's
+behaviour (``GuardInterceptor``, ``wrap_rpc``), shared with the metrics interceptor."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from ner_gateway.errors import NerError
+from ner_gateway.errors import InvalidRequest, NerError, Overloaded
 
 LOGGER = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error"
@@ -20,28 +23,89 @@ Guard = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
 
 
 def wrap_rpc(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
-    """Run a unary-unary or stream-stream behaviour inside ``guard(context)``; other kinds pass through
-    (health's Watch is the only unary-stream method this server has)."""
-    if handler.unary_unary:
-        unary = handler.unary_unary
+    """Run the behaviour of an RPC of any kind inside ``guard(context)``."""
+    behaviour = _behaviour(handler)
+    if handler.response_streaming:
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with guard(context):
-                return await unary(request, context)
+                responses = behaviour(request, context)
+                if inspect.isawaitable(responses):  # it writes with context.write (health's Watch)
+                    await responses
+                else:
+                    async for response in responses:
+                        yield response
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.stream_stream:
-        stream = handler.stream_stream
+        return _rebuilt(handler, streaming, handler.request_deserializer)
 
-        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
-                async for response in stream(requests, context):
-                    yield response
+    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with guard(context):
+            return await behaviour(request, context)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
-                                                     handler.response_serializer)
-    return handler
+    return _rebuilt(handler, single, handler.request_deserializer)
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _rebuilt(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any],
+             deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind with another behaviour and request deserializer."""
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(behaviour, deserializer, handler.response_serializer)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request that does not parse deserializes to, with the message the client gets for it."""
+
+    details: str
+
+
+def reject_undecodable(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """``handler`` whose request deserializer returns ``Undecodable`` for a message that does not parse and
+    whose behaviour raises InvalidRequest for it where it reads it: for a stream, at the bad message.
+
+    grpc runs the deserializer outside every interceptor and answers one that raises with UNKNOWN (and a
+    traceback in the log); raised in the behaviour instead, the error interceptor maps it like any other and
+    the metrics interceptor counts it as INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler  # raw bytes: nothing to parse
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    undecodable = Undecodable(f"request is not a valid {descriptor.full_name} message" if descriptor
+                              else "request is not a valid protobuf message")
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            LOGGER.debug("%s: rejected a request of %d bytes that does not parse", method, len(data))
+            return undecodable
+
+    behaviour = _behaviour(handler)
+
+    def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return behaviour(_decoded_stream(request) if handler.request_streaming else _decoded(request), context)
+
+    return _rebuilt(handler, checked, tolerant)
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise InvalidRequest(request.details)
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 def _set_status(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
@@ -56,6 +120,8 @@ def _set_status(context: grpc.aio.ServicerContext, error: Exception, method: str
         else:  # anything else is a bug: log the detail, send nothing of it
             LOGGER.exception("%s failed unexpectedly", method, exc_info=error)
         code, details = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    if isinstance(error, Overloaded):  # the standard hint, honoured by gRPC's retry policy (gRFC A6)
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(error.retry_after_ms)),))
     context.set_code(code)
     context.set_details(details)
 
@@ -78,6 +144,19 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ErrorInterceptor(GuardInterceptor):
+    """Maps the errors of every RPC to status codes, a request that does not parse included."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return wrap_rpc(reject_undecodable(handler, method), self.guard(method))
+
     def guard(self, method: str) -> Guard:
         @asynccontextmanager
         async def mapped_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

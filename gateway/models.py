@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ner_gateway.decoding import LabelTable
-from ner_gateway.errors import ConfigurationError, ModelNotFound
+from ner_gateway.errors import ConfigurationError, ModelNotFound, echo
 from ner_gateway.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir, sha256_file
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.tokenization import TextTokenizer
@@ -172,7 +172,7 @@ class ModelRegistry:
     def get(self, name: str) -> NerModel:
         model = self._models.get(name or self.default_name)
         if model is None:
-            raise ModelNotFound(f"model {name!r} not found; available: {', '.join(sorted(self._models))}")
+            raise ModelNotFound(f"model {echo(name)} not found; available: {', '.join(sorted(self._models))}")
         return model
 
     def __iter__(self) -> Iterator[NerModel]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -108,3 +109,23 @@ async def test_error_status_is_sent_only_after_outer_interceptors_unwound() -> N
 
     async with serving(pipeline, [outer, ErrorInterceptor()]) as port:
         assert await asyncio.to_thread(call_from_another_thread, port) == (grpc.StatusCode.UNAVAILABLE, True)
+
+
+async def test_undecodable_requests_are_invalid_argument_and_counted(caplog) -> None:
+    """grpc deserializes before any interceptor runs and answers a parse failure with UNKNOWN; the error
+    interceptor turns it into INVALID_ARGUMENT (for a stream, at the bad message), counted by its real code."""
+    metrics, garbage = GatewayMetrics(), b"\x0a\x02\xff\xfe"  # texts = invalid UTF-8
+    details = "request is not a valid ner.v1.RecognizeRequest message"
+    async with serving(FailingPipeline(), [MetricsInterceptor(metrics), ErrorInterceptor()]) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary = channel.unary_unary("/ner.v1.NerService/Recognize")  # no serializers: bytes on the wire
+            stream = channel.stream_stream("/ner.v1.NerService/RecognizeStream")
+            for call in (lambda: unary(garbage, timeout=5), lambda: stream(iter([garbage]), timeout=5).read()):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call()
+                assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+    sample = metrics.registry.get_sample_value
+    for method in ("Recognize", "RecognizeStream"):
+        assert sample("ner_requests_total", {"method": method, "model": "", "code": "INVALID_ARGUMENT"}) == 1
+        assert sample("ner_inflight_requests", {"method": method}) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
