@@ -59,10 +59,10 @@ def response_to_pb(result: Recognition) -> ner_pb2.RecognizeResponse:
     )
 
 
-def model_info_to_pb(model: NerModel, is_default: bool) -> ner_pb2.ModelInfo:
+def model_info_to_pb(model: NerModel, is_default: bool, ready: bool) -> ner_pb2.ModelInfo:
     manifest = model.manifest
     return ner_pb2.ModelInfo(
         name=manifest.name, version=model.served.version, labels=manifest.labels,
         tagging_scheme=_SCHEMES[manifest.tagging_scheme], max_sequence_length=manifest.max_sequence_length,
-        precision=_PRECISIONS[manifest.precision], is_default=is_default,
+        precision=_PRECISIONS[manifest.precision], is_default=is_default, ready=ready,
     )

@@ -1,4 +1,11 @@
-"""grpc.health.v1 status driven by Triton's readiness."""
+"""grpc.health.v1 status driven by Triton's readiness.
+
+The overall ("") and ner.v1.NerService status is SERVING while some Triton endpoint is up and at least one
+served model is ready on one (``TritonPool.ready``): a single model unloaded or failing does not take the
+gateway out of a load balancer, since its calls fail fast with UNAVAILABLE on their own and ListModels marks
+it ``ready: false``; taking this gateway out would help nobody (every gateway sees the same Tritons). From
+shutdown on (``shutdown``), every service is NOT_SERVING for good.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +38,12 @@ class TritonHealth:
         self.metrics = metrics
         self.interval_s = interval_s
         self.serving: bool | None = None
+        self._shut_down = False
         self._task: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
+        if self._shut_down:
+            return
         if serving != self.serving:
             LOGGER.log(logging.INFO if serving else logging.WARNING, "health: %s",
                        "SERVING" if serving else "NOT_SERVING (Triton not ready)")
@@ -44,8 +54,9 @@ class TritonHealth:
             await self.servicer.set(service, SERVING if serving else NOT_SERVING)
 
     def mark_unavailable(self) -> None:
-        """Called when an inference found Triton unreachable; the poller marks it back when ready."""
-        asyncio.get_running_loop().create_task(self.set_serving(False))
+        """Called when an inference found Triton unavailable: follow at once what the pool now knows (it took
+        out what failed: an endpoint, or just one model there), instead of waiting for the next poll."""
+        asyncio.get_running_loop().create_task(self.set_serving(self.backend.ready))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._poll(), name="triton-health")
@@ -56,6 +67,10 @@ class TritonHealth:
             await asyncio.sleep(self.interval_s)
 
     async def shutdown(self) -> None:
+        """Every service NOT_SERVING, for good (later ``set_serving`` calls change nothing). Idempotent."""
+        if not self._shut_down:
+            LOGGER.info("health: NOT_SERVING (shutting down)")
+        self._shut_down = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

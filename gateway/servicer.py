@@ -31,7 +31,7 @@ class NerServicer(ner_pb2_grpc.NerServiceServicer):
     async def ListModels(
         self, request: ner_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> ner_pb2.ListModelsResponse:
-        registry = self.pipeline.registry
-        return ner_pb2.ListModelsResponse(
-            models=[convert.model_info_to_pb(m, m.name == registry.default_name) for m in registry]
-        )
+        registry, backend = self.pipeline.registry, self.pipeline.backend
+        return ner_pb2.ListModelsResponse(models=[
+            convert.model_info_to_pb(m, m.name == registry.default_name, backend.model_ready(m.name)) for m in registry
+        ])

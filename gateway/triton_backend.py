@@ -64,6 +64,14 @@ class TritonBackend:
         except InferenceServerException:
             return False
 
+    async def is_live(self, timeout_s: float = 1.0) -> bool:
+        """Triton is up and answering, whatever its models' states (``is_ready`` also needs every model it
+        has loaded to be ready, under Triton's default strict readiness)."""
+        try:
+            return bool(await self._client.is_server_live(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
     async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
         try:
             return bool(await self._client.is_model_ready(name, version, client_timeout=timeout_s))

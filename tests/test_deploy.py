@@ -33,6 +33,8 @@ TRITON_TENSORRT = "10.13.3.9"  # TensorRT in NVIDIA's 25.09 Triton/TensorRT imag
 # The metric contract: what the gateway (gateway/metrics.py) and Triton export, by name.
 GATEWAY_METRICS = {"ner_requests_total", "ner_request_duration_seconds", "ner_stage_duration_seconds",
                    "ner_inflight_requests", "ner_triton_up", "ner_entities_total"}
+
+
 def _load(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
@@ -130,7 +132,9 @@ def test_pods_run_non_root_with_read_only_root_filesystem(rendered: dict[str, li
                 assert context["capabilities"]["drop"] == ["ALL"], (name, c["name"])
                 assert "resources" in c and "requests" in c["resources"], (name, c["name"])
             for c in spec["containers"]:
-                assert c["lifecycle"]["preStop"], (name, c["name"])
+                # Triton pauses in a preStop hook; the gateway drains in-process (NER_SHUTDOWN_DRAIN_S), no hook.
+                assert ("lifecycle" not in c) == (c["name"] == "gateway"), (name, c["name"])
+                assert c["name"] == "gateway" or c["lifecycle"]["preStop"], (name, c["name"])
 
 
 def test_gpu_limits_only_in_gpu_overlays(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -245,9 +249,14 @@ def test_gateway_settings_match_the_cluster(rendered: dict[str, list[dict[str, A
         grpc_port = {p["name"]: p["port"] for p in headless["spec"]["ports"]}["grpc"]
         namespace = headless["metadata"]["namespace"]
         assert settings["NER_TRITON_URL"] == f"dns:///triton-headless.{namespace}.svc.cluster.local:{grpc_port}"
-        # The shutdown drain fits in the grace period, after the preStop pause.
-        pause = int(gateway["lifecycle"]["preStop"]["exec"]["command"][-1])
-        assert pause + float(settings["NER_SHUTDOWN_GRACE_S"]) < pod_spec(deployment)["terminationGracePeriodSeconds"]
+        # Shutdown: NOT_SERVING for the drain, which outlasts the readiness probe's failures (the endpoint is gone
+        # before the port closes); then in-flight calls get the grace, as long as the default deadline; both fit
+        # in the pod's termination grace period with a margin.
+        drain, grace = float(settings["NER_SHUTDOWN_DRAIN_S"]), float(settings["NER_SHUTDOWN_GRACE_S"])
+        probe = gateway["readinessProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] <= drain, name
+        assert grace >= float(settings["NER_DEFAULT_TIMEOUT_S"]), name
+        assert drain + grace + 5 <= pod_spec(deployment)["terminationGracePeriodSeconds"], name
         assert ("NER_TENSORRT_VERSION" in settings) == (name in GPU_OVERLAYS), name
 
 
@@ -256,9 +265,10 @@ def test_triton_args_resolve(rendered: dict[str, list[dict[str, Any]]]) -> None:
         deployment = one(docs, "Deployment", "triton")
         triton = container(deployment, "triton")
         settings = config_map(docs, "triton-config")
-        env = {e["name"]: e["valueFrom"]["configMapKeyRef"]["key"] for e in triton["env"]}
+        env = {e["name"]: e["valueFrom"] for e in triton["env"]}
         for variable in re.findall(r"\$\((\w+)\)", " ".join(triton["args"])):
-            assert env[variable] in settings, (name, variable)
+            source = env[variable]
+            assert "secretKeyRef" in source or source["configMapKeyRef"]["key"] in settings, (name, variable)
         assert "--model-control-mode=explicit" in triton["args"]
         grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
         pause = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -270,6 +280,72 @@ def test_triton_args_resolve(rendered: dict[str, list[dict[str, Any]]]) -> None:
         s3 = settings["MODEL_REPOSITORY"].startswith("s3://")
         assert s3 == name.endswith("-s3"), name
         assert bool(objects(docs, "PersistentVolumeClaim")) != s3, name
+
+
+def test_only_the_gateway_reaches_tritons_grpc_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in rendered.items():
+        triton = one(docs, "Deployment", "triton")
+        triton_labels = triton["spec"]["template"]["metadata"]["labels"]
+        gateway_labels = one(docs, "Deployment", "ner-gateway")["spec"]["template"]["metadata"]["labels"]
+        (policy,) = [p for p in objects(docs, "NetworkPolicy")
+                     if selects(p["spec"]["podSelector"]["matchLabels"], triton_labels)]
+        assert policy["spec"]["policyTypes"] == ["Ingress"], name
+        allowed: dict[str, list[dict[str, Any]]] = {}
+        for rule in policy["spec"]["ingress"]:
+            assert rule["from"] and rule["ports"], name  # no rule open to every source or every port
+            for port in rule["ports"]:
+                allowed.setdefault(port["port"], []).extend(rule["from"])
+        ports = {p["name"]: p["containerPort"] for p in container(triton, "triton")["ports"]}
+        # HTTP (the admin APIs, probes) gets no rule: only the pod's own node (kubelet probes) and the pod itself.
+        assert set(allowed) == {"grpc", "metrics"} and set(allowed) <= set(ports), name
+        (grpc_peer,) = allowed["grpc"]
+        assert set(grpc_peer) == {"podSelector"}, name  # this namespace only
+        assert selects(grpc_peer["podSelector"]["matchLabels"], gateway_labels), name
+        assert not selects(grpc_peer["podSelector"]["matchLabels"], triton_labels), name
+        (prometheus,) = allowed["metrics"]
+        assert prometheus == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}, name
+
+
+def test_tritons_admin_protocols_need_the_secret_key(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from ner_gateway.triton_process import ADMIN_KEY, RESTRICTED_PROTOCOLS
+
+    restricted = f"{','.join(RESTRICTED_PROTOCOLS)}:{ADMIN_KEY}=$(TRITON_ADMIN_KEY)"
+    for name, docs in rendered.items():
+        triton = container(one(docs, "Deployment", "triton"), "triton")
+        assert f"--grpc-restricted-protocol={restricted}" in triton["args"], name
+        assert f"--http-restricted-api={restricted}" in triton["args"], name
+        env = {e["name"]: e["valueFrom"] for e in triton["env"]}
+        assert env["TRITON_ADMIN_KEY"] == {"secretKeyRef": {"name": "triton-admin-key", "key": "key",
+                                                            "optional": False}}, name
+        assert not objects(docs, "Secret"), name  # created out of band (deploy/README.md), never committed
+
+
+async def test_load_model_script_sends_the_admin_key(tiny_repository: Path) -> None:
+    """deploy/k8s/load-model.sh's Python part against a real Triton whose repository API is restricted."""
+    import asyncio
+    import os
+    import subprocess
+
+    from ner_gateway.triton_process import EmbeddedTriton
+
+    script = (K8S / "load-model.sh").read_text()
+    program = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    triton = EmbeddedTriton(tiny_repository)
+    await triton.start()
+    try:
+        env = {**os.environ, "TRITON_HTTP_URL": f"http://127.0.0.1:{triton.ports.http}"}
+
+        def run(key: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-", "tiny", "1"], input=program, capture_output=True, text=True,
+                                  env={**env, "TRITON_ADMIN_KEY": key}, timeout=120)
+
+        loaded = await asyncio.to_thread(run, triton.admin_headers["triton-grpc-protocol-admin-key"])
+        assert loaded.returncode == 0 and loaded.stdout.strip() == "tiny: READY versions 1", loaded.stderr
+        refused = await asyncio.to_thread(run, "wrong")
+        assert refused.returncode != 0 and "403" in refused.stderr
+    finally:
+        await triton.stop()
 
 
 def test_prometheus_rule_is_generated_from_the_alert_rules() -> None:

@@ -116,7 +116,7 @@ def test_more_texts_than_triton_batch_are_split_and_kept_in_order(stub) -> None:
 
 def test_list_models(stub) -> None:
     (model,) = stub.ListModels(ner_pb2.ListModelsRequest(), timeout=10).models
-    assert model.name == TINY_MODEL and model.version == "1" and model.is_default
+    assert model.name == TINY_MODEL and model.version == "1" and model.is_default and model.ready
     assert list(model.labels) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
     assert model.tagging_scheme == ner_pb2.TAGGING_SCHEME_BIO
     assert model.precision == ner_pb2.PRECISION_FP32

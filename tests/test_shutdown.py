@@ -1,0 +1,113 @@
+"""Shutdown is readiness first: SIGTERM -> NOT_SERVING at once -> serve on for the drain -> no new calls,
+in-flight ones finish within the grace period -> exit 0. A real ``ner-gateway serve`` process under load."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+
+from conftest import GatewayProcess
+
+DRAIN_S = 2.0
+GRACE_S = 30.0  # the default
+CLIENTS = 8
+# 64 texts of ~80 tokens: two windows each, so that 8 calls in flight stay within the gateway's admission limits.
+TEXTS = ["Angela Merkel visited Paris and Berlin with the chairman of Siemens. " * 6] * 64
+SERVICES = ("", "ner.v1.NerService")
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Call:
+    sent: float
+    done: float
+    code: grpc.StatusCode
+
+
+def keep_calling(gateway: GatewayProcess, calls: list[Call], stop: threading.Event) -> None:
+    """One client: 64-text calls back to back on one connection, until one fails (the port closed) or ``stop``."""
+    with gateway.channel() as channel:
+        stub = ner_pb2_grpc.NerServiceStub(channel)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                response = stub.Recognize(ner_pb2.RecognizeRequest(texts=TEXTS), timeout=120)
+                code = grpc.StatusCode.OK if len(response.documents) == len(TEXTS) else grpc.StatusCode.DATA_LOSS
+            except grpc.RpcError as e:
+                code = e.code()
+            calls.append(Call(sent, time.monotonic(), code))
+            if code != grpc.StatusCode.OK:
+                return
+
+
+def health_status(channel: grpc.Channel, service: str) -> int | grpc.StatusCode:
+    try:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_sigterm_drains_readiness_first_under_load(start_gateway, tiny_repository: Path) -> None:
+    gateway = start_gateway(tiny_repository, env={"NER_SHUTDOWN_DRAIN_S": str(DRAIN_S)})
+    calls: list[Call] = []
+    stop = threading.Event()
+    clients = [threading.Thread(target=keep_calling, args=(gateway, calls, stop)) for _ in range(CLIENTS)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(1.5)  # every client has calls in flight
+        assert calls and all(c.code == grpc.StatusCode.OK for c in calls), calls
+        signalled = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        # A new connection: health says NOT_SERVING on every service at once, while the port still serves calls.
+        with gateway.channel() as channel:
+            seen: list[int | grpc.StatusCode] = []
+            while time.monotonic() < signalled + 1.0 and NOT_SERVING not in seen:
+                seen.append(health_status(channel, ""))
+                time.sleep(0.05)
+            assert seen[-1] == NOT_SERVING, f"health after SIGTERM: {seen}"
+            assert health_status(channel, SERVICES[1]) == NOT_SERVING
+            sent = time.monotonic()
+            response = ner_pb2_grpc.NerServiceStub(channel).Recognize(
+                ner_pb2.RecognizeRequest(texts=["Angela Merkel visited Paris"]), timeout=60)
+            assert len(response.documents) == 1 and sent < signalled + DRAIN_S
+        code = gateway.process.wait(timeout=DRAIN_S + GRACE_S + 20)
+        exited = time.monotonic()
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=150)
+    assert code == 0, gateway.output()[-3000:]
+    assert exited - signalled >= DRAIN_S
+    # Every call sent before the drain's end (less a margin for the signal's delivery) completed OK, including
+    # those still in flight when the gateway stopped accepting; later ones were refused with UNAVAILABLE, none
+    # was cancelled.
+    drain_end = signalled + DRAIN_S
+    early = [c for c in calls if c.sent < drain_end - 0.5]
+    assert early and [c for c in early if c.code != grpc.StatusCode.OK] == []
+    assert {c.code for c in calls} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, calls
+    assert any(c.code == grpc.StatusCode.OK and c.sent > signalled for c in calls)  # served during the drain
+    assert any(c.code == grpc.StatusCode.OK and c.sent < drain_end < c.done for c in calls)  # finished in grace
+    output = gateway.output()
+    assert "draining" in output and "ner-gateway stopped" in output
+
+
+def test_second_signal_ends_the_drain(start_gateway, tiny_repository: Path) -> None:
+    gateway = start_gateway(tiny_repository, env={"NER_SHUTDOWN_DRAIN_S": "60"})
+    gateway.process.send_signal(signal.SIGTERM)
+    with gateway.channel() as channel:
+        deadline = time.monotonic() + 5
+        while health_status(channel, "") != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(channel, "") == NOT_SERVING
+    gateway.process.send_signal(signal.SIGINT)
+    assert gateway.process.wait(timeout=30) == 0  # not the 60 s drain
