@@ -48,6 +48,15 @@ class GatewayMetrics:
                                          ["model", "label"], registry=r)
         self.inflight = Gauge("ner_inflight_requests", "RPCs being served", ["method"], registry=r)
         self.triton_up = Gauge("ner_triton_up", "1 while Triton reports ready, else 0", registry=r)
+        self.refused = Counter("ner_refused_requests", "Requests refused at once, before any work (load "
+                               "shedding), by reason: requests or windows (at capacity: RESOURCE_EXHAUSTED), "
+                               "deadline (less time left than a Triton call takes now: DEADLINE_EXCEEDED)",
+                               ["reason"], registry=r)
+        self.abandoned_windows = Counter(
+            "ner_abandoned_windows", "Windows of requests that failed, timed out or were cancelled before their "
+            "answer: never sent to Triton (queued) or cancelled there (in_triton)", ["model", "stage"], registry=r)
+        self.auth_failures = Counter("ner_auth_failures", "RPCs refused for their bearer token, by reason "
+                                     "(missing, malformed, rejected)", ["reason"], registry=r)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -16,10 +17,11 @@ import numpy as np
 
 from ner_gateway.decoding import decode
 from ner_gateway.domain import Document, Recognition, RecognizeRequest, StageTimings
-from ner_gateway.errors import InvalidRequest, TritonUnavailable
+from ner_gateway.errors import InvalidRequest, Overloaded, TooLate, TritonUnavailable
 from ner_gateway.metrics import GatewayMetrics, current_model
 from ner_gateway.models import ModelRegistry, NerModel
 from ner_gateway.offsets import convert_entities
+from ner_gateway.scheduling import Admission, FairScheduler, plan_calls
 from ner_gateway.tokenization import TextTokens, Window
 from ner_gateway.tracing import TRACER
 from ner_gateway.triton_pool import TritonPool
@@ -43,6 +45,14 @@ class CpuStage(Protocol):
 
 
 @dataclass(frozen=True)
+class TritonShares:
+    """How much of Triton a model's calls may hold at once: overall and per request (see scheduling)."""
+
+    capacity_tokens: int
+    request_tokens: int
+
+
+@dataclass(frozen=True)
 class CpuOffload:
     """Where a large request's CPU stages run: ``executor``, from ``min_chars`` characters on (see settings)."""
 
@@ -54,7 +64,8 @@ class RecognitionPipeline:
     def __init__(
         self, registry: ModelRegistry, backend: TritonPool, limits: Limits,
         on_triton_unavailable: Callable[[], None] = lambda: None, metrics: GatewayMetrics | None = None,
-        offload: CpuOffload | None = None,
+        offload: CpuOffload | None = None, admission: Admission | None = None,
+        shares: TritonShares | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
@@ -62,6 +73,9 @@ class RecognitionPipeline:
         self.on_triton_unavailable = on_triton_unavailable
         self.metrics = metrics
         self.offload = offload
+        self.admission = admission
+        self.shares = shares or TritonShares(capacity_tokens=1 << 30, request_tokens=1 << 30)
+        self._schedulers: dict[str, FairScheduler] = {}
 
     def validate(self, request: RecognizeRequest) -> NerModel:
         limits = self.limits
@@ -81,7 +95,18 @@ class RecognitionPipeline:
         return self.registry.get(request.model)
 
     async def recognize(self, request: RecognizeRequest, timeout_s: float | None = None) -> Recognition:
-        """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default)."""
+        """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default).
+        Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all the work it may,
+        and with TooLate (DEADLINE_EXCEEDED) when less time is left than a Triton call takes now."""
+        try:
+            with self.admission.request() if self.admission else contextlib.nullcontext():
+                return await self._recognize(request, timeout_s)
+        except (Overloaded, TooLate) as e:
+            if self.metrics is not None:
+                self.metrics.refused.labels(e.reason).inc()
+            raise
+
+    async def _recognize(self, request: RecognizeRequest, timeout_s: float | None) -> Recognition:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.limits.default_timeout_s)
         # Spans carry sizes and names, never the raw text.
@@ -91,6 +116,8 @@ class RecognitionPipeline:
             model = self.validate(request)
             span.set_attribute("ner.model", model.name)
         current_model.set(model.name)
+        if self.admission is not None:
+            self.admission.check_time(deadline - loop.time(), self._scheduler(model.name).typical_call_s)
         request_id = request.request_id or uuid.uuid4().hex
         offload = self.offload if self.offload and sum(map(len, request.texts)) >= self.offload.min_chars else None
 
@@ -103,25 +130,27 @@ class RecognitionPipeline:
             tokens, windows = await cpu_stage(lambda: self._tokenize(model, request.texts))
             n_tokens = sum(map(len, tokens))
             span.set_attributes({"ner.tokens": n_tokens, "ner.windows": len(windows), "ner.offloaded": bool(offload)})
-        t1 = time.perf_counter_ns()
-        with TRACER.start_as_current_span("triton.infer") as span:
-            span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
-                                 "ner.windows": len(windows), "ner.request_id": request_id})
-            window_logits = await self._infer(model, tokens, windows, deadline, request_id, cpu_stage)
-        t2 = time.perf_counter_ns()
-        with TRACER.start_as_current_span("decode") as span:
-            documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits))
-            span.set_attributes({"ner.aggregation": request.aggregation.value,
-                                 "ner.entities": sum(len(d.entities) for d in documents)})
-        t3 = time.perf_counter_ns()
-        result = Recognition(
-            documents=documents, model=model.name, model_version=model.served.version, request_id=request_id,
-            timings=StageTimings((t1 - t0) // 1000, (t2 - t1) // 1000, (t3 - t2) // 1000),
-        )
-        if self.metrics is not None:
-            stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
-            self.metrics.observe_recognition(result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
-        return result
+        # The windows count against the admission limit from here to the answer.
+        with self.admission.windows_of(len(windows)) if self.admission else contextlib.nullcontext():
+            t1 = time.perf_counter_ns()
+            with TRACER.start_as_current_span("triton.infer") as span:
+                span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
+                                     "ner.windows": len(windows), "ner.request_id": request_id})
+                window_logits = await self._infer(model, tokens, windows, deadline, request_id, cpu_stage)
+            t2 = time.perf_counter_ns()
+            with TRACER.start_as_current_span("decode") as span:
+                documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits))
+                span.set_attributes({"ner.aggregation": request.aggregation.value,
+                                     "ner.entities": sum(len(d.entities) for d in documents)})
+            t3 = time.perf_counter_ns()
+            result = Recognition(
+                documents=documents, model=model.name, model_version=model.served.version, request_id=request_id,
+                timings=StageTimings((t1 - t0) // 1000, (t2 - t1) // 1000, (t3 - t2) // 1000),
+            )
+            if self.metrics is not None:
+                stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
+                self.metrics.observe_recognition(result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
+            return result
 
     @staticmethod
     def _tokenize(model: NerModel, texts: list[str]) -> tuple[list[TextTokens], list[Window]]:
@@ -140,33 +169,60 @@ class RecognitionPipeline:
             documents.append(Document(convert_entities(text, entities, request.offset_unit), len(text_windows)))
         return documents
 
+    def _scheduler(self, model: str) -> FairScheduler:
+        if model not in self._schedulers:
+            self._schedulers[model] = FairScheduler(self.shares.capacity_tokens, self.shares.request_tokens)
+        return self._schedulers[model]
+
     async def _infer(self, model: NerModel, tokens: list[TextTokens], windows: list[Window], deadline: float,
                      request_id: str, cpu_stage: CpuStage) -> list[np.ndarray]:
-        """Logits per window ([its tokens with specials, classes]); all windows of all texts go to Triton
-        in batches of at most its max_batch_size, sent concurrently. ``cpu_stage`` builds their arrays."""
+        """Logits per window ([its tokens with specials, classes]). The windows of all texts go to Triton in
+        calls of at most max_batch_size rows and the request's share of tokens, as the model's scheduler grants
+        them; ``cpu_stage`` builds their arrays. Calls not yet sent when the request fails, runs out of time or
+        is cancelled are never sent; those in Triton are cancelled."""
         loop = asyncio.get_running_loop()
-        size = model.served.max_batch_size
-        # Longest windows together: each Triton call pads to its own longest window, so sorting first keeps
-        # the padding (and, for engines, the bucket) small.
-        order = sorted(range(len(windows)), key=lambda i: windows[i].end - windows[i].start)
-        chunks = [[windows[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
-        inputs = await cpu_stage(lambda: [model.tokenizer.arrays(tokens, chunk, model.sequence_buckets)
-                                          for chunk in chunks])
-        try:
-            results = await asyncio.gather(*(
-                self.backend.infer(model.served, arrays, model.manifest.output, deadline - loop.time(), request_id)
-                for arrays in inputs
-            ))
-        except TritonUnavailable:
-            self.on_triton_unavailable()
-            raise
         specials = model.tokenizer.special_tokens
-        sorted_logits = [
-            result[row, : window.end - window.start + specials]
-            for chunk, result in zip(chunks, results, strict=True)
-            for row, window in enumerate(chunk)
-        ]
+        buckets = model.sequence_buckets
+        lengths = [w.end - w.start + specials for w in windows]
+        padded = [min((b for b in buckets if b >= n), default=n) for n in lengths]
+        # Sorted by length, so each call pads (for engines: picks its bucket) for windows of similar length.
+        calls = plan_calls(padded, model.served.max_batch_size, self.shares.request_tokens)
+        inputs = await cpu_stage(lambda: [model.tokenizer.arrays(tokens, [windows[i] for i in call], buckets)
+                                          for call in calls])
+        scheduler, owner = self._scheduler(model.name), object()
+        state = ["queued"] * len(calls)  # -> "in_triton" -> "done"
+
+        async def run(number: int, arrays: dict[str, np.ndarray]) -> np.ndarray:
+            async with scheduler.call(owner, next(iter(arrays.values())).size, deadline):
+                state[number] = "in_triton"
+                result = await self.backend.infer(model.served, arrays, model.manifest.output,
+                                                  deadline - loop.time(), request_id)
+                state[number] = "done"
+                return result
+
+        try:
+            async with asyncio.TaskGroup() as group:  # the first failure cancels the other calls
+                tasks = [group.create_task(run(n, arrays)) for n, arrays in enumerate(inputs)]
+        except BaseExceptionGroup as failed:
+            self._count_abandoned(model.name, calls, state)
+            error = failed.exceptions[0]
+            if isinstance(error, TritonUnavailable):
+                self.on_triton_unavailable()
+            raise error from None
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed in gRPC
+            self._count_abandoned(model.name, calls, state)
+            raise
         logits: list[np.ndarray] = [np.empty(0)] * len(windows)
-        for position, index in enumerate(order):
-            logits[index] = sorted_logits[position]
+        for call, task in zip(calls, tasks, strict=True):
+            result = task.result()
+            for row, index in enumerate(call):
+                logits[index] = result[row, : lengths[index]]
         return logits
+
+    def _count_abandoned(self, model: str, calls: list[list[int]], state: list[str]) -> None:
+        """Windows of a failed request that Triton never ran (queued) or may not finish (in_triton, cancelled)."""
+        if self.metrics is None:
+            return
+        for call, where in zip(calls, state, strict=True):
+            if where != "done":
+                self.metrics.abandoned_windows.labels(model, where).inc(len(call))

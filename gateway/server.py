@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -12,12 +13,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ner_gateway import transport_security
+from ner_gateway.auth import BearerAuthInterceptor, BearerTokens
 from ner_gateway.health import SERVICE_NAME, TritonHealth
 from ner_gateway.interceptors import ErrorInterceptor
 from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
 from ner_gateway.models import EngineRuntime, ModelRegistry
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
-from ner_gateway.pipeline import CpuOffload, Limits, RecognitionPipeline
+from ner_gateway.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
+from ner_gateway.scheduling import Admission, AdmissionLimits
 from ner_gateway.servicer import NerServicer
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.tracing import Tracing, configure_tracing
@@ -51,7 +55,7 @@ class Gateway:
                 ports = TritonPorts(s.triton_grpc_port, s.triton_http_port, s.triton_metrics_port)
                 self.triton = EmbeddedTriton(
                     s.model_repository, ready_timeout_s=s.triton_ready_timeout_s, log_verbose=s.triton_log_verbose,
-                    ports=ports if all((ports.grpc, ports.http, ports.metrics)) else None,
+                    ports=ports,  # each one set takes effect; 0 = a free port for that one
                     trace_endpoint=self._triton_trace_endpoint(), on_state_change=self._on_triton_state,
                 )
                 await self.triton.start()
@@ -69,6 +73,9 @@ class Gateway:
                 Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
                 on_triton_unavailable=self.health.mark_unavailable, metrics=self.metrics,
                 offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars),
+                admission=Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows,
+                                                    s.retry_after_ms)),
+                shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens),
             )
             self.server = grpc.aio.server(interceptors=self._interceptors())
             ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), self.server)
@@ -77,7 +84,7 @@ class Gateway:
                 [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME], self.server,
             )
-            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+            self.port = transport_security.add_port(self.server, s)  # TLS when configured
             await self.health.set_serving(self.backend.ready)
             self.health.start()
             if s.metrics_port is not None:
@@ -91,8 +98,12 @@ class Gateway:
         return self.port
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Outermost first: the RPC's server span, then its metrics, then error mapping."""
+        """Outermost first: the RPC's server span, then authentication (a refused call reaches nothing else),
+        then its metrics, then error mapping."""
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics), ErrorInterceptor()]
+        tokens = BearerTokens.from_settings(self.settings)
+        if tokens is not None:
+            interceptors.insert(0, BearerAuthInterceptor(tokens, self.metrics, self.settings.auth_exempt_reflection))
         if self.tracing is not None:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
@@ -126,14 +137,30 @@ class Gateway:
             ready = self.backend.ready
         await self.health.set_serving(ready)
 
+    async def drain(self, cut_short: asyncio.Event | None = None) -> None:
+        """Readiness first: every health service NOT_SERVING at once, then ``shutdown_drain_s`` of serving as
+        usual, so that load balancers (Kubernetes' readiness probe) take this gateway out while it still
+        accepts calls. ``cut_short`` set (a second signal) ends the drain early. ``stop()`` comes next."""
+        if self.health is not None:
+            await self.health.shutdown()
+        drain_s = self.settings.shutdown_drain_s
+        if self.server is None or drain_s <= 0:
+            return
+        LOGGER.info("draining: NOT_SERVING but serving for %.1f s more (NER_SHUTDOWN_DRAIN_S)", drain_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for((cut_short or asyncio.Event()).wait(), drain_s)
+
     async def stop(self) -> None:
-        """Health NOT_SERVING -> drain RPCs for the grace period -> stop Triton."""
+        """Health NOT_SERVING (if ``drain`` did not already) -> no new RPCs, in-flight ones finish within
+        ``shutdown_grace_s`` -> stop Triton. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         if self.health is not None:
             await self.health.shutdown()
         if self.server is not None:
+            LOGGER.info("no new RPCs; those in flight get up to %.1f s (NER_SHUTDOWN_GRACE_S)",
+                        self.settings.shutdown_grace_s)
             await self.server.stop(self.settings.shutdown_grace_s)
         if self.backend is not None:
             await self.backend.close()
@@ -148,14 +175,21 @@ class Gateway:
 
 
 async def serve(settings: GatewaySettings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down readiness first: ``drain`` (a second signal cuts it short),
+    then ``stop``."""
     gateway = Gateway(settings, configure_tracing())
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await gateway.start()
         await stop.wait()
         LOGGER.info("shutting down")
+        await gateway.drain(hurry)
     finally:
         await gateway.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,18 +43,53 @@ class GatewaySettings(BaseSettings):
     both) stay on the loop, where the thread hop would cost more than it frees. 0: every request."""
     cpu_offload_threads: int = Field(2, ge=1)
     """Worker threads for those large requests (tokenizing runs in Rust without Python's lock)."""
+    max_inflight_requests: int = Field(256, ge=1)
+    """Most requests (RPCs of NerService and messages of its streams) served at once; past it a call is refused
+    at once with RESOURCE_EXHAUSTED and a retry hint (``grpc-retry-pushback-ms``) instead of queueing."""
+    max_inflight_windows: int = Field(2048, ge=1)
+    """Most model inputs (windows) of all requests being served; past it, RESOURCE_EXHAUSTED likewise. A single
+    request larger than this is still served when it is the only one."""
+    retry_after_ms: int = Field(200, ge=0)
+    """The retry hint sent with RESOURCE_EXHAUSTED."""
+    triton_inflight_tokens: int = Field(8192, ge=1)
+    """Most padded tokens the gateway has in Triton at once, per model; further calls wait in the gateway, in
+    fair order, where deadlines and cancellation apply before any work is done. Big enough for Triton's
+    dynamic batcher to form full batches of sentences (32 x ~40 tokens per instance)."""
+    request_inflight_tokens: int = Field(2048, ge=1)
+    """Most padded tokens one request has in Triton at once (and the size of its calls): a long document runs
+    one bounded call after another and leaves Triton's other instances to everyone else (4 windows of 512)."""
     triton_ready_timeout_s: float = Field(120.0, gt=0)
     """How long to wait at startup for Triton and its models to become ready."""
     health_check_interval_s: float = Field(1.0, gt=0)
     """How often Triton's readiness is polled to drive the gRPC health status."""
-    shutdown_grace_s: float = Field(5.0, ge=0)
-    """How long in-flight RPCs may finish after SIGTERM."""
+    shutdown_drain_s: float = Field(5.0, ge=0)
+    """After SIGTERM, how long the gateway reports NOT_SERVING yet goes on serving every call normally, so that
+    load balancers take it out before it stops accepting: at least the readiness probe's periodSeconds times its
+    failureThreshold (Kubernetes), or the health-checking client's interval. A second SIGTERM/SIGINT ends the
+    drain early. 0: stop accepting at once."""
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    """After the drain, how long RPCs already in flight may finish while no new ones are accepted; the rest are
+    cancelled. As long as the default deadline (default_timeout_s), so that a call sent just before the drain
+    ended completes. Then Triton is stopped: terminationGracePeriodSeconds must cover drain + grace + Triton's
+    stop (embedded: up to 15 s)."""
     triton_grpc_port: int = Field(0, ge=0, le=65535)
-    """Embedded Triton's gRPC port (0 = free port)."""
+    """Embedded Triton's gRPC port (0 = free port). Each port setting applies on its own; with ``triton_url`` (a
+    remote Triton) setting one is refused."""
     triton_http_port: int = Field(0, ge=0, le=65535)
     """Embedded Triton's HTTP port (0 = free port)."""
     triton_metrics_port: int = Field(0, ge=0, le=65535)
     """Embedded Triton's metrics port (0 = free port)."""
+
+    @model_validator(mode="after")
+    def _triton_ports_only_for_the_embedded_triton(self) -> GatewaySettings:
+        if self.triton_url is not None:
+            ports = {"NER_TRITON_GRPC_PORT": self.triton_grpc_port, "NER_TRITON_HTTP_PORT": self.triton_http_port,
+                     "NER_TRITON_METRICS_PORT": self.triton_metrics_port}
+            if set_ports := [name for name, port in ports.items() if port]:
+                raise ValueError(f"{', '.join(set_ports)} set the embedded Triton's ports, but NER_TRITON_URL "
+                                 "points at a running Triton: unset one or the other")
+        return self
+
     triton_log_verbose: int = Field(0, ge=0)
     """Embedded Triton's --log-verbose level."""
     tensorrt_version: str | None = None
@@ -72,3 +107,31 @@ class GatewaySettings(BaseSettings):
     when tracing is enabled. Unset: derived from OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT when the gateway itself
     exports over http/protobuf; Triton only speaks OTLP/HTTP."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tls_cert_file: Path | None = None
+    """Server certificate chain (PEM) for TLS; needs ``tls_key_file``. Re-read when it changes on disk, so a
+    rotated certificate is served to new connections without a restart. Unset: plaintext (a WARNING unless
+    ``host`` is a loopback address)."""
+    tls_key_file: Path | None = None
+    """Private key (PEM) of ``tls_cert_file``."""
+    tls_client_ca_file: Path | None = None
+    """CA bundle (PEM) for mutual TLS: clients must present a certificate signed by it, or the handshake
+    fails. Needs ``tls_cert_file``. Unset: clients are not asked for a certificate."""
+    auth_tokens_file: Path | None = None
+    """File of accepted bearer tokens, one per line (blank lines and ``#`` comments ignored), e.g. a mounted
+    Kubernetes Secret; re-read when it changes, so tokens rotate without a restart. Set (or ``auth_tokens``):
+    every RPC but health checks needs ``authorization: Bearer <token>``."""
+    auth_tokens: SecretStr | None = None
+    """Accepted bearer tokens, comma-separated (a Secret injected as an environment variable); added to those
+    of ``auth_tokens_file``."""
+    auth_exempt_reflection: bool = False
+    """Serve gRPC reflection without a token (health checks never need one)."""
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> GatewaySettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both NER_TLS_CERT_FILE and NER_TLS_KEY_FILE (or neither, for plaintext)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("NER_TLS_CLIENT_CA_FILE (mutual TLS) needs NER_TLS_CERT_FILE and NER_TLS_KEY_FILE")
+        if self.auth_tokens is not None and not self.auth_tokens.get_secret_value().strip(" ,"):
+            raise ValueError("NER_AUTH_TOKENS is set but holds no token")
+        return self

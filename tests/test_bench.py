@@ -72,3 +72,20 @@ def test_throughput_reports_every_path_and_draws_the_sweep(int8_repository: Path
                 f"gateway:{model} p50 at 1 client / ort-single", f"gateway:{model} p99 / p50"} <= set(ratios)
     assert f"gateway:{int8} / ort-rows" in ratios and f"gateway:{TINY_MODEL} / ort-rows" not in ratios
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_soak_reports_slices_errors_and_memory(tiny_repository: Path, tmp_path: Path) -> None:
+    result = run_bench("soak.py", "soak", "--repository", str(tiny_repository), "--model", TINY_MODEL,
+                       "--clients", "8", "--minutes", "0.1", "--slice-s", "3", out=tmp_path / "soak.json")
+    assert len(result["slices"]) == 2 and result["errors"] == 0 and result["calls"] > 0
+    for cell in result["slices"]:
+        assert cell["codes"] == {"OK": cell["calls"]} and 0 < cell["p50_ms"] <= cell["p99_ms"]
+        assert all(cell["rss_mb"][role] > 0 for role in ("gateway", "tritonserver", "stubs")), cell
+    assert set(result["rss_growth_after_warmup"]) == {"gateway", "tritonserver", "stubs"}
+
+
+def test_flood_counts_codes_and_triton_work(tiny_repository: Path, tmp_path: Path) -> None:
+    result = run_bench("soak.py", "flood", "--repository", str(tiny_repository), "--model", TINY_MODEL,
+                       "--clients", "32", "--seconds", "2", "--deadline-ms", "1000", out=tmp_path / "flood.json")
+    assert sum(result["codes"].values()) > 0 and result["codes"].get("OK", 0) > 0
+    assert result["triton_windows_run"] >= result["codes"]["OK"]  # one window per tweet on the tiny model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def test_defaults() -> None:
     assert settings.window_stride is None
     assert settings.default_timeout_s == 30.0
     assert (settings.cpu_offload_chars, settings.cpu_offload_threads) == (2000, 2)
+    assert (settings.shutdown_drain_s, settings.shutdown_grace_s) == (5.0, 30.0)
+    assert (settings.max_inflight_requests, settings.max_inflight_windows, settings.retry_after_ms) == (256, 2048, 200)
+    assert (settings.triton_inflight_tokens, settings.request_inflight_tokens) == (8192, 2048)
     assert settings.log_level == "INFO"
 
 
@@ -88,6 +92,12 @@ def test_dotenv_between_default_and_environment(monkeypatch: pytest.MonkeyPatch,
         ("NER_DEFAULT_TIMEOUT_S", "0"),
         ("NER_CPU_OFFLOAD_CHARS", "-1"),
         ("NER_CPU_OFFLOAD_THREADS", "0"),
+        ("NER_SHUTDOWN_DRAIN_S", "-1"),
+        ("NER_MAX_INFLIGHT_REQUESTS", "0"),
+        ("NER_MAX_INFLIGHT_WINDOWS", "0"),
+        ("NER_RETRY_AFTER_MS", "-1"),
+        ("NER_TRITON_INFLIGHT_TOKENS", "0"),
+        ("NER_REQUEST_INFLIGHT_TOKENS", "0"),
         ("NER_LOG_LEVEL", "TRACE"),
     ],
 )
@@ -105,6 +115,7 @@ def test_invalid_environment(monkeypatch: pytest.MonkeyPatch, name: str, value: 
         {"max_texts_per_request": 0},
         {"health_check_interval_s": 0},
         {"shutdown_grace_s": -1},
+        {"shutdown_drain_s": -1},
         {"log_level": "debug"},
         {"no_such_setting": 1},
     ],
@@ -114,10 +125,54 @@ def test_invalid_kwargs(kwargs: dict) -> None:
         GatewaySettings(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"NER_TLS_CERT_FILE": "/tls/tls.crt"}, "TLS needs both NER_TLS_CERT_FILE and NER_TLS_KEY_FILE"),
+        ({"NER_TLS_KEY_FILE": "/tls/tls.key"}, "TLS needs both NER_TLS_CERT_FILE and NER_TLS_KEY_FILE"),
+        ({"NER_TLS_CLIENT_CA_FILE": "/tls/ca.crt"}, "NER_TLS_CLIENT_CA_FILE (mutual TLS) needs NER_TLS_CERT_FILE"),
+        ({"NER_AUTH_TOKENS": " , "}, "NER_AUTH_TOKENS is set but holds no token"),
+        ({"NER_AUTH_EXEMPT_REFLECTION": "maybe"}, "auth_exempt_reflection"),
+    ],
+)
+def test_invalid_security_settings(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        GatewaySettings()
+    result = CliRunner().invoke(main, ["serve"])  # refused before anything starts, with the reason
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_security_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NER_TLS_CERT_FILE", "/tls/tls.crt")
+    monkeypatch.setenv("NER_TLS_KEY_FILE", "/tls/tls.key")
+    monkeypatch.setenv("NER_TLS_CLIENT_CA_FILE", "/tls/ca.crt")
+    monkeypatch.setenv("NER_AUTH_TOKENS", "s3cret-one,s3cret-two")
+    settings = GatewaySettings()
+    assert (settings.tls_cert_file, settings.tls_key_file) == (Path("/tls/tls.crt"), Path("/tls/tls.key"))
+    assert settings.auth_tokens is not None and settings.auth_tokens.get_secret_value() == "s3cret-one,s3cret-two"
+    assert "s3cret" not in repr(settings)  # a SecretStr: masked wherever the settings are printed
+    assert (settings.auth_tokens_file, settings.auth_exempt_reflection) == (None, False)
+
+
 def test_invalid_kwarg_not_masked_by_valid_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NER_PORT", "6000")
     with pytest.raises(ValidationError):
         GatewaySettings(port=-5)
+
+
+@pytest.mark.parametrize("name", ["NER_TRITON_GRPC_PORT", "NER_TRITON_HTTP_PORT", "NER_TRITON_METRICS_PORT"])
+def test_triton_port_with_a_remote_triton_is_refused(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # A port of the embedded Triton has no effect on a remote one: refused, not silently ignored.
+    monkeypatch.setenv(name, "9000")
+    assert getattr(GatewaySettings(), name.removeprefix("NER_").lower()) == 9000  # alone: taken as is
+    monkeypatch.setenv("NER_TRITON_URL", "triton:8001")
+    with pytest.raises(ValidationError, match=f"{name} set the embedded Triton's ports, but NER_TRITON_URL"):
+        GatewaySettings()
+    assert GatewaySettings(**{name.removeprefix("NER_").lower(): 0}).triton_url == "triton:8001"  # 0 = unset
+    result = CliRunner().invoke(main, ["serve"])
+    assert result.exit_code == 1 and name in result.output
 
 
 def test_unknown_key_in_dotenv_is_rejected(clean_env: Path) -> None:

@@ -1,0 +1,189 @@
+"""Soak and flood: the served path under long and under excessive load, in bounded runs.
+
+    .venv/bin/python bench/soak.py soak --repository model_repository --model wnut16 --minutes 5
+    .venv/bin/python bench/soak.py flood --repository model_repository --model wnut16 --seconds 20
+
+One embedded Triton and one ``ner-gateway serve`` in front of it (its default settings), callers in this
+process sending one WNUT tweet per call.
+
+soak   --clients (64) callers without pause for --minutes, cut into --slice-s slices. Per slice: calls, errors by
+       status code, p50/p99, and the resident memory (RSS) of the gateway, tritonserver and its Python-backend
+       stubs. Reported: errors in all, the p50 spread over the slices (max/min), and RSS growth from the end of
+       the first slice (warm-up: models loaded, pools and caches filled) to the end.
+flood  --clients (256) callers with --deadline-ms (100) deadlines for --seconds: calls by status code, how fast
+       RESOURCE_EXHAUSTED came back, and the windows Triton ran (its inference_count) against the answers the
+       callers got: work for calls that had given up shows as the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from throughput import percentiles, start_gateway, triton_counts, wnut_texts  # bench/throughput.py, beside this
+
+from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def server_rss_mb(gateway_pid: int, triton_pid: int) -> dict[str, float]:
+    """RSS of the gateway, tritonserver and its stubs (tritonserver's child processes), in MiB."""
+    stubs = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                if parent == triton_pid:
+                    stubs += rss_mb(int(entry))
+            except (OSError, ValueError):
+                continue
+    return {"gateway": round(rss_mb(gateway_pid), 1), "tritonserver": round(rss_mb(triton_pid), 1),
+            "stubs": round(stubs, 1)}
+
+
+async def callers(address: str, model: str, texts: list[str], clients: int, seconds: float, deadline_s: float,
+                  on_result: Any) -> None:
+    """``clients`` callers sending one text per call, back to back, for ``seconds``."""
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ner_pb2_grpc.NerServiceStub(channel)
+
+        async def caller(k: int) -> None:
+            i = k
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                try:
+                    await stub.Recognize(ner_pb2.RecognizeRequest(texts=[texts[i % len(texts)]], model=model),
+                                         timeout=deadline_s)
+                    code = "OK"
+                except grpc.aio.AioRpcError as e:
+                    code = e.code().name
+                on_result(code, time.monotonic() - started)
+                i += clients
+
+        await asyncio.gather(*(caller(k) for k in range(clients)))
+
+
+def soak(args: argparse.Namespace, address: str, gateway_pid: int, triton_pid: int, texts: list[str]) -> dict:
+    slices: list[dict[str, Any]] = []
+    loop = asyncio.new_event_loop()
+    try:
+        for index in range(max(1, round(args.minutes * 60 / args.slice_s))):
+            codes: dict[str, int] = {}
+            latencies: list[float] = []
+
+            def record(code: str, seconds: float, codes: dict[str, int] = codes,
+                       latencies: list[float] = latencies) -> None:
+                codes[code] = codes.get(code, 0) + 1
+                if code == "OK":
+                    latencies.append(seconds)
+
+            loop.run_until_complete(callers(address, args.model, texts, args.clients, args.slice_s, 30.0, record))
+            cell = {"slice": index, "calls": sum(codes.values()), "codes": codes, **percentiles(latencies),
+                    "rss_mb": server_rss_mb(gateway_pid, triton_pid)}
+            print(json.dumps(cell), flush=True)
+            slices.append(cell)
+    finally:
+        loop.close()
+    p50s = [s["p50_ms"] for s in slices[1:] or slices]
+    warm, end = slices[0]["rss_mb"], slices[-1]["rss_mb"]
+    return {
+        "slices": slices,
+        "errors": sum(n for s in slices for code, n in s["codes"].items() if code != "OK"),
+        "calls": sum(s["calls"] for s in slices),
+        "p50_ms_after_warmup": {"min": min(p50s), "max": max(p50s), "max / min": round(max(p50s) / min(p50s), 2)},
+        "rss_growth_after_warmup": {k: round(end[k] / warm[k] - 1, 4) for k in warm if warm[k]},
+        "rss_total_growth_after_warmup": round(sum(end.values()) / sum(warm.values()) - 1, 4),
+    }
+
+
+def flood(args: argparse.Namespace, address: str, triton_url: str, texts: list[str]) -> dict:
+    codes: dict[str, int] = {}
+    refused_s: list[float] = []
+
+    def record(code: str, seconds: float) -> None:
+        codes[code] = codes.get(code, 0) + 1
+        if code == "RESOURCE_EXHAUSTED":
+            refused_s.append(seconds)
+
+    before = triton_counts(triton_url, args.model)[0]
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
+                                        args.deadline_ms / 1000, record))
+        loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
+    finally:
+        loop.close()
+    ran = triton_counts(triton_url, args.model)[0] - before
+    ok = codes.get("OK", 0)
+    return {
+        "codes": codes,
+        "triton_windows_run": ran,
+        "triton_windows_per_answer": round(ran / ok, 2) if ok else None,
+        "resource_exhausted_ms": percentiles(refused_s) if refused_s else None,
+        "share_refused_within_deadline": round(float(np.mean(np.asarray(refused_s) < args.deadline_ms / 1000)), 3)
+        if refused_s else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["soak", "flood"])
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model", default="wnut16")
+    parser.add_argument("--clients", type=int)
+    parser.add_argument("--minutes", type=float, default=5.0, help="soak: how long")
+    parser.add_argument("--slice-s", type=float, default=30.0, help="soak: seconds per slice")
+    parser.add_argument("--seconds", type=float, default=20.0, help="flood: how long")
+    parser.add_argument("--deadline-ms", type=float, default=100.0, help="flood: each call's deadline")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+    args.clients = args.clients or (64 if args.mode == "soak" else 256)
+
+    from ner_gateway.triton_process import EmbeddedTriton
+
+    texts = wnut_texts(1000)
+    loop = asyncio.new_event_loop()  # one loop owns the Triton process from start to stop
+    triton = EmbeddedTriton(args.repository)
+    loop.run_until_complete(triton.start())
+    gateway = None
+    try:
+        gateway, address = start_gateway(args.repository, triton.grpc_url, {"NER_METRICS_PORT": "0"})
+        assert triton.pid is not None
+        setup = {"mode": args.mode, "model": args.model, "clients": args.clients}
+        if args.mode == "soak":
+            result = {"setup": {**setup, "minutes": args.minutes, "slice_s": args.slice_s},
+                      **soak(args, address, gateway.pid, triton.pid, texts)}
+        else:
+            result = {"setup": {**setup, "seconds": args.seconds, "deadline_ms": args.deadline_ms},
+                      **flood(args, address, triton.grpc_url, texts)}
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(60)
+        loop.run_until_complete(triton.stop())
+        loop.close()
+    summary = {k: v for k, v in result.items() if k != "slices"}
+    print(json.dumps(summary, indent=2))
+    out = args.json_out or Path(f"bench/results/{args.mode}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
