@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 import grpc
 
 from ner_gateway.errors import ConfigurationError
+from ner_gateway.interceptors import rebuilt
 from ner_gateway.metrics import GatewayMetrics
+from ner_gateway.secret_files import FileStamp, file_stamp, parse_tokens
 from ner_gateway.settings import GatewaySettings
 
 LOGGER = logging.getLogger(__name__)
@@ -33,11 +34,6 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def parse_tokens(text: str) -> list[str]:
-    """One token per line; blank lines and ``#`` comments skipped."""
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
 class BearerTokens:
     """The accepted tokens: fixed ones plus those of a file, re-read when its mtime, size or inode changes."""
 
@@ -45,7 +41,7 @@ class BearerTokens:
         self._fixed = [_digest(t) for t in tokens]
         self.file = file
         self._file_digests: list[bytes] = []
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         if file is not None:
             try:
                 self._reload()
@@ -66,8 +62,7 @@ class BearerTokens:
     def _reload(self) -> bool:
         """Re-read the file if it changed since last read; True if it did."""
         assert self.file is not None
-        st = os.stat(self.file)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        stamp = file_stamp(self.file)
         if stamp == self._stamp:
             return False
         self._file_digests = [_digest(t) for t in parse_tokens(self.file.read_text())]
@@ -99,13 +94,7 @@ def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, detai
 
     if handler is None:  # unknown method: refused all the same, so that its absence is not disclosed
         return grpc.unary_unary_rpc_method_handler(abort)
-    kind = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return kind(abort, handler.request_deserializer, handler.response_serializer)
+    return rebuilt(handler, abort, handler.request_deserializer)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+from ner_gateway.secret_files import parse_tokens
 
 SERVICE = "ner.v1.NerService"
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
@@ -65,10 +66,10 @@ def service_config(max_attempts: int = 4) -> str:
 
 def read_token(file: str | Path) -> str:
     """The first token of a file (blank lines and ``#`` comments skipped), e.g. a mounted Secret."""
-    for line in Path(file).read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            return line.strip()
-    raise ValueError(f"no token in {file}")
+    tokens = parse_tokens(Path(file).read_text())
+    if not tokens:
+        raise ValueError(f"no token in {file}")
+    return tokens[0]
 
 
 def _read(path: str | Path | None) -> bytes | None:

@@ -36,21 +36,21 @@ def wrap_rpc(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHand
                     async for response in responses:
                         yield response
 
-        return _rebuilt(handler, streaming, handler.request_deserializer)
+        return rebuilt(handler, streaming, handler.request_deserializer)
 
     async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with guard(context):
             return await behaviour(request, context)
 
-    return _rebuilt(handler, single, handler.request_deserializer)
+    return rebuilt(handler, single, handler.request_deserializer)
 
 
 def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
 
-def _rebuilt(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any],
-             deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+def rebuilt(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any],
+            deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind with another behaviour and request deserializer."""
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -94,7 +94,7 @@ def reject_undecodable(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcM
     def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
         return behaviour(_decoded_stream(request) if handler.request_streaming else _decoded(request), context)
 
-    return _rebuilt(handler, checked, tolerant)
+    return rebuilt(handler, checked, tolerant)
 
 
 def _decoded(request: Any) -> Any:
@@ -133,29 +133,26 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         """The guard for RPCs of ``method`` (its full name, /package.Service/Method); None leaves them alone."""
         raise NotImplementedError
 
+    def prepare(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler to guard, from the service's own (by default that one)."""
+        return handler
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        guard = None if handler is None else self.guard(handler_call_details.method)
-        return handler if guard is None else wrap_rpc(handler, guard)
+        method = handler_call_details.method
+        guard = None if handler is None else self.guard(method)
+        return handler if guard is None else wrap_rpc(self.prepare(handler, method), guard)
 
 
 class ErrorInterceptor(GuardInterceptor):
     """Maps the errors of every RPC to status codes, a request that does not parse included."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        return wrap_rpc(reject_undecodable(handler, method), self.guard(method))
+    def prepare(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return reject_undecodable(handler, method)
 
     def guard(self, method: str) -> Guard:
         @asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import ssl
 import threading
 from pathlib import Path
@@ -12,11 +11,12 @@ from pathlib import Path
 import grpc
 
 from ner_gateway.errors import ConfigurationError
+from ner_gateway.secret_files import FileStamp, file_stamp
 from ner_gateway.settings import GatewaySettings
 
 LOGGER = logging.getLogger(__name__)
 
-Stamp = tuple[tuple[int, int, int] | None, ...]
+Stamp = tuple[FileStamp | None, ...]
 
 
 def is_loopback(host: str) -> bool:
@@ -45,11 +45,10 @@ class RotatingCertificate:
             raise ConfigurationError(f"cannot use the TLS files {', '.join(map(str, self.files))}: {e}") from e
 
     def _stamp(self) -> Stamp:
-        stamps = []
+        stamps: list[FileStamp | None] = []
         for path in self.files:
             try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+                stamps.append(file_stamp(path))
             except OSError:
                 stamps.append(None)
         return tuple(stamps)
