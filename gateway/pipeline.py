@@ -22,7 +22,7 @@ from ner_gateway.metrics import GatewayMetrics, current_model
 from ner_gateway.models import ModelRegistry, NerModel
 from ner_gateway.offsets import convert_entities
 from ner_gateway.scheduling import Admission, FairScheduler, plan_calls
-from ner_gateway.tokenization import TextTokens, Window
+from ner_gateway.tokenization import TextTokens, Window, padded_width
 from ner_gateway.tracing import TRACER
 from ner_gateway.triton_pool import TritonPool
 
@@ -184,7 +184,7 @@ class RecognitionPipeline:
         specials = model.tokenizer.special_tokens
         buckets = model.sequence_buckets
         lengths = [w.end - w.start + specials for w in windows]
-        padded = [min((b for b in buckets if b >= n), default=n) for n in lengths]
+        padded = [padded_width(n, buckets) for n in lengths]
         # Sorted by length, so each call pads (for engines: picks its bucket) for windows of similar length.
         calls = plan_calls(padded, model.served.max_batch_size, self.shares.request_tokens)
         inputs = await cpu_stage(lambda: [model.tokenizer.arrays(tokens, [windows[i] for i in call], buckets)

@@ -21,6 +21,12 @@ from ner_gateway.errors import ConfigurationError
 _INPUT_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 
+def padded_width(length: int, buckets: tuple[int, ...] = ()) -> int:
+    """Width a row of ``length`` tokens (specials included) is padded to: itself, or with ``buckets`` (a TensorRT
+    engine's profile lengths) the smallest bucket that holds it."""
+    return min((b for b in buckets if b >= length), default=length)
+
+
 @dataclass(frozen=True)
 class TextTokens:
     """One text's tokens (no special tokens) and what decoding needs to know about them."""
@@ -120,8 +126,7 @@ class TextTokenizer:
         """
         prefix_ids, prefix_types = (list(x) for x in zip(*self._prefix, strict=True)) if self._prefix else ([], [])
         suffix_ids, suffix_types = (list(x) for x in zip(*self._suffix, strict=True)) if self._suffix else ([], [])
-        longest = max(w.end - w.start for w in windows) + self.special_tokens
-        longest = min((b for b in buckets if b >= longest), default=longest)
+        longest = padded_width(max(w.end - w.start for w in windows) + self.special_tokens, buckets)
         ids = np.zeros((len(windows), longest), dtype=np.int64)
         type_ids = np.zeros_like(ids)
         mask = np.zeros_like(ids)
