@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from throughput import percentiles, start_gateway, triton_counts, wnut_texts  # bench/throughput.py, beside this
+from throughput import children, percentiles, start_gateway, triton_counts, wnut_texts  # bench/throughput.py
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
@@ -43,15 +42,11 @@ def rss_mb(pid: int) -> float:
 def server_rss_mb(gateway_pid: int, triton_pid: int) -> dict[str, float]:
     """RSS of the gateway, tritonserver and its stubs (tritonserver's child processes), in MiB."""
     stubs = 0.0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-                if parent == triton_pid:
-                    stubs += rss_mb(int(entry))
-            except (OSError, ValueError):
-                continue
+    for stub in children(triton_pid):
+        try:
+            stubs += rss_mb(stub)
+        except OSError:
+            continue  # a stub that ended meanwhile
     return {"gateway": round(rss_mb(gateway_pid), 1), "tritonserver": round(rss_mb(triton_pid), 1),
             "stubs": round(stubs, 1)}
 

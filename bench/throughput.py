@@ -130,17 +130,27 @@ def process_stat(pid: int | str) -> tuple[int, float]:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the gateway, tritonserver and its Python-backend stubs (its child processes)."""
-    stubs = 0.0
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (for tritonserver: its Python-backend stubs)."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                parent, cpu_s = process_stat(entry)
+                if process_stat(entry)[0] == pid:
+                    found.append(int(entry))
             except (OSError, ValueError):
                 continue  # a process that ended meanwhile
-            if parent == triton_pid:
-                stubs += cpu_s
+    return found
+
+
+def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the gateway, tritonserver and its Python-backend stubs."""
+    stubs = 0.0
+    for stub in children(triton_pid):
+        try:
+            stubs += process_stat(stub)[1]
+        except (OSError, ValueError):
+            continue
     return {"gateway": process_stat(gateway_pid)[1], "tritonserver": process_stat(triton_pid)[1], "stubs": stubs}
 
 
