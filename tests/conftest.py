@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -118,6 +120,22 @@ def target_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint:
                            engine=EngineOptions(seq_buckets=SEQ_BUCKETS, library="tensorrt_rtx"))
     build_model(tiny_checkpoint, repository, TINY_MODEL, options)
     return repository
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample at http://127.0.0.1:port/metrics (the gateway's or Triton's), by (name, sorted labels)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric_sum(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels`` (all others, any value)."""
+    return sum(value for (sample, sample_labels), value in samples.items()
+               if sample == name and set(labels.items()) <= set(sample_labels))
 
 
 @dataclass

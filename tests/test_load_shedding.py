@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,8 @@ import pytest
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.triton_process import free_port
+
+from conftest import metric_sum, scrape
 
 SENTENCE = "Angela Merkel met Emmanuel Macron in Berlin on Monday."
 # Short for the load: 256 callers of one sentence with 0.5 s deadlines are more than the gateway and Triton can
@@ -24,19 +25,17 @@ FLOOD_DEADLINE = 0.5
 LARGE = " ".join([SENTENCE] * 1800)  # ~100,000 characters: ~540 windows of the tiny model's 64 tokens
 
 
-def scrape(port: int, name: str) -> float:
-    """Sum of a Prometheus metric's samples (all label sets) at http://127.0.0.1:port/metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if re.match(rf"{name}(\{{|\s)", line))
+def total(port: int, name: str) -> float:
+    """Sum of a metric's samples, all label sets, at http://127.0.0.1:port/metrics."""
+    return metric_sum(scrape(port), name)
 
 
 @pytest.fixture(scope="module")
 def shedding_gateway(start_gateway, tiny_repository: Path):  # type: ignore[no-untyped-def]
-    """Small limits so that a test can reach them: 8 requests, one 512-token call in Triton per request."""
+    """Small limits so that a test can reach them: 4 requests, one 512-token call in Triton per request."""
     ports = {"triton": free_port(), "gateway": free_port()}
     gateway = start_gateway(tiny_repository, env={
-        "NER_MAX_INFLIGHT_REQUESTS": "8", "NER_REQUEST_INFLIGHT_TOKENS": "512", "NER_RETRY_AFTER_MS": "250",
+        "NER_MAX_INFLIGHT_REQUESTS": "4", "NER_REQUEST_INFLIGHT_TOKENS": "512", "NER_RETRY_AFTER_MS": "250",
         "NER_TRITON_METRICS_PORT": str(ports["triton"]), "NER_METRICS_PORT": str(ports["gateway"]),
     })
     return gateway, ports
@@ -51,15 +50,15 @@ async def test_a_sentence_overtakes_a_large_request_whose_windows_wait_in_the_ga
     gateway, ports = shedding_gateway
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         await recognize(channel, SENTENCE, 30)  # warm
-        before = scrape(ports["triton"], "nv_inference_count")
+        before = total(ports["triton"], "nv_inference_count_total")
         large = asyncio.ensure_future(recognize(channel, LARGE, 120))
         pending = []
-        while scrape(ports["triton"], "nv_inference_count") - before < 16:  # the large request is in Triton
+        while total(ports["triton"], "nv_inference_count_total") - before < 16:  # the large request is in Triton
             await asyncio.sleep(0.005)
         for _ in range(20):  # Triton's queue while it runs: one call of the large request at most
-            pending.append(scrape(ports["triton"], "nv_inference_pending_request_count"))
+            pending.append(total(ports["triton"], "nv_inference_pending_request_count"))
         answer = await recognize(channel, SENTENCE, 30)
-        done_when_small_returned = scrape(ports["triton"], "nv_inference_count") - before
+        done_when_small_returned = total(ports["triton"], "nv_inference_count_total") - before
         response = await large
     windows = response.documents[0].windows
     assert windows > 400 and answer.documents[0].entities
@@ -75,7 +74,7 @@ async def test_a_flood_is_shed_with_a_retry_hint_and_triton_runs_nothing_given_u
     pushback: set[str] = set()
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         await recognize(channel, SENTENCE, 30)
-        triton_before = scrape(ports["triton"], "nv_inference_count")
+        triton_before = total(ports["triton"], "nv_inference_count_total")
         stop_at = time.monotonic() + 4.0
 
         async def client() -> None:
@@ -92,7 +91,7 @@ async def test_a_flood_is_shed_with_a_retry_hint_and_triton_runs_nothing_given_u
 
         await asyncio.gather(*(client() for _ in range(256)))
         await asyncio.sleep(0.5)
-        rows_run = scrape(ports["triton"], "nv_inference_count") - triton_before
+        rows_run = total(ports["triton"], "nv_inference_count_total") - triton_before
         # Still serving normally afterwards.
         assert (await recognize(channel, SENTENCE, 30)).documents[0].entities
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -106,7 +105,7 @@ async def test_a_flood_is_shed_with_a_retry_hint_and_triton_runs_nothing_given_u
     # it ran beyond the answers is calls whose answer came back late (the +1 is this test's last call). The
     # unprotected gateway ran 71 windows per answer in the same flood (issue 9).
     assert rows_run <= 1.5 * codes.get(grpc.StatusCode.OK, 0) + 1, (rows_run, codes)
-    assert scrape(ports["gateway"], "ner_refused_requests_total") >= refused
+    assert total(ports["gateway"], "ner_refused_requests_total") >= refused
 
 
 async def test_the_work_of_a_request_whose_deadline_passed_stops(shedding_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -114,17 +113,17 @@ async def test_the_work_of_a_request_whose_deadline_passed_stops(shedding_gatewa
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = ner_pb2_grpc.NerServiceStub(channel)
         windows = 4 * (await stub.Recognize(ner_pb2.RecognizeRequest(texts=[LARGE]), timeout=60)).documents[0].windows
-        before = scrape(ports["triton"], "nv_inference_count")
-        abandoned_before = scrape(ports["gateway"], "ner_abandoned_windows_total")
+        before = total(ports["triton"], "nv_inference_count_total")
+        abandoned_before = total(ports["gateway"], "ner_abandoned_windows_total")
         with pytest.raises(grpc.aio.AioRpcError) as failed:  # more than 2 s of Triton, one call at a time
             await stub.Recognize(ner_pb2.RecognizeRequest(texts=[LARGE] * 4), timeout=2.0)
         assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await asyncio.sleep(0.3)  # the call in Triton when the deadline passed ends
-        settled = scrape(ports["triton"], "nv_inference_count")
+        settled = total(ports["triton"], "nv_inference_count_total")
         await asyncio.sleep(1.0)
-        assert scrape(ports["triton"], "nv_inference_count") == settled  # nothing more runs for it
+        assert total(ports["triton"], "nv_inference_count_total") == settled  # nothing more runs for it
     ran = settled - before
-    abandoned = scrape(ports["gateway"], "ner_abandoned_windows_total") - abandoned_before
+    abandoned = total(ports["gateway"], "ner_abandoned_windows_total") - abandoned_before
     assert 0 < ran < windows, (ran, windows)
     # Every window Triton did not run is counted as abandoned (never sent, or cancelled in Triton).
     assert ran + abandoned >= windows, (ran, abandoned, windows)

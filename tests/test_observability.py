@@ -7,19 +7,17 @@ from __future__ import annotations
 import os
 import secrets
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otlp import TraceSink, start_rotel
-from prometheus_client.parser import text_string_to_metric_families
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.triton_process import free_port
 
-from conftest import TINY_MODEL, stop_process
+from conftest import TINY_MODEL, scrape, stop_process
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +50,6 @@ def traced_gateway(start_gateway, tiny_repository: Path, collector):
     }
     gateway = start_gateway(tiny_repository, env=env)
     return gateway, {k: int(v) for k, v in ports.items()}
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def value(samples: dict, name: str, **labels: str) -> float:

@@ -5,7 +5,6 @@ bytes and field values only ever get documented status codes."""
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from ner_gateway.pb.ner.v1 import ner_pb2
 
-from conftest import TINY_MODEL, GatewayProcess
+from conftest import TINY_MODEL, GatewayProcess, metric_sum, scrape
 
 RECOGNIZE = "/ner.v1.NerService/Recognize"
 NOT_A_REQUEST = "request is not a valid ner.v1.RecognizeRequest message"
@@ -83,9 +82,7 @@ def baseline(raw: Call) -> list[list[tuple[str, int, int]]]:
 
 def metric(gateway: GatewayProcess, method: str, code: str) -> float:
     port = re.findall(r"metrics on http://[^:]+:(\d+)/metrics", gateway.output())[-1]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    pattern = rf'^ner_requests_total\{{code="{code}",method="{method}",model="[^"]*"\}} (\S+)$'  # any model
-    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
+    return metric_sum(scrape(int(port)), "ner_requests_total", method=method, code=code)  # any model
 
 
 @pytest.mark.parametrize("data", UNDECODABLE.values(), ids=UNDECODABLE.keys())
