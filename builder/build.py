@@ -27,6 +27,7 @@ from ner_builder.checkpoint import Checkpoint, load_checkpoint
 from ner_builder.errors import BuildError
 from ner_builder.targets import DEFAULT_TARGET, Target
 from ner_builder.triton_config import ServingOptions, python_onnx_config, tensorrt_plan_config, to_pbtxt
+from ner_gateway.cjk import cjk_pieces
 from ner_gateway.manifest import (
     TOKENIZER_FILE,
     AccuracyReport,
@@ -346,6 +347,7 @@ def _stage(
         inputs=input_names,
         output=export.OUTPUT_NAME,
         tokenizer_sha256=sha256_file(directory / TOKENIZER_FILE),
+        cjk_pieces=cjk_pieces(Tokenizer.from_file(str(directory / TOKENIZER_FILE))),
         source_checkpoint=str(checkpoint.path.resolve()),
         package_versions={p: importlib.metadata.version(p) for p in RECORDED_PACKAGES},
         parity=parity,

@@ -24,6 +24,7 @@ from ner_builder.checkpoint import model_max_length
 from ner_builder.datasets import NerDataset, head, held_out_split
 from ner_builder.evaluate import first_subtokens
 from ner_builder.spans import Scheme, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
+from ner_gateway.cjk import cjk_pieces
 
 LOGGER = logging.getLogger(__name__)
 
@@ -126,6 +127,21 @@ def _collate(batch: list[_Encoded], pad_id: int) -> dict[str, Any]:
 def _batches(items: list[_Encoded], batch_size: int, order: list[int]) -> Iterator[list[_Encoded]]:
     for start in range(0, len(order), batch_size):
         yield [items[i] for i in order[start : start + batch_size]]
+
+
+def _isolate_cjk(tokenizer: Any, dataset: NerDataset) -> Any:
+    from ner_builder.isolate_cjk import CjkIsolationError, isolate_cjk
+
+    try:
+        isolated = isolate_cjk(tokenizer)
+    except CjkIsolationError as exc:
+        if dataset.char_level:  # its labels are per character: merged pieces would blur every span
+            raise TrainError(f"{exc}; train {dataset.name} on a tokenizer that can isolate them") from exc
+        LOGGER.warning("%s; keeping its pieces as they are", exc)
+        return tokenizer
+    if isolated is not tokenizer:
+        LOGGER.info("CJK ideographs isolated in the tokenizer: one piece per character")
+    return isolated
 
 
 def _freeze_word_embeddings(model: Any) -> int:
@@ -250,6 +266,7 @@ def train_token_classifier(
     limit: int | None = None,
     eval_limit: int | None = None,
     freeze_embeddings: bool = False,
+    isolate_cjk: bool = True,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune `base` on `dataset`, evaluate on the held-out part, save to `output`.
@@ -257,7 +274,9 @@ def train_token_classifier(
     The held-out part is the corpus's official test split when it has one (msra; `eval_fraction` is then
     unused), else a seeded `eval_fraction` split. `limit` / `eval_limit` keep the first N train / eval
     sentences. `freeze_embeddings` keeps the input word embeddings as they are (much faster for XLM-R's
-    250k-piece vocabulary; they are still saved).
+    250k-piece vocabulary; they are still saved). `isolate_cjk` gives every CJK ideograph a piece of its own
+    when the base tokenizer merges them (XLM-R), so that Chinese entities get exact character spans; the
+    checkpoint is saved with that tokenizer (``ner_builder.isolate_cjk``).
     """
     base, output = Path(base), Path(output)
     _check_base(base)
@@ -295,6 +314,8 @@ def train_token_classifier(
         raise TrainError(f"cannot load a tokenizer and token classifier from {base}: {exc}") from exc
     if not tokenizer.is_fast:
         raise TrainError(f"{base} has no fast tokenizer (tokenizer.json); word alignment needs one")
+    if isolate_cjk:
+        tokenizer = _isolate_cjk(tokenizer, dataset)
 
     model_limit = model_max_length(tokenizer, model.config)
     train_length = min(max_length, model_limit)
@@ -359,6 +380,7 @@ def train_token_classifier(
         "scheme": dataset.scheme,
         "eval_level": "character" if dataset.char_level else "word",
         "freeze_embeddings": freeze_embeddings,
+        "cjk_pieces": str(cjk_pieces(tokenizer.backend_tokenizer)),
         "body_lr": body_lr,
         "head_lr": head_lr,
         "precision": precision,

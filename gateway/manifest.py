@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ner_gateway.cjk import CjkPieces
+
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -131,6 +133,9 @@ class ModelManifest(BaseModel):
     output: str = "logits"
     tokenizer_file: str = TOKENIZER_FILE
     tokenizer_sha256: str
+    cjk_pieces: CjkPieces | None = Field(
+        None, description="How the tokenizer cuts CJK ideographs (isolated: one piece each, exact spans); "
+        "checked at gateway start. Absent in manifests built before it was recorded.")
     source_checkpoint: str
     package_versions: dict[str, str]
     parity: ParityReport

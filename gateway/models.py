@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,7 +129,15 @@ def load_tokenizer(version_dir: Path, manifest: ModelManifest) -> TextTokenizer:
         raise ConfigurationError(
             f"{manifest.name}: {path} does not match the manifest's tokenizer checksum; rebuild the model"
         )
-    return TextTokenizer(path, manifest.max_sequence_length, manifest.inputs)
+    tokenizer = TextTokenizer(path, manifest.max_sequence_length, manifest.inputs)
+    if manifest.cjk_pieces is not None and tokenizer.cjk_pieces is not manifest.cjk_pieces:
+        raise ConfigurationError(
+            f"{manifest.name}: the tokenizer cuts CJK ideographs as {tokenizer.cjk_pieces} pieces here but was "
+            f"built for {manifest.cjk_pieces} pieces (tokenizers {importlib.metadata.version('tokenizers')} "
+            f"reads {path} differently from the build's {manifest.package_versions.get('tokenizers', '?')}); "
+            "install the build's tokenizers version or rebuild the model"
+        )
+    return tokenizer
 
 
 class ModelRegistry:

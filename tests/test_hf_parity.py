@@ -3,7 +3,8 @@
 Our side is the gateway's own path (TextTokenizer -> windows -> model inputs -> merge -> decode), with
 the PyTorch model standing in for Triton; HF's side is the real pipeline. Entities (label, start, end)
 must be identical and scores within 1e-4, for a WordPiece tokenizer (word-aware, "##" subwords) and a
-SentencePiece/Unigram one (XLM-R: HF's space heuristic for words), on curated and random texts.
+SentencePiece/Unigram one (XLM-R: HF's space heuristic for words), and that one with its CJK ideographs
+isolated (what ``ner-builder train`` saves for Chinese), on curated and random texts.
 """
 
 from __future__ import annotations
@@ -138,9 +139,24 @@ def unigram() -> Reference:
     return Reference(model, tokenizer, path)
 
 
+@pytest.fixture(scope="module")
+def unigram_cjk(unigram: Reference, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """The same model and XLM-R vocabulary, CJK ideographs isolated, saved and loaded back as a checkpoint's is."""
+    from transformers import AutoTokenizer
+
+    from ner_builder.isolate_cjk import isolate_cjk
+
+    folder = tmp_path_factory.mktemp("xlmr-cjk-isolated")
+    isolate_cjk(unigram.hf_tokenizer).save_pretrained(folder)
+    return Reference(unigram.model, AutoTokenizer.from_pretrained(folder), folder / "tokenizer.json")
+
+
+FAMILIES = ["wordpiece", "unigram", "unigram_cjk"]
+
+
 @pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
 @pytest.mark.parametrize("aggregation", STRATEGIES, ids=lambda a: a.name)
-@pytest.mark.parametrize("family", ["wordpiece", "unigram"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_curated_texts(request: pytest.FixtureRequest, family: str, aggregation: Aggregation) -> None:
     reference: Reference = request.getfixturevalue(family)
     for text in CURATED:
@@ -150,7 +166,7 @@ def test_curated_texts(request: pytest.FixtureRequest, family: str, aggregation:
 
 
 @pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
-@pytest.mark.parametrize("family", ["wordpiece", "unigram"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_random_texts(request: pytest.FixtureRequest, family: str) -> None:
     reference: Reference = request.getfixturevalue(family)
 
@@ -170,3 +186,16 @@ def test_word_boundaries_differ_between_tokenizer_families(wordpiece: Reference,
     (sp,) = unigram.ours.tokenize(["unbelievably good"])
     assert wp.view.is_subword.any() and sp.view.is_subword.any()
     assert np.array_equal(wp.view.is_subword, [t.startswith("##") for t in wp.encoding.tokens])
+
+
+def test_the_isolated_family_differs_from_xlmr_only_on_ideographs(unigram: Reference, unigram_cjk: Reference) -> None:
+    from ner_gateway.cjk import is_cjk
+
+    for text in CURATED:
+        (merged,), (isolated,) = unigram.ours.tokenize([text]), unigram_cjk.ours.tokenize([text])
+        if any(map(is_cjk, text)):
+            assert merged.encoding.ids != isolated.encoding.ids, text
+        else:
+            assert merged.encoding.ids == isolated.encoding.ids, text
+    (isolated,) = unigram_cjk.ours.tokenize(["我在北京大学读书"])
+    assert isolated.encoding.tokens == ["▁我", "在", "北", "京", "大", "学", "读", "书"]
