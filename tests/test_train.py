@@ -103,10 +103,12 @@ def test_train_cli_writes_checkpoint_and_reports_f1(tiny_checkpoint: Path, tmp_p
 
     out = tmp_path / "cli-model"
     result = CliRunner().invoke(main, ["train", "--base", str(tiny_checkpoint), "--dataset", "wnut16",
-                                       "--output", str(out), "--epochs", "1", "--limit", "32"])
+                                       "--output", str(out), "--epochs", "1", "--limit", "32", "--group-by-length"])
     assert result.exit_code == 0, result.output
     assert "entity F1" in result.output and "359 held-out sentences" in result.output
-    assert json.loads((out / "eval_metrics.json").read_text())["train_sentences"] == 32
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    assert metrics["train_sentences"] == 32 and metrics["group_by_length"] is True
+    assert metrics["cjk_pieces"] == "isolated"  # BERT's WordPiece isolates them already: nothing changed
 
 
 def test_train_cli_rejects_unknown_dataset_and_missing_base(tmp_path: Path) -> None:
@@ -119,3 +121,25 @@ def test_train_cli_rejects_unknown_dataset_and_missing_base(tmp_path: Path) -> N
     missing = CliRunner().invoke(main, ["train", "--base", str(tmp_path / "nope"), "--dataset", "wnut16",
                                         "--output", str(tmp_path / "out")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_length_grouped_batches_keep_every_sentence_and_cut_padding() -> None:
+    import random
+
+    from ner_builder.train import _Encoded, _length_grouped
+
+    rng = random.Random(0)
+    items = [_Encoded([0] * rng.randint(3, 120), [], [], []) for _ in range(1000)]
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    grouped = _length_grouped(items, order, 16)
+    assert sorted(grouped) == list(range(len(items)))
+
+    def padding(sequence: list[int]) -> float:
+        batches = [sequence[i : i + 16] for i in range(0, len(sequence), 16)]
+        padded = sum(len(b) * max(len(items[i].input_ids) for i in b) for b in batches)
+        return padded / sum(len(item.input_ids) for item in items)
+
+    assert padding(order) > 1.6 and padding(grouped) < 1.1
+    assert len(items[grouped[0]].input_ids) == max(len(item.input_ids) for item in items)  # longest first
+    assert _length_grouped(items, order, 16) == grouped  # a function of the seeded permutation only
