@@ -293,9 +293,9 @@ def train_token_classifier(
     unused), else a seeded `eval_fraction` split. `limit` / `eval_limit` keep the first N train / eval
     sentences. `freeze_embeddings` keeps the input word embeddings as they are (much faster for XLM-R's
     250k-piece vocabulary; they are still saved). `group_by_length` batches sentences of similar length
-    together (padding 1.99 -> 1.03 on MSRA: epochs ~1.9x faster). `isolate_cjk` gives every CJK ideograph a piece of its
-    own when the base tokenizer merges them (XLM-R), so that Chinese entities get exact character spans; the
-    checkpoint is saved with that tokenizer (``ner_builder.isolate_cjk``).
+    together (padding 1.99 -> 1.03 on MSRA: epochs ~1.9x faster). `isolate_cjk` gives every CJK ideograph
+    a piece of its own when the base tokenizer merges them (XLM-R), so that Chinese entities get exact
+    character spans; the checkpoint is saved with that tokenizer (``ner_builder.isolate_cjk``).
     """
     base, output = Path(base), Path(output)
     _check_base(base)
