@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ner_builder.datasets import available_datasets
 from ner_builder.errors import BuildError
+from ner_builder.lora import ENCODER_LINEAR
 from ner_builder.triton_config import ServingOptions
 from ner_gateway.manifest import TaggingScheme
 
@@ -27,8 +29,8 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--base", type=click.Path(path_type=Path), required=True,
-              help="Local folder of the base encoder (HF format).")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Local folder of the base encoder (HF format); not needed with --distill-from.")
 @click.option("--dataset", type=click.Choice(available_datasets()), required=True, help="Labelled NER data set.")
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
@@ -38,10 +40,21 @@ def main(verbose: bool) -> None:
 @click.option("--eval-fraction", type=click.FloatRange(0.01, 0.5), default=0.15, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N training sentences.")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Score at most N held-out sentences.")
-@click.option("--body-lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True,
-              help="Learning rate of the pretrained encoder.")
+@click.option("--body-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Learning rate of the pretrained encoder (or of its LoRA adapters).  [default: 2e-4; 1e-3 "
+                   "with --peft lora]")
 @click.option("--head-lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
               help="Learning rate of the new classifier head (a small encoder collapses to all-O without it).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="AdamW weight decay (not on biases and LayerNorm).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Override every dropout probability of the model config (hidden, attention, classifier).")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Gradient clipping.")
+@click.option("--warmup", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Share of the steps spent warming the learning rate up (then linear decay).")
+@click.option("--early-stopping-patience", type=click.IntRange(min=1), default=None,
+              help="Stop after N epochs without a better held-out F1 (the best epoch is saved either way).")
 @click.option("--freeze-embeddings", is_flag=True,
               help="Keep the word embeddings fixed (much faster for large vocabularies such as XLM-R's).")
 @click.option("--group-by-length", is_flag=True,
@@ -49,26 +62,56 @@ def main(verbose: bool) -> None:
 @click.option("--isolate-cjk/--keep-cjk-pieces", default=True, show_default=True,
               help="Give every CJK ideograph a piece of its own when the tokenizer merges them (XLM-R), so "
                    "Chinese entities get exact character spans; the checkpoint keeps that tokenizer.")
-@click.option("--seed", type=int, default=13, show_default=True)
-def train(base: Path, dataset: str, output: Path, epochs: int, batch_size: int, max_length: int,
-          eval_fraction: float, limit: int | None, eval_limit: int | None, body_lr: float, head_lr: float,
-          freeze_embeddings: bool, group_by_length: bool, isolate_cjk: bool, seed: int) -> None:
+@click.option("--augment", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Add this many augmented sentences per training sentence (mention replacement, label-wise "
+                   "token replacement, shuffle within segments; training split only).")
+@click.option("--peft", type=click.Choice(["none", "lora"]), default="none", show_default=True,
+              help="Parameter-efficient fine-tuning: LoRA adapters (merged into the saved weights) and a fully "
+                   "trained head.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--lora-targets", default=ENCODER_LINEAR, show_default=True,
+              help=f"Comma-separated module names to adapt; {ENCODER_LINEAR} = every linear layer of the "
+                   "encoder (BERT: query, key, value, dense).")
+@click.option("--distill-from", "teacher", type=click.Path(path_type=Path), default=None,
+              help="Distil this fine-tuned checkpoint into a student made of --student-layers of its layers.")
+@click.option("--student-layers", type=click.IntRange(min=1), default=None,
+              help="Layers of the distilled student (evenly spaced teacher layers, first and last kept).")
+@click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
+@click.option("--distill-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of the loss from the teacher's softened logits (KL); the hard labels get the rest.")
+@click.option("--seed", type=int, default=13, show_default=True, help="Split, initialisation and batch order.")
+def train(base: Path | None, dataset: str, output: Path, peft: str, lora_rank: int, lora_alpha: int,
+          lora_dropout: float, lora_targets: str, teacher: Path | None, student_layers: int | None,
+          distill_temperature: float, distill_weight: float, **options: Any) -> None:
     """Fine-tune a token classifier on DATASET and write an HF checkpoint plus a seqeval report."""
     from ner_builder.datasets import DatasetError, load_dataset
-    from ner_builder.train import TrainError, train_token_classifier
+    from ner_builder.distill import DistillOptions
+    from ner_builder.lora import LoraOptions
+    from ner_builder.train import TrainError, TrainOptions, train_token_classifier
 
+    if (teacher is None) != (student_layers is None):
+        raise click.UsageError("--distill-from and --student-layers go together")
+    if base is None and teacher is None:
+        raise click.UsageError("--base is required (unless distilling with --distill-from)")
+    lora = None
+    if peft == "lora":
+        targets = tuple(name.strip() for name in lora_targets.split(",") if name.strip())
+        lora = LoraOptions(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=targets)
+    distill = None
+    if teacher is not None and student_layers is not None:
+        distill = DistillOptions(teacher, student_layers, temperature=distill_temperature, weight=distill_weight)
     try:
         result = train_token_classifier(
-            base, load_dataset(dataset), output, epochs=epochs, batch_size=batch_size, max_length=max_length,
-            eval_fraction=eval_fraction, seed=seed, limit=limit, eval_limit=eval_limit, body_lr=body_lr,
-            head_lr=head_lr, freeze_embeddings=freeze_embeddings, group_by_length=group_by_length,
-            isolate_cjk=isolate_cjk,
+            base, load_dataset(dataset), output, TrainOptions(**options, lora=lora, distill=distill),
             progress=sys.stderr.isatty(),  # a bar in a terminal; in logs the per-epoch lines say enough
         )
     except (DatasetError, TrainError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"entity F1 {result.f1:.4f} (P {result.precision:.4f} R {result.recall:.4f}) on "
-               f"{result.eval_sentences} held-out sentences; checkpoint in {result.output}")
+               f"{result.eval_sentences} held-out sentences; {result.trainable_parameters:,} of "
+               f"{result.total_parameters:,} parameters trained; checkpoint in {result.output}")
 
 
 @main.command("import-e5")

@@ -12,6 +12,7 @@ span it overlaps, through the tokenizer's character offsets. XLM-R's tokenizer m
 - a token whose span lies inside the next token's span adds no character of its own (XLM-R's lone ``▁``
   at the start of a text has the offsets of the first character): it is trained as ``O``.
 
+Spans are encoded back into tags under any scheme by ``spans_to_tags`` (``spans_to_bio`` for BIO).
 Decoding tags back to spans is lenient, as seqeval's default mode is: a continuation tag (I/M/E) that does
 not continue an entity of its type starts a new one; ``O`` ends the current entity, and so do E/S in BMES.
 """
@@ -91,16 +92,21 @@ def tags_to_spans(tags: Sequence[str], scheme: Scheme) -> list[Span]:
     return spans
 
 
-def spans_to_bio(spans: Sequence[Span], length: int) -> list[str]:
-    """BIO tags over ``length`` positions; a span overlapping an earlier one is dropped."""
+def spans_to_tags(spans: Sequence[Span], length: int, scheme: Scheme) -> list[str]:
+    """Tags over ``length`` positions under `scheme`; a span overlapping an earlier one is dropped."""
     tags = [OUTSIDE] * length
     for span in spans:
         start, end = max(0, span.start), min(length, span.end)
         if start >= end or any(tag != OUTSIDE for tag in tags[start:end]):
             continue
-        tags[start] = f"B-{span.label}"
-        tags[start + 1 : end] = [f"I-{span.label}"] * (end - start - 1)
+        for i in range(start, end):
+            tags[i] = f"{scheme.prefix(i == start, i == end - 1)}-{span.label}"
     return tags
+
+
+def spans_to_bio(spans: Sequence[Span], length: int) -> list[str]:
+    """BIO tags over ``length`` positions; a span overlapping an earlier one is dropped."""
+    return spans_to_tags(spans, length, SCHEMES["BIO"])
 
 
 def is_marker(offsets: Sequence[tuple[int, int]], index: int) -> bool:

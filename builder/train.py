@@ -1,40 +1,78 @@
 """Fine-tune a token classifier from a local base encoder on a labelled NER dataset (CPU-friendly).
 
-Word-level datasets (WNUT-16) are tokenized word by word and labelled on each word's first sub-token.
-Character-level datasets (MSRA) are tokenized as the gateway will see them, the joined text, and every
-token is labelled from the entity spans it overlaps through its offsets (``ner_builder.spans``): a piece
-like `在北京` may start before an entity. Evaluation of those is at the character level: the predicted
-token tags are decoded into token spans, mapped to characters (first token's start to last token's end,
-exactly the span the gateway would return) and scored against the gold character spans by seqeval.
+The loop is ``transformers.Trainer`` (``ner_builder.ner_trainer``): ``DataCollatorForTokenClassification``
+pads, its linear schedule warms up, the held-out split is scored each epoch with seqeval's entity F1 and
+the best epoch is the one saved (optionally stopping early). What this project adds: label alignment
+(``ner_builder.token_alignment``), the recipes (LoRA: ``ner_builder.lora``; distillation into fewer
+layers: ``ner_builder.distill``; augmentation of the training split: ``ner_builder.augment``), and the
+entity-level report written beside the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ner_builder.checkpoint import model_max_length
 from ner_builder.datasets import NerDataset, head, held_out_split
-from ner_builder.evaluate import first_subtokens
-from ner_builder.spans import Scheme, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
+from ner_builder.distill import DistillError, DistillOptions
+from ner_builder.lora import LoraOptions
+from ner_builder.token_alignment import Encoded, encode_dataset, gold_tags, predicted_tags
 from ner_gateway.cjk import cjk_pieces
 
 LOGGER = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label id that torch's cross-entropy skips
-WARMUP_FRACTION = 0.1
-MAX_GRAD_NORM = 1.0
+FULL_BODY_LR = 2e-4
+LORA_BODY_LR = 1e-3  # adapters start at zero and are few: they take a larger step than full fine-tuning
+# Config attributes that hold a dropout probability, across BERT-family architectures.
+DROPOUT_ATTRIBUTES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                      "attention_dropout", "seq_classif_dropout")
 
 
 class TrainError(Exception):
     """Training cannot start or finish; the message is meant to be shown to a user as is."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train. ``body_lr`` None means 2e-4, or 1e-3 for LoRA adapters."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    max_length: int = 128
+    body_lr: float | None = None
+    head_lr: float = 3e-3
+    weight_decay: float = 0.01
+    dropout: float | None = None  # overrides every dropout of the model config when set
+    max_grad_norm: float = 1.0
+    warmup: float = 0.1  # fraction of the steps
+    eval_fraction: float = 0.15
+    seed: int = 13
+    limit: int | None = None
+    eval_limit: int | None = None
+    freeze_embeddings: bool = False
+    group_by_length: bool = False
+    isolate_cjk: bool = True
+    early_stopping_patience: int | None = None
+    augment: float = 0.0  # augmented sentences added, as a fraction of the training split
+    lora: LoraOptions | None = None
+    distill: DistillOptions | None = None
+
+    @property
+    def recipe(self) -> str:
+        return "distilled" if self.distill else "lora" if self.lora else "full"
+
+    @property
+    def resolved_body_lr(self) -> float:
+        if self.body_lr is not None:
+            return self.body_lr
+        return LORA_BODY_LR if self.lora else FULL_BODY_LR
 
 
 @dataclass(frozen=True)
@@ -46,87 +84,32 @@ class TrainResult:
     train_sentences: int
     eval_sentences: int
     seconds: float
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    augmented_sentences: int = 0
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    input_ids: list[int]
-    token_type_ids: list[int]
-    labels: list[int]  # aligned to input_ids; IGNORE_INDEX off the first sub-token of a word / on specials
-    word_ids: list[int | None]
-    offsets: list[tuple[int, int]] | None = None  # character offsets (character-level datasets only)
+def _check_folder(path: Path, what: str) -> None:
+    if not path.exists():
+        raise TrainError(f"{what} directory {path} does not exist")
+    if not path.is_dir():
+        raise TrainError(f"{what} {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise TrainError(f"{what} directory {path} has no config.json (expected a local HF checkpoint)")
 
 
-def _check_base(base: Path) -> None:
-    if not base.exists():
-        raise TrainError(f"base model directory {base} does not exist")
-    if not base.is_dir():
-        raise TrainError(f"base model {base} is not a directory")
-    if not (base / "config.json").is_file():
-        raise TrainError(f"base model directory {base} has no config.json (expected a local HF checkpoint)")
-
-
-def _encode(
-    tokenizer: Any, words: list[str], tags: list[str] | None, label2id: dict[str, int], max_length: int
-) -> _Encoded:
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-    word_ids = enc.word_ids()
-    labels = [IGNORE_INDEX] * len(word_ids)
-    if tags is not None:
-        for position, word_id in first_subtokens(word_ids):
-            labels[position] = label2id[tags[word_id]]
-    token_type_ids = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
-    return _Encoded(list(enc["input_ids"]), list(token_type_ids), labels, word_ids)
-
-
-def _encode_chars(
-    tokenizer: Any,
-    chars: list[str],
-    tags: list[str] | None,
-    label2id: dict[str, int],
-    max_length: int,
-    scheme: Scheme,
-) -> _Encoded:
-    """Tokenize the joined text; label each token from the gold character spans it overlaps."""
-    enc = tokenizer("".join(chars), truncation=True, max_length=max_length, return_offsets_mapping=True)
-    offsets = [(int(start), int(end)) for start, end in enc["offset_mapping"]]
-    if tags is None:
-        labels = [IGNORE_INDEX] * len(offsets)
-    else:
-        per_token = token_tags(offsets, tags_to_spans(tags, scheme), scheme)
-        labels = [IGNORE_INDEX if tag is None else label2id[tag] for tag in per_token]
-    token_type_ids = enc.get("token_type_ids") or [0] * len(enc["input_ids"])
-    return _Encoded(list(enc["input_ids"]), list(token_type_ids), labels, [None] * len(offsets), offsets)
-
-
-def _encode_dataset(
-    tokenizer: Any, dataset: NerDataset, label2id: dict[str, int], max_length: int, with_labels: bool
-) -> list[_Encoded]:
-    rows = zip(dataset.sentences, dataset.tags if with_labels else [None] * len(dataset), strict=True)
-    if dataset.char_level:
-        return [_encode_chars(tokenizer, chars, tags, label2id, max_length, dataset.tagging) for chars, tags in rows]
-    return [_encode(tokenizer, words, tags, label2id, max_length) for words, tags in rows]
-
-
-def _collate(batch: list[_Encoded], pad_id: int) -> dict[str, Any]:
-    import torch
-
-    width = max(len(item.input_ids) for item in batch)  # dynamic padding: only as wide as this batch
-
-    def pad(rows: list[list[int]], value: int) -> Any:
-        return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
-
-    return {
-        "input_ids": pad([item.input_ids for item in batch], pad_id),
-        "token_type_ids": pad([item.token_type_ids for item in batch], 0),
-        "attention_mask": pad([[1] * len(item.input_ids) for item in batch], 0),
-        "labels": pad([item.labels for item in batch], IGNORE_INDEX),
-    }
-
-
-def _batches(items: list[_Encoded], batch_size: int, order: list[int]) -> Iterator[list[_Encoded]]:
-    for start in range(0, len(order), batch_size):
-        yield [items[i] for i in order[start : start + batch_size]]
+def _validate(options: TrainOptions) -> None:
+    if options.epochs < 1 or options.batch_size < 1 or options.max_length < 2:
+        raise TrainError("epochs and batch_size must be >= 1 and max_length >= 2")
+    for option, value in (("limit", options.limit), ("eval_limit", options.eval_limit)):
+        if value is not None and value < 1:
+            raise TrainError(f"{option} must be >= 1, got {value}")
+    if options.dropout is not None and not 0 <= options.dropout < 1:
+        raise TrainError(f"dropout must be in [0, 1), got {options.dropout}")
+    if options.augment < 0:
+        raise TrainError(f"augment must be >= 0, got {options.augment}")
+    if options.lora and options.distill:
+        raise TrainError("choose one of LoRA and distillation")
 
 
 def _isolate_cjk(tokenizer: Any, dataset: NerDataset) -> Any:
@@ -144,21 +127,53 @@ def _isolate_cjk(tokenizer: Any, dataset: NerDataset) -> Any:
     return isolated
 
 
-def _length_grouped(items: list[_Encoded], order: list[int], batch_size: int) -> list[int]:
-    """``order`` regrouped so that each batch holds sentences of similar length (little padding), as
-    transformers' ``group_by_length`` does: sort within shuffled chunks of 50 batches, then shuffle the
-    batches (longest first, so a batch that does not fit in memory shows at once)."""
-    chunk = 50 * batch_size
-    grouped = []
-    for start in range(0, len(order), chunk):
-        grouped += sorted(order[start : start + chunk], key=lambda i: -len(items[i].input_ids))
-    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
-    longest = max(range(len(batches)), key=lambda b: len(items[batches[b][0]].input_ids))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    # the rest in an order drawn from the same shuffled permutation, so runs stay seeded
-    position = {item: k for k, item in enumerate(order)}
-    rest = sorted(batches[1:], key=lambda b: position[b[0]])
-    return [i for batch in [batches[0], *rest] for i in batch]
+def _config(path: Path, labels: list[str], dropout: float | None, teacher: bool) -> Any:
+    from transformers import AutoConfig
+
+    if teacher:  # a student keeps its teacher's label map, which must be the dataset's
+        config = AutoConfig.from_pretrained(path)
+        teacher_labels = [config.id2label[i] for i in range(config.num_labels)]
+        if teacher_labels != labels:
+            raise TrainError(f"the teacher {path} was trained on other labels ({teacher_labels}) than the "
+                             f"dataset's ({labels})")
+    else:
+        id2label, label2id = dict(enumerate(labels)), {tag: i for i, tag in enumerate(labels)}
+        config = AutoConfig.from_pretrained(path, id2label=id2label, label2id=label2id)
+    if dropout is not None:
+        for attribute in DROPOUT_ATTRIBUTES:
+            if hasattr(config, attribute):
+                setattr(config, attribute, dropout)
+    return config
+
+
+def _load(source: Path, labels: list[str], options: TrainOptions) -> tuple[Any, Any, Any]:
+    """(tokenizer, model to train, teacher or None) from ``source``, the base or the teacher to distil."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    distilling = options.distill is not None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = _config(source, labels, options.dropout, teacher=distilling)
+        # ignore_mismatched_sizes: a base may already carry a head for another label set (never a teacher)
+        model = AutoModelForTokenClassification.from_pretrained(
+            source, config=config, ignore_mismatched_sizes=not distilling
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load a tokenizer and token classifier from {source}: {exc}") from exc
+    if not tokenizer.is_fast:
+        raise TrainError(f"{source} has no fast tokenizer (tokenizer.json); word alignment needs one")
+    if options.distill is None:
+        return tokenizer, model, None
+
+    from ner_builder.distill import make_student
+
+    try:
+        student = make_student(model, options.distill.student_layers)
+    except DistillError as exc:
+        raise TrainError(str(exc)) from exc
+    LOGGER.info("student: %d of the teacher's %d layers", options.distill.student_layers,
+                model.config.num_hidden_layers)
+    return tokenizer, student, model
 
 
 def _freeze_word_embeddings(model: Any) -> int:
@@ -168,88 +183,14 @@ def _freeze_word_embeddings(model: Any) -> int:
     return int(weight.numel())
 
 
-def _optimizer(model: Any, body_lr: float, head_lr: float, total_steps: int) -> tuple[Any, Any]:
-    import torch
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    from seqeval.metrics import f1_score, precision_score, recall_score
 
-    # A freshly initialised head needs a much larger step than the pretrained body; with one small
-    # learning rate a small encoder settles on predicting "O" everywhere.
-    body_ids = {id(p) for p in model.base_model.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    body = [p for p in trainable if id(p) in body_ids]
-    head_params = [p for p in trainable if id(p) not in body_ids]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": body_lr}, {"params": head_params, "lr": head_lr}])
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def _word_tags(item: _Encoded, row: list[int], n_words: int, id2label: dict[int, str]) -> tuple[list[str], int]:
-    """Word-level tags from each word's first sub-token, and how many words had no sub-token."""
-    tags = ["O"] * n_words
-    firsts = list(first_subtokens(item.word_ids))
-    for position, word_id in firsts:
-        tags[word_id] = id2label[row[position]]
-    return tags, n_words - len(firsts)
-
-
-def _char_tags(
-    item: _Encoded, row: list[int], n_chars: int, id2label: dict[int, str], scheme: Scheme
-) -> tuple[list[str], int]:
-    """Character-level BIO tags of the entities the token tags decode to, and how many characters no token saw."""
-    offsets = item.offsets or []
-    real = [i for i, (start, end) in enumerate(offsets) if end > start]
-    token_level = tags_to_spans([id2label[row[i]] for i in real], scheme)
-    chars = token_spans_to_chars(token_level, [offsets[i] for i in real])
-    seen_until = max((offsets[i][1] for i in real), default=0)
-    return spans_to_bio(chars, n_chars), n_chars - seen_until
-
-
-def gold_tags(dataset: NerDataset) -> list[list[str]]:
-    """What seqeval scores against: the tags as they are for BIO, else BIO tags of the decoded spans."""
-    if dataset.scheme == "BIO":
-        return dataset.tags
-    return [spans_to_bio(tags_to_spans(tags, dataset.tagging), len(tags)) for tags in dataset.tags]
-
-
-def _predict(
-    model: Any,
-    tokenizer: Any,
-    dataset: NerDataset,
-    id2label: dict[int, str],
-    max_length: int,
-    batch_size: int,
-) -> list[list[str]]:
-    """Predicted tags per word (first sub-token) or per character (spans); unseen positions are "O"."""
-    import torch
-
-    encoded = _encode_dataset(tokenizer, dataset, {}, max_length, with_labels=False)
-    predictions: list[list[str]] = []
-    unseen = 0
-    model.eval()
-    with torch.inference_mode():
-        for batch in _batches(encoded, batch_size, list(range(len(encoded)))):
-            inputs = _collate(batch, tokenizer.pad_token_id)
-            inputs.pop("labels")
-            best = model(**inputs).logits.argmax(-1).tolist()
-            for item, row in zip(batch, best, strict=True):
-                n_words = len(dataset.sentences[len(predictions)])  # batches keep dataset order
-                if dataset.char_level:
-                    tags, missed = _char_tags(item, row, n_words, id2label, dataset.tagging)
-                else:
-                    tags, missed = _word_tags(item, row, n_words, id2label)
-                    if dataset.scheme != "BIO":  # score the decoded spans, as gold_tags does
-                        tags = spans_to_bio(tags_to_spans(tags, dataset.tagging), n_words)
-                unseen += missed
-                predictions.append(tags)
-    if unseen:
-        # Over-long sentences (eval is cut at the model's position limit) or words with no sub-tokens.
-        LOGGER.warning("%d eval words had no sub-token in the model input; predicted as O", unseen)
-    return predictions
+    return {
+        "precision": float(precision_score(gold, predicted, zero_division=0)),
+        "recall": float(recall_score(gold, predicted, zero_division=0)),
+        "f1": float(f1_score(gold, predicted, zero_division=0)),
+    }
 
 
 def _write_reports(
@@ -259,166 +200,238 @@ def _write_reports(
 
     report = classification_report(gold, predicted, digits=4, zero_division=0)
     summary = (
-        f"dataset={metrics['dataset']} base={metrics['base']}\n"
-        f"train_sentences={metrics['train_sentences']} eval_sentences={metrics['eval_sentences']} "
-        f"epochs={metrics['epochs']} seconds={metrics['seconds']:.1f}\n"
+        f"dataset={metrics['dataset']} base={metrics['base']} recipe={metrics['recipe']}\n"
+        f"train_sentences={metrics['train_sentences']} (+{metrics['augmented_sentences']} augmented) "
+        f"eval_sentences={metrics['eval_sentences']} epochs={metrics['epochs']} (best {metrics['best_epoch']}) "
+        f"seconds={metrics['seconds']:.1f}\n"
+        f"trainable parameters={metrics['trainable_parameters']} of {metrics['total_parameters']}\n"
         f"micro precision={metrics['precision']:.4f} recall={metrics['recall']:.4f} f1={metrics['f1']:.4f}\n"
     )
     (output / "eval_report.txt").write_text(report + "\n" + summary, encoding="utf-8")
     (output / "eval_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
+class _Rows:
+    """A list of encoded sentences as the dataset the Trainer indexes (dicts the collator pads)."""
+
+    def __init__(self, items: list[Encoded]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.items[index].features()
+
+
+def _training_arguments(options: TrainOptions, folder: str, progress: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=folder,
+        num_train_epochs=options.epochs,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size * 2,
+        learning_rate=options.resolved_body_lr,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        lr_scheduler_type="linear",
+        warmup_steps=options.warmup,  # a float below 1 is a fraction of the steps
+        seed=options.seed,
+        data_seed=options.seed,
+        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_only_model=True,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="f1",
+        greater_is_better=True,
+        logging_strategy="epoch",
+        report_to="none",
+        disable_tqdm=not progress,
+        use_cpu=True,
+        label_names=["labels"],
+        remove_unused_columns=False,  # the rows carry exactly what the model takes
+    )
+
+
 def train_token_classifier(
-    base: Path,
+    base: Path | None,
     dataset: NerDataset,
     output: Path,
+    options: TrainOptions | None = None,
     *,
-    epochs: int = 3,
-    batch_size: int = 16,
-    max_length: int = 128,
-    body_lr: float = 2e-4,
-    head_lr: float = 3e-3,
-    eval_fraction: float = 0.15,
-    seed: int = 13,
-    limit: int | None = None,
-    eval_limit: int | None = None,
-    freeze_embeddings: bool = False,
-    group_by_length: bool = False,
-    isolate_cjk: bool = True,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune `base` on `dataset`, evaluate on the held-out part, save to `output`.
+    """Fine-tune `base` (or a student of ``options.distill.teacher``) on `dataset`; save the best epoch.
 
     The held-out part is the corpus's official test split when it has one (msra; `eval_fraction` is then
-    unused), else a seeded `eval_fraction` split. `limit` / `eval_limit` keep the first N train / eval
-    sentences. `freeze_embeddings` keeps the input word embeddings as they are (much faster for XLM-R's
-    250k-piece vocabulary; they are still saved). `group_by_length` batches sentences of similar length
-    together (padding 1.99 -> 1.03 on MSRA: epochs ~1.9x faster). `isolate_cjk` gives every CJK ideograph
-    a piece of its own when the base tokenizer merges them (XLM-R), so that Chinese entities get exact
-    character spans; the checkpoint is saved with that tokenizer (``ner_builder.isolate_cjk``).
+    unused), else a seeded `eval_fraction` split; it is scored after every epoch and picks the epoch that is
+    saved, so its F1 is the model-selection score (there is no third split in these small corpora).
+    `limit` / `eval_limit` keep the first N train / eval sentences. `freeze_embeddings` keeps the input word
+    embeddings as they are (much faster for XLM-R's 250k-piece vocabulary; they are still saved).
+    `group_by_length` batches sentences of similar length together (padding 1.99 -> 1.03 on MSRA: epochs
+    ~1.9x faster). `isolate_cjk` gives every CJK ideograph a piece of its own when the base tokenizer merges
+    them (XLM-R), so that Chinese entities get exact character spans; the checkpoint is saved with that
+    tokenizer (``ner_builder.isolate_cjk``). Augmentation applies to the training split only.
     """
-    base, output = Path(base), Path(output)
-    _check_base(base)
-    if epochs < 1 or batch_size < 1 or max_length < 2:
-        raise TrainError("epochs and batch_size must be >= 1 and max_length >= 2")
-    for option, value in (("limit", limit), ("eval_limit", eval_limit)):
-        if value is not None and value < 1:
-            raise TrainError(f"{option} must be >= 1, got {value}")
+    options = options or TrainOptions()
+    output = Path(output)
+    _validate(options)
+    if options.distill:
+        source = Path(options.distill.teacher)
+        _check_folder(source, "teacher model")
+    elif base is None:
+        raise TrainError("a base model is needed (or a teacher to distil from)")
+    else:
+        source = Path(base)
+        _check_folder(source, "base model")
 
     import torch
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import DataCollatorForTokenClassification, EarlyStoppingCallback, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    from ner_builder.ner_trainer import EpochLog, NerTrainer
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(seed)  # before the model load: the new classifier head is initialised from it
+    set_seed(options.seed)  # before the model load: the new classifier head is initialised from it
 
-    train_set, eval_set = held_out_split(dataset, eval_fraction=eval_fraction, seed=seed)
-    train_set, eval_set = head(train_set, limit), head(eval_set, eval_limit)
+    train_set, eval_set = held_out_split(dataset, eval_fraction=options.eval_fraction, seed=options.seed)
+    train_set, eval_set = head(train_set, options.limit), head(eval_set, options.eval_limit)
+    sentences = len(train_set)
+    if options.augment:
+        from ner_builder.augment import augment
+
+        train_set = augment(train_set, options.augment, seed=options.seed)
+        LOGGER.info("augmented the training split: %d -> %d sentences", sentences, len(train_set))
 
     labels = dataset.labels
     label2id = {label: i for i, label in enumerate(labels)}
     id2label = dict(enumerate(labels))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForTokenClassification.from_pretrained(
-            base,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
-            ignore_mismatched_sizes=True,  # the base may already carry a head for another label set
-        )
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot load a tokenizer and token classifier from {base}: {exc}") from exc
-    if not tokenizer.is_fast:
-        raise TrainError(f"{base} has no fast tokenizer (tokenizer.json); word alignment needs one")
-    if isolate_cjk:
+    tokenizer, model, teacher = _load(source, labels, options)
+    if options.isolate_cjk and teacher is None:  # a student keeps its teacher's tokenizer
         tokenizer = _isolate_cjk(tokenizer, dataset)
+    if options.freeze_embeddings:
+        LOGGER.info("word embeddings frozen (%d parameters)", _freeze_word_embeddings(model))
+    total = sum(p.numel() for p in model.parameters())  # what is saved: LoRA's matrices are merged away
+    if options.lora:
+        from ner_builder.lora import apply_lora
+
+        model = apply_lora(model, options.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     model_limit = model_max_length(tokenizer, model.config)
-    train_length = min(max_length, model_limit)
-    if train_length < max_length:
-        LOGGER.info("max_length %d capped to the model's limit %d", max_length, train_length)
-    encoded = _encode_dataset(tokenizer, train_set, label2id, train_length, with_labels=True)
-    if freeze_embeddings:
-        LOGGER.info("word embeddings frozen (%d parameters)", _freeze_word_embeddings(model))
-
-    steps_per_epoch = math.ceil(len(encoded) / batch_size)
-    optimizer, scheduler = _optimizer(model, body_lr, head_lr, steps_per_epoch * epochs)
-    generator = torch.Generator().manual_seed(seed)
-    LOGGER.info(
-        "training %s on %s: %d train / %d eval sentences, %d epochs, %d threads",
-        base,
-        dataset.name,
-        len(train_set),
-        len(eval_set),
-        epochs,
-        torch.get_num_threads(),
-    )
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        if group_by_length:
-            order = _length_grouped(encoded, order, batch_size)
-        bar = tqdm(
-            _batches(encoded, batch_size, order),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{epochs}",
-            unit="batch",
-            disable=not progress,
-        )
-        epoch_started, total_loss = time.perf_counter(), 0.0
-        for batch in bar:
-            loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            total_loss += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        bar.close()
-        LOGGER.info("epoch %d/%d: mean loss %.4f, %.0f s", epoch, epochs, total_loss / max(1, steps_per_epoch),
-                    time.perf_counter() - epoch_started)
-
+    train_length = min(options.max_length, model_limit)
+    if train_length < options.max_length:
+        LOGGER.info("max_length %d capped to the model's limit %d", options.max_length, train_length)
+    train_rows = _Rows(encode_dataset(tokenizer, train_set, label2id, train_length))
     # Eval is never truncated to the training max_length, only to what the model can physically take.
-    predicted = _predict(model, tokenizer, eval_set, id2label, model_limit, batch_size * 2)
+    eval_encoded = encode_dataset(tokenizer, eval_set, label2id, model_limit)
     gold = gold_tags(eval_set)
-    precision = float(precision_score(gold, predicted, zero_division=0))
-    recall = float(recall_score(gold, predicted, zero_division=0))
-    f1 = float(f1_score(gold, predicted, zero_division=0))
 
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        return entity_scores(gold, predicted_tags(eval_encoded, eval_set, prediction.predictions, id2label))
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}-epochs-", dir=output.parent) as folder:
+        extra_loss = None
+        if teacher is not None and options.distill is not None:
+            from ner_builder.distill import DistillationLoss
+
+            extra_loss = DistillationLoss(teacher, options.distill.temperature, options.distill.weight)
+        trainer = NerTrainer(
+            model=model,
+            args=_training_arguments(options, folder, progress),
+            data_collator=DataCollatorForTokenClassification(tokenizer),
+            train_dataset=train_rows,
+            eval_dataset=_Rows(eval_encoded),
+            processing_class=tokenizer,
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+            callbacks=[EpochLog()],
+            head_lr=options.head_lr,
+            extra_loss=extra_loss,
+        )
+        trainer.remove_callback(PrinterCallback)  # EpochLog says it through logging
+        if options.early_stopping_patience:
+            trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+        LOGGER.info(
+            "training %s (%s) on %s: %d train (+%d augmented) / %d eval sentences, %d epochs, %d of %d parameters "
+            "trainable, %d threads", source, options.recipe,
+            dataset.name, sentences, len(train_set) - sentences, len(eval_set), options.epochs, trainable, total,
+            torch.get_num_threads(),
+        )
+        trainer.train()
+        best_epoch, epochs_run = _best_epoch(trainer.state), round(trainer.state.epoch or 0)
+        prediction = trainer.predict(_Rows(eval_encoded))  # the best epoch's model, loaded back
+        predicted = predicted_tags(eval_encoded, eval_set, prediction.predictions, id2label)
+
+    from ner_builder.lora import merged
+
+    final = merged(trainer.model)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
+    final.save_pretrained(output)
     tokenizer.save_pretrained(output)
     seconds = time.perf_counter() - started
+    scores = entity_scores(gold, predicted)
     metrics = {
         "dataset": dataset.name,
-        "train_sentences": len(train_set),
+        "recipe": options.recipe,
+        "train_sentences": sentences,
+        "augmented_sentences": len(train_set) - sentences,
         "eval_sentences": len(eval_set),
-        "epochs": epochs,
+        "epochs": options.epochs,
+        "epochs_run": epochs_run,  # fewer than epochs when stopped early
+        "best_epoch": best_epoch,
         "scheme": dataset.scheme,
         "eval_level": "character" if dataset.char_level else "word",
-        "freeze_embeddings": freeze_embeddings,
-        "group_by_length": group_by_length,
         "cjk_pieces": str(cjk_pieces(tokenizer.backend_tokenizer)),
-        "body_lr": body_lr,
-        "head_lr": head_lr,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
+        **_recorded_options(options),
+        **scores,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "layers": final.config.num_hidden_layers,
+        "checkpoint_bytes": sum(f.stat().st_size for f in output.glob("*.safetensors")),
         "seconds": round(seconds, 2),
-        "base": str(base),
+        "base": str(source),
     }
     _write_reports(output, gold, predicted, metrics)
-    LOGGER.info("eval: precision=%.4f recall=%.4f f1=%.4f (%.0f s)", precision, recall, f1, seconds)
+    LOGGER.info("eval: precision=%.4f recall=%.4f f1=%.4f (%.0f s)", scores["precision"], scores["recall"],
+                scores["f1"], seconds)
     return TrainResult(
         output=output,
-        f1=f1,
-        precision=precision,
-        recall=recall,
-        train_sentences=len(train_set),
+        train_sentences=sentences,
         eval_sentences=len(eval_set),
         seconds=seconds,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        augmented_sentences=len(train_set) - sentences,
+        **scores,
     )
+
+
+def _best_epoch(state: Any) -> int | None:
+    best = state.best_metric
+    for entry in state.log_history:
+        if "eval_f1" in entry and entry["eval_f1"] == best:
+            return round(entry["epoch"])
+    return None
+
+
+def _recorded_options(options: TrainOptions) -> dict[str, Any]:
+    return {
+        "body_lr": options.resolved_body_lr,
+        "head_lr": options.head_lr,
+        "weight_decay": options.weight_decay,
+        "dropout": options.dropout,
+        "max_grad_norm": options.max_grad_norm,
+        "seed": options.seed,
+        "freeze_embeddings": options.freeze_embeddings,
+        "group_by_length": options.group_by_length,
+        "early_stopping_patience": options.early_stopping_patience,
+        "augment": options.augment,
+        "lora": asdict(options.lora) if options.lora else None,
+        "distill": {**asdict(options.distill), "teacher": str(options.distill.teacher)} if options.distill else None,
+    }

@@ -22,7 +22,8 @@ from ner_builder.e5_import import (
 )
 from ner_builder.isolate_cjk import CjkIsolationError, isolate_cjk
 from ner_builder.spans import SCHEMES, Span, spans_to_bio, tags_to_spans, token_tags
-from ner_builder.train import _char_tags, _encode_chars, gold_tags, train_token_classifier
+from ner_builder.token_alignment import char_tags, encode_chars, gold_tags
+from ner_builder.train import TrainOptions, train_token_classifier
 from ner_gateway.cjk import CjkPieces, cjk_pieces
 from ner_gateway.errors import ConfigurationError
 from ner_gateway.manifest import ModelManifest, TaggingScheme, detect_tagging_scheme, latest_version_dir
@@ -166,7 +167,7 @@ def test_encode_chars_labels_every_real_token(xlmr) -> None:
     chars = list("日前，这部电视片在北京电视台同观众见面了。")
     tags = ["O"] * len(chars)
     tags[9:14] = ["B-ORG", "M-ORG", "M-ORG", "M-ORG", "E-ORG"]
-    item = _encode_chars(xlmr, chars, tags, label2id, 64, BMES)
+    item = encode_chars(xlmr, chars, tags, label2id, 64, BMES)
     assert item.input_ids == xlmr("".join(chars))["input_ids"]  # exactly what the gateway will feed
     assert item.labels[0] == item.labels[-1] == -100  # <s>, </s>
     assert all(label >= 0 for label in item.labels[1:-1])
@@ -177,10 +178,10 @@ def test_encode_chars_labels_every_real_token(xlmr) -> None:
 def test_char_level_evaluation_maps_token_predictions_to_characters(xlmr) -> None:
     label2id = {label: i for i, label in enumerate(MSRA_LABELS)}
     chars = list("我在北京工作。")
-    item = _encode_chars(xlmr, chars, None, label2id, 64, BMES)
+    item = encode_chars(xlmr, chars, None, label2id, 64, BMES)
     # <s> ▁我 在北京 工作 。 </s>: the model says S-LOC on 在北京 -> the gateway would return 在北京 (1, 4)
     row = [label2id[tag] for tag in ["S-PER", "O", "S-LOC", "O", "O", "S-PER"]]  # specials are ignored
-    predicted, unseen = _char_tags(item, row, len(chars), dict(enumerate(MSRA_LABELS)), BMES)
+    predicted, unseen = char_tags(item, row, len(chars), dict(enumerate(MSRA_LABELS)), BMES)
     assert predicted == ["O", "B-LOC", "I-LOC", "I-LOC", "O", "O", "O"] and unseen == 0
     gold = NerDataset("g", [chars], [["O", "O", "B-LOC", "E-LOC", "O", "O", "O"]], MSRA_LABELS, "BMES", True)
     assert gold_tags(gold) == [["O", "O", "B-LOC", "I-LOC", "O", "O", "O"]]  # so this is one FP and one FN
@@ -190,8 +191,8 @@ def test_tiny_msra_training_run(tiny_bmes_checkpoint: Path, msra: NerDataset, tm
     from safetensors.numpy import load_file
 
     output = tmp_path / "msra-tiny"
-    result = train_token_classifier(tiny_bmes_checkpoint, msra, output, limit=32, eval_limit=40, epochs=1,
-                                    max_length=64, head_lr=1e-2, freeze_embeddings=True, progress=False)
+    result = train_token_classifier(tiny_bmes_checkpoint, msra, output, TrainOptions(
+        limit=32, eval_limit=40, epochs=1, max_length=64, head_lr=1e-2, freeze_embeddings=True), progress=False)
     assert (result.train_sentences, result.eval_sentences) == (32, 40)
     assert 0.0 <= result.f1 <= 1.0
     metrics = json.loads((output / "eval_metrics.json").read_text())
@@ -408,8 +409,8 @@ def test_bmes_model_served_and_decoded_end_to_end(tiny_bmes_checkpoint: Path, tm
 def test_tiny_msra_training_can_keep_the_merged_pieces(tiny_bmes_checkpoint: Path, msra: NerDataset,
                                                         tmp_path: Path) -> None:
     output = tmp_path / "msra-merged"
-    train_token_classifier(tiny_bmes_checkpoint, msra, output, limit=8, eval_limit=8, epochs=1, max_length=64,
-                           isolate_cjk=False, progress=False)
+    train_token_classifier(tiny_bmes_checkpoint, msra, output, TrainOptions(
+        limit=8, eval_limit=8, epochs=1, max_length=64, isolate_cjk=False), progress=False)
     assert json.loads((output / "eval_metrics.json").read_text())["cjk_pieces"] == "merged"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ner_builder.datasets import DatasetError, NerDataset, load_dataset, train_eval_split
-from ner_builder.train import TrainError, TrainResult, train_token_classifier
+from ner_builder.train import TrainError, TrainOptions, TrainResult, train_token_classifier
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_tiny_training_run(tiny_checkpoint: Path, wnut16: NerDataset, tmp_path: 
     from transformers import AutoModelForTokenClassification
 
     output = tmp_path / "wnut16-tiny"
-    result = train_token_classifier(tiny_checkpoint, wnut16, output, limit=64, epochs=1, progress=False)
+    result = train_token_classifier(tiny_checkpoint, wnut16, output, TrainOptions(limit=64, epochs=1), progress=False)
 
     assert isinstance(result, TrainResult)
     assert result.output == output
@@ -123,23 +123,31 @@ def test_train_cli_rejects_unknown_dataset_and_missing_base(tmp_path: Path) -> N
     assert missing.exit_code == 1 and "does not exist" in missing.output
 
 
-def test_length_grouped_batches_keep_every_sentence_and_cut_padding() -> None:
+@pytest.mark.parametrize("grouped", [False, True])
+def test_length_grouping_reaches_the_trainer_batches(tiny_checkpoint: Path, tmp_path: Path, grouped: bool) -> None:
+    """--group-by-length gives the Trainer's own length-grouped sampler: every sentence once, little padding."""
     import random
 
-    from ner_builder.train import _Encoded, _length_grouped
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
+
+    from ner_builder.ner_trainer import NerTrainer
+    from ner_builder.token_alignment import Encoded
+    from ner_builder.train import _Rows, _training_arguments
 
     rng = random.Random(0)
-    items = [_Encoded([0] * rng.randint(3, 120), [], [], []) for _ in range(1000)]
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    grouped = _length_grouped(items, order, 16)
-    assert sorted(grouped) == list(range(len(items)))
-
-    def padding(sequence: list[int]) -> float:
-        batches = [sequence[i : i + 16] for i in range(0, len(sequence), 16)]
-        padded = sum(len(b) * max(len(items[i].input_ids) for i in b) for b in batches)
-        return padded / sum(len(item.input_ids) for item in items)
-
-    assert padding(order) > 1.6 and padding(grouped) < 1.1
-    assert len(items[grouped[0]].input_ids) == max(len(item.input_ids) for item in items)  # longest first
-    assert _length_grouped(items, order, 16) == grouped  # a function of the seeded permutation only
+    items = [Encoded([i] + [7] * rng.randint(2, 119), None, [0] * 120, []) for i in range(1000)]
+    for item in items:
+        item.labels[len(item.input_ids):] = []
+    trainer = NerTrainer(
+        model=AutoModelForTokenClassification.from_pretrained(tiny_checkpoint),
+        args=_training_arguments(TrainOptions(group_by_length=grouped), str(tmp_path), progress=False),
+        data_collator=DataCollatorForTokenClassification(AutoTokenizer.from_pretrained(tiny_checkpoint)),
+        train_dataset=_Rows(items),
+        eval_dataset=_Rows(items[:4]),
+        head_lr=1e-3,
+    )
+    batches = list(trainer.get_train_dataloader())
+    seen = sorted(int(row[0]) for batch in batches for row in batch["input_ids"])
+    assert seen == list(range(1000))
+    padding = sum(b["input_ids"].numel() for b in batches) / sum(len(item.input_ids) for item in items)
+    assert (padding < 1.1) if grouped else (padding > 1.6)
