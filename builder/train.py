@@ -23,7 +23,7 @@ from ner_builder.checkpoint import model_max_length
 from ner_builder.datasets import NerDataset, head, held_out_split
 from ner_builder.distill import DistillError, DistillOptions
 from ner_builder.lora import LoraOptions
-from ner_builder.token_alignment import Encoded, encode_dataset, gold_tags, predicted_tags
+from ner_builder.token_alignment import encode_dataset, gold_tags, predicted_tags
 from ner_gateway.cjk import cjk_pieces
 
 LOGGER = logging.getLogger(__name__)
@@ -211,19 +211,6 @@ def _write_reports(
     (output / "eval_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
 
 
-class _Rows:
-    """A list of encoded sentences as the dataset the Trainer indexes (dicts the collator pads)."""
-
-    def __init__(self, items: list[Encoded]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.items[index].features()
-
-
 def _training_arguments(options: TrainOptions, folder: str, progress: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -326,9 +313,10 @@ def train_token_classifier(
     train_length = min(options.max_length, model_limit)
     if train_length < options.max_length:
         LOGGER.info("max_length %d capped to the model's limit %d", options.max_length, train_length)
-    train_rows = _Rows(encode_dataset(tokenizer, train_set, label2id, train_length))
+    train_rows = [item.features() for item in encode_dataset(tokenizer, train_set, label2id, train_length)]
     # Eval is never truncated to the training max_length, only to what the model can physically take.
     eval_encoded = encode_dataset(tokenizer, eval_set, label2id, model_limit)
+    eval_rows = [item.features() for item in eval_encoded]  # what the data collator pads
     gold = gold_tags(eval_set)
 
     def compute_metrics(prediction: Any) -> dict[str, float]:
@@ -346,7 +334,7 @@ def train_token_classifier(
             args=_training_arguments(options, folder, progress),
             data_collator=DataCollatorForTokenClassification(tokenizer),
             train_dataset=train_rows,
-            eval_dataset=_Rows(eval_encoded),
+            eval_dataset=eval_rows,
             processing_class=tokenizer,
             compute_metrics=compute_metrics,
             preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
@@ -365,7 +353,7 @@ def train_token_classifier(
         )
         trainer.train()
         best_epoch, epochs_run = _best_epoch(trainer.state), round(trainer.state.epoch or 0)
-        prediction = trainer.predict(_Rows(eval_encoded))  # the best epoch's model, loaded back
+        prediction = trainer.predict(eval_rows)  # the best epoch's model, loaded back
         predicted = predicted_tags(eval_encoded, eval_set, prediction.predictions, id2label)
 
     from ner_builder.lora import merged

@@ -132,7 +132,7 @@ def test_length_grouping_reaches_the_trainer_batches(tiny_checkpoint: Path, tmp_
 
     from ner_builder.ner_trainer import NerTrainer
     from ner_builder.token_alignment import Encoded
-    from ner_builder.train import _Rows, _training_arguments
+    from ner_builder.train import _training_arguments
 
     rng = random.Random(0)
     items = [Encoded([i] + [7] * rng.randint(2, 119), None, [0] * 120, []) for i in range(1000)]
@@ -142,8 +142,8 @@ def test_length_grouping_reaches_the_trainer_batches(tiny_checkpoint: Path, tmp_
         model=AutoModelForTokenClassification.from_pretrained(tiny_checkpoint),
         args=_training_arguments(TrainOptions(group_by_length=grouped), str(tmp_path), progress=False),
         data_collator=DataCollatorForTokenClassification(AutoTokenizer.from_pretrained(tiny_checkpoint)),
-        train_dataset=_Rows(items),
-        eval_dataset=_Rows(items[:4]),
+        train_dataset=[item.features() for item in items],
+        eval_dataset=[item.features() for item in items[:4]],
         head_lr=1e-3,
     )
     batches = list(trainer.get_train_dataloader())
