@@ -243,6 +243,85 @@ def _training_arguments(options: TrainOptions, folder: str, progress: bool) -> A
     )
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """The loaded pieces of one run."""
+
+    source: Path  # the base, or the teacher a student is cut from
+    tokenizer: Any
+    model: Any  # what the Trainer trains (a peft wrapper for LoRA)
+    teacher: Any | None
+    total_parameters: int  # of the model as saved (LoRA's matrices are merged away)
+    trainable_parameters: int
+
+
+def _source(base: Path | None, options: TrainOptions) -> Path:
+    if options.distill:
+        source = Path(options.distill.teacher)
+        _check_folder(source, "teacher model")
+        return source
+    if base is None:
+        raise TrainError("a base model is needed (or a teacher to distil from)")
+    _check_folder(Path(base), "base model")
+    return Path(base)
+
+
+def _splits(dataset: NerDataset, options: TrainOptions) -> tuple[NerDataset, NerDataset, int]:
+    """(training split, augmented if asked; held-out split; training sentences before augmentation)."""
+    train_set, eval_set = held_out_split(dataset, eval_fraction=options.eval_fraction, seed=options.seed)
+    train_set, eval_set = head(train_set, options.limit), head(eval_set, options.eval_limit)
+    sentences = len(train_set)
+    if options.augment:
+        from ner_builder.augment import augment
+
+        train_set = augment(train_set, options.augment, seed=options.seed)
+        LOGGER.info("augmented the training split: %d -> %d sentences", sentences, len(train_set))
+    return train_set, eval_set, sentences
+
+
+def _prepare(source: Path, dataset: NerDataset, options: TrainOptions) -> _Prepared:
+    tokenizer, model, teacher = _load(source, dataset.labels, options)
+    if options.isolate_cjk and teacher is None:  # a student keeps its teacher's tokenizer
+        tokenizer = _isolate_cjk(tokenizer, dataset)
+    if options.freeze_embeddings:
+        LOGGER.info("word embeddings frozen (%d parameters)", _freeze_word_embeddings(model))
+    total = sum(p.numel() for p in model.parameters())
+    if options.lora:
+        from ner_builder.lora import apply_lora
+
+        model = apply_lora(model, options.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _Prepared(source, tokenizer, model, teacher, total, trainable)
+
+
+def _trainer(prepared: _Prepared, options: TrainOptions, folder: str, progress: bool, **data: Any) -> Any:
+    from transformers import DataCollatorForTokenClassification, EarlyStoppingCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from ner_builder.ner_trainer import EpochLog, NerTrainer
+
+    extra_loss = None
+    if prepared.teacher is not None and options.distill is not None:
+        from ner_builder.distill import DistillationLoss
+
+        extra_loss = DistillationLoss(prepared.teacher, options.distill.temperature, options.distill.weight)
+    trainer = NerTrainer(
+        model=prepared.model,
+        args=_training_arguments(options, folder, progress),
+        data_collator=DataCollatorForTokenClassification(prepared.tokenizer),
+        processing_class=prepared.tokenizer,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+        callbacks=[EpochLog()],
+        head_lr=options.head_lr,
+        extra_loss=extra_loss,
+        **data,
+    )
+    trainer.remove_callback(PrinterCallback)  # EpochLog says it through logging
+    if options.early_stopping_patience:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+    return trainer
+
+
 def train_token_classifier(
     base: Path | None,
     dataset: NerDataset,
@@ -266,56 +345,26 @@ def train_token_classifier(
     options = options or TrainOptions()
     output = Path(output)
     _validate(options)
-    if options.distill:
-        source = Path(options.distill.teacher)
-        _check_folder(source, "teacher model")
-    elif base is None:
-        raise TrainError("a base model is needed (or a teacher to distil from)")
-    else:
-        source = Path(base)
-        _check_folder(source, "base model")
+    source = _source(base, options)
 
     import torch
-    from transformers import DataCollatorForTokenClassification, EarlyStoppingCallback, set_seed
-    from transformers.trainer_callback import PrinterCallback
-
-    from ner_builder.ner_trainer import EpochLog, NerTrainer
+    from transformers import set_seed
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     set_seed(options.seed)  # before the model load: the new classifier head is initialised from it
+    train_set, eval_set, sentences = _splits(dataset, options)
+    prepared = _prepare(source, dataset, options)
 
-    train_set, eval_set = held_out_split(dataset, eval_fraction=options.eval_fraction, seed=options.seed)
-    train_set, eval_set = head(train_set, options.limit), head(eval_set, options.eval_limit)
-    sentences = len(train_set)
-    if options.augment:
-        from ner_builder.augment import augment
-
-        train_set = augment(train_set, options.augment, seed=options.seed)
-        LOGGER.info("augmented the training split: %d -> %d sentences", sentences, len(train_set))
-
-    labels = dataset.labels
-    label2id = {label: i for i, label in enumerate(labels)}
-    id2label = dict(enumerate(labels))
-    tokenizer, model, teacher = _load(source, labels, options)
-    if options.isolate_cjk and teacher is None:  # a student keeps its teacher's tokenizer
-        tokenizer = _isolate_cjk(tokenizer, dataset)
-    if options.freeze_embeddings:
-        LOGGER.info("word embeddings frozen (%d parameters)", _freeze_word_embeddings(model))
-    total = sum(p.numel() for p in model.parameters())  # what is saved: LoRA's matrices are merged away
-    if options.lora:
-        from ner_builder.lora import apply_lora
-
-        model = apply_lora(model, options.lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    model_limit = model_max_length(tokenizer, model.config)
+    label2id = {label: i for i, label in enumerate(dataset.labels)}
+    id2label = dict(enumerate(dataset.labels))
+    model_limit = model_max_length(prepared.tokenizer, prepared.model.config)
     train_length = min(options.max_length, model_limit)
     if train_length < options.max_length:
         LOGGER.info("max_length %d capped to the model's limit %d", options.max_length, train_length)
-    train_rows = [item.features() for item in encode_dataset(tokenizer, train_set, label2id, train_length)]
+    train_rows = [item.features() for item in encode_dataset(prepared.tokenizer, train_set, label2id, train_length)]
     # Eval is never truncated to the training max_length, only to what the model can physically take.
-    eval_encoded = encode_dataset(tokenizer, eval_set, label2id, model_limit)
+    eval_encoded = encode_dataset(prepared.tokenizer, eval_set, label2id, model_limit)
     eval_rows = [item.features() for item in eval_encoded]  # what the data collator pads
     gold = gold_tags(eval_set)
 
@@ -324,35 +373,17 @@ def train_token_classifier(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}-epochs-", dir=output.parent) as folder:
-        extra_loss = None
-        if teacher is not None and options.distill is not None:
-            from ner_builder.distill import DistillationLoss
-
-            extra_loss = DistillationLoss(teacher, options.distill.temperature, options.distill.weight)
-        trainer = NerTrainer(
-            model=model,
-            args=_training_arguments(options, folder, progress),
-            data_collator=DataCollatorForTokenClassification(tokenizer),
-            train_dataset=train_rows,
-            eval_dataset=eval_rows,
-            processing_class=tokenizer,
-            compute_metrics=compute_metrics,
-            preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
-            callbacks=[EpochLog()],
-            head_lr=options.head_lr,
-            extra_loss=extra_loss,
-        )
-        trainer.remove_callback(PrinterCallback)  # EpochLog says it through logging
-        if options.early_stopping_patience:
-            trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+        trainer = _trainer(prepared, options, folder, progress, train_dataset=train_rows, eval_dataset=eval_rows,
+                           compute_metrics=compute_metrics)
         LOGGER.info(
             "training %s (%s) on %s: %d train (+%d augmented) / %d eval sentences, %d epochs, %d of %d parameters "
-            "trainable, %d threads", source, options.recipe,
-            dataset.name, sentences, len(train_set) - sentences, len(eval_set), options.epochs, trainable, total,
+            "trainable, %d threads", source, options.recipe, dataset.name, sentences, len(train_set) - sentences,
+            len(eval_set), options.epochs, prepared.trainable_parameters, prepared.total_parameters,
             torch.get_num_threads(),
         )
         trainer.train()
-        best_epoch, epochs_run = _best_epoch(trainer.state), round(trainer.state.epoch or 0)
+        epoch_f1 = [entry["eval_f1"] for entry in trainer.state.log_history if "eval_f1" in entry]
+        best_epoch = epoch_f1.index(max(epoch_f1)) + 1 if epoch_f1 else None
         prediction = trainer.predict(eval_rows)  # the best epoch's model, loaded back
         predicted = predicted_tags(eval_encoded, eval_set, prediction.predictions, id2label)
 
@@ -361,7 +392,7 @@ def train_token_classifier(
     final = merged(trainer.model)
     output.mkdir(parents=True, exist_ok=True)
     final.save_pretrained(output)
-    tokenizer.save_pretrained(output)
+    prepared.tokenizer.save_pretrained(output)
     seconds = time.perf_counter() - started
     scores = entity_scores(gold, predicted)
     metrics = {
@@ -371,15 +402,16 @@ def train_token_classifier(
         "augmented_sentences": len(train_set) - sentences,
         "eval_sentences": len(eval_set),
         "epochs": options.epochs,
-        "epochs_run": epochs_run,  # fewer than epochs when stopped early
-        "best_epoch": best_epoch,
+        "epochs_run": len(epoch_f1),  # fewer than epochs when stopped early
+        "epoch_f1": [round(f1, 4) for f1 in epoch_f1],
+        "best_epoch": best_epoch,  # the one saved
         "scheme": dataset.scheme,
         "eval_level": "character" if dataset.char_level else "word",
-        "cjk_pieces": str(cjk_pieces(tokenizer.backend_tokenizer)),
+        "cjk_pieces": str(cjk_pieces(prepared.tokenizer.backend_tokenizer)),
         **_recorded_options(options),
         **scores,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
+        "trainable_parameters": prepared.trainable_parameters,
+        "total_parameters": prepared.total_parameters,
         "layers": final.config.num_hidden_layers,
         "checkpoint_bytes": sum(f.stat().st_size for f in output.glob("*.safetensors")),
         "seconds": round(seconds, 2),
@@ -393,19 +425,11 @@ def train_token_classifier(
         train_sentences=sentences,
         eval_sentences=len(eval_set),
         seconds=seconds,
-        trainable_parameters=trainable,
-        total_parameters=total,
+        trainable_parameters=prepared.trainable_parameters,
+        total_parameters=prepared.total_parameters,
         augmented_sentences=len(train_set) - sentences,
         **scores,
     )
-
-
-def _best_epoch(state: Any) -> int | None:
-    best = state.best_metric
-    for entry in state.log_history:
-        if "eval_f1" in entry and entry["eval_f1"] == best:
-            return round(entry["epoch"])
-    return None
 
 
 def _recorded_options(options: TrainOptions) -> dict[str, Any]:
