@@ -89,12 +89,14 @@ def test_sigterm_drains_readiness_first_under_load(start_gateway, tiny_repositor
     assert code == 0, gateway.output()[-3000:]
     assert exited - signalled >= DRAIN_S
     # Every call sent before the drain's end (less a margin for the signal's delivery) completed OK, including
-    # those still in flight when the gateway stopped accepting; later ones were refused with UNAVAILABLE, none
-    # was cancelled.
+    # those still in flight when the gateway stopped accepting; later ones were refused with UNAVAILABLE. A call
+    # that reaches the server in the instant it stops, before a handler takes it, is CANCELLED by gRPC core
+    # instead (grpc/grpc#41785, seen once in CI): allowed for those late calls only.
     drain_end = signalled + DRAIN_S
     early = [c for c in calls if c.sent < drain_end - 0.5]
     assert early and [c for c in early if c.code != grpc.StatusCode.OK] == []
-    assert {c.code for c in calls} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, calls
+    late_codes = {c.code for c in calls if c.sent >= drain_end - 0.5}
+    assert late_codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, calls
     assert any(c.code == grpc.StatusCode.OK and c.sent > signalled for c in calls)  # served during the drain
     assert any(c.code == grpc.StatusCode.OK and c.sent < drain_end < c.done for c in calls)  # finished in grace
     output = gateway.output()
