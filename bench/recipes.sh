@@ -2,6 +2,7 @@
 # The training-recipe table of the README: WNUT-16, seed 13, the same held-out split, 3 epochs each, one run at
 # a time (2 cores), then the distilled student against its teacher through the served path (bench/throughput.py).
 #   bash bench/recipes.sh [OUT]     (OUT: artifacts/recipes; about 45 minutes on 2 cores)
+# RECIPE_FLAGS are added to every `ner-builder train` (a quick check: RECIPE_FLAGS="--limit 32 --epochs 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -13,7 +14,8 @@ mkdir -p "$OUT"
 train() {  # NAME FLAGS...: train, keep the log, print F1, parameters and wall time
   local name=$1; shift
   local started=$SECONDS
-  $BIN/ner-builder train --dataset wnut16 --epochs 3 --output "$OUT/$name" "$@" >"$OUT/$name.log" 2>&1
+  # shellcheck disable=SC2086  # RECIPE_FLAGS is a list of flags
+  $BIN/ner-builder train --dataset wnut16 --epochs 3 --output "$OUT/$name" "$@" ${RECIPE_FLAGS:-} >"$OUT/$name.log" 2>&1
   echo "$name: $(tail -n 1 "$OUT/$name.log" | cut -d';' -f1-2), wall $((SECONDS - started)) s"
 }
 
