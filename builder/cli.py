@@ -17,13 +17,14 @@ from ner_builder.lora import ENCODER_LINEAR
 from ner_builder.triton_config import ServingOptions
 from ner_gateway.manifest import TaggingScheme
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
-
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Fine-tune and compile Hugging Face token classifiers into a Triton model repository."""
+    # Nothing here may reach a model hub. Set when a command runs, not at import; it must precede the first
+    # import of huggingface_hub, which reads it once (the commands import transformers lazily).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

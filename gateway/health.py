@@ -16,6 +16,7 @@ import logging
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from ner_gateway.background import BackgroundTasks
 from ner_gateway.metrics import GatewayMetrics
 from ner_gateway.pb.ner.v1 import ner_pb2
 from ner_gateway.triton_pool import TritonPool
@@ -40,6 +41,7 @@ class TritonHealth:
         self.serving: bool | None = None
         self._shut_down = False
         self._task: asyncio.Task[None] | None = None
+        self._followers = BackgroundTasks()
 
     async def set_serving(self, serving: bool) -> None:
         if self._shut_down:
@@ -56,7 +58,7 @@ class TritonHealth:
     def mark_unavailable(self) -> None:
         """Called when an inference found Triton unavailable: follow at once what the pool now knows (it took
         out what failed: an endpoint, or just one model there), instead of waiting for the next poll."""
-        asyncio.get_running_loop().create_task(self.set_serving(self.backend.ready))
+        self._followers.start(self.set_serving(self.backend.ready), name="health-follows-pool")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._poll(), name="triton-health")
@@ -76,4 +78,5 @@ class TritonHealth:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._followers.cancel_all()
         await self.servicer.enter_graceful_shutdown()

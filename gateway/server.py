@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ner_gateway import transport_security
 from ner_gateway.auth import BearerAuthInterceptor, BearerTokens
+from ner_gateway.background import BackgroundTasks
 from ner_gateway.health import SERVICE_NAME, TritonHealth
 from ner_gateway.interceptors import ErrorInterceptor
 from ner_gateway.metrics import GatewayMetrics, MetricsInterceptor
@@ -47,6 +48,7 @@ class Gateway:
         self.cpu_pool: ThreadPoolExecutor | None = None
         self.port: int | None = None
         self._stopped = False
+        self._followers = BackgroundTasks()  # health following the embedded Triton's deaths and restarts
 
     async def start(self) -> int:
         s = self.settings
@@ -127,7 +129,7 @@ class Gateway:
 
     def _on_triton_state(self, ready: bool) -> None:
         if self.health is not None:
-            asyncio.get_running_loop().create_task(self._follow_triton(ready))
+            self._followers.start(self._follow_triton(ready), name="health-follows-triton")
 
     async def _follow_triton(self, ready: bool) -> None:
         """Embedded Triton died or came back: health follows at once, after the pool has seen it too."""
@@ -156,6 +158,7 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
+        await self._followers.cancel_all()
         if self.health is not None:
             await self.health.shutdown()
         if self.server is not None:
