@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py protos/ner/v1/ner.proto
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
 
-# Regenerate gateway/pb from protos/ (pip install does this too; the output is not committed).
+# Regenerate gateway/ner_gateway/pb from protos/ (pip install does this too; the output is not committed).
 proto: install
 	$(PY) protos/gen_python.py
 
@@ -67,4 +67,4 @@ demo-chinese: install
 	bash scripts/demo_chinese.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info gateway/pb .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info gateway/ner_gateway/pb .pytest_cache .ruff_cache

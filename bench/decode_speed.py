@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
-from ner_gateway.decoding import LabelTable, decode
-from ner_gateway.domain import Aggregation
-from ner_gateway.tokenization import TextTokenizer
+from ner_gateway.core.decoding import LabelTable, decode
+from ner_gateway.core.domain import Aggregation
+from ner_gateway.core.tokenization import TextTokenizer
 
 WORDS = ("Barack Obama met Angela Merkel in Berlin before flying to New York with executives from Microsoft , "
          "Google and Apple ; the unbelievably long summit ended on Tuesday #politics @reuters 2024 .").split()

@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=Path("bench/results/large_requests.json"))
     args = parser.parse_args()
 
-    from ner_gateway.triton_process import EmbeddedTriton
+    from ner_gateway.triton.process import EmbeddedTriton
 
     texts = wnut_texts(512)
     large = " ".join(texts * (args.large_chars // sum(map(len, texts)) + 1))[: args.large_chars]

@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     args.clients = args.clients or (64 if args.mode == "soak" else 256)
 
-    from ner_gateway.triton_process import EmbeddedTriton
+    from ner_gateway.triton.process import EmbeddedTriton
 
     texts = wnut_texts(1000)
     loop = asyncio.new_event_loop()  # one loop owns the Triton process from start to stop

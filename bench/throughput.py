@@ -157,7 +157,7 @@ def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
 def start_gateway(repository: Path, triton_url: str, env: dict[str, str] | None = None
                   ) -> tuple[subprocess.Popen[bytes], str]:
     """``ner-gateway serve`` in front of ``triton_url`` on a free port, once it reports SERVING."""
-    from ner_gateway.triton_process import free_port
+    from ner_gateway.triton.process import free_port
 
     port = free_port()
     bin_dir = Path(sys.executable).parent
@@ -279,10 +279,10 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=Path("bench/results/throughput.json"))
     args = parser.parse_args()
 
-    from ner_gateway.manifest import ModelManifest, latest_version_dir
-    from ner_gateway.models import load_tokenizer
-    from ner_gateway.tokenization import Window
-    from ner_gateway.triton_process import EmbeddedTriton
+    from ner_gateway.core.models import load_tokenizer
+    from ner_gateway.core.tokenization import Window
+    from ner_gateway.spec.manifest import ModelManifest, latest_version_dir
+    from ner_gateway.triton.process import EmbeddedTriton
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     sweep_clients = [int(c) for c in args.clients.split(",")]

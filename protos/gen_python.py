@@ -1,6 +1,6 @@
 """Generate the gateway's Python protobuf/gRPC modules from protos/ (``make proto``).
 
-The output (``gateway/pb/``) is not committed: ``pip install`` runs this script
+The output (``gateway/ner_gateway/pb/``) is not committed: ``pip install`` runs this script
 through setup.py, so the code always matches the .proto files in the checkout.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-OUT = ROOT / "gateway" / "pb"
+OUT = ROOT / "gateway" / "ner_gateway" / "pb"
 
 
 def main() -> int:

@@ -190,7 +190,7 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> i
 @pytest.fixture(scope="session")
 def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Factory: run ``ner-gateway serve`` as a real process on a free loopback port; all are stopped at the end."""
-    from ner_gateway.triton_process import free_port
+    from ner_gateway.triton.process import free_port
 
     started: list[subprocess.Popen[bytes]] = []
 

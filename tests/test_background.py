@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from ner_gateway.background import BackgroundTasks
+from ner_gateway.transport.background import BackgroundTasks
 
 
 async def test_a_started_task_is_held_until_done() -> None:
@@ -35,7 +35,7 @@ async def test_a_failure_is_logged_with_the_task_name(caplog: pytest.LogCaptureF
     async def fail() -> None:
         raise RuntimeError("boom")
 
-    with caplog.at_level(logging.ERROR, logger="ner_gateway.background"):
+    with caplog.at_level(logging.ERROR, logger="ner_gateway.transport.background"):
         tasks.start(fail(), name="health-follows-triton")
         for _ in range(5):
             await asyncio.sleep(0)
@@ -49,7 +49,7 @@ async def test_cancel_all_ends_what_still_runs(caplog: pytest.LogCaptureFixture)
     tasks = BackgroundTasks()
     started = [tasks.start(asyncio.sleep(60), name=f"sleep-{i}") for i in range(3)]
     await asyncio.sleep(0)
-    with caplog.at_level(logging.ERROR, logger="ner_gateway.background"):
+    with caplog.at_level(logging.ERROR, logger="ner_gateway.transport.background"):
         await tasks.cancel_all()
     assert tasks.running == 0 and all(task.cancelled() for task in started)
     assert not caplog.records  # a cancellation is not a failure

@@ -17,10 +17,10 @@ from tritonclient.grpc import model_config_pb2
 
 from ner_builder.repository import PYTHON_MODEL_SOURCE
 from ner_builder.triton_config import ServingOptions, python_onnx_config
-from ner_gateway.manifest import ModelManifest
-from ner_gateway.models import load_tokenizer
-from ner_gateway.tokenization import TextTokenizer, Window
-from ner_gateway.triton_process import EmbeddedTriton
+from ner_gateway.core.models import load_tokenizer
+from ner_gateway.core.tokenization import TextTokenizer, Window
+from ner_gateway.spec.manifest import ModelManifest
+from ner_gateway.triton.process import EmbeddedTriton
 
 WORDS = ("Ada Lovelace met Charles Babbage in London and Paris while Google hired engineers at the "
          "University of Cambridge near the river Thames on a rainy Tuesday").split()

@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 from ner_builder.build import BuildOptions, BuildResult, build_model
 from ner_builder.cli import main
 from ner_builder.errors import BuildError
-from ner_gateway.manifest import ModelManifest, Precision, TaggingScheme, detect_tagging_scheme, sha256_file
+from ner_gateway.spec.manifest import ModelManifest, Precision, TaggingScheme, detect_tagging_scheme, sha256_file
 
 from conftest import TINY_LABELS, TINY_MAX_LENGTH
 
@@ -97,7 +97,7 @@ async def test_keep_versions_lets_triton_serve_old_and_new_side_by_side(tiny_che
     version_policy; without it Triton's default serves the latest version only."""
     from tritonclient.grpc import InferenceServerClient
 
-    from ner_gateway.triton_process import EmbeddedTriton
+    from ner_gateway.triton.process import EmbeddedTriton
 
     for _ in range(2):
         assert _build_cli(tiny_checkpoint, tmp_path, "--name", "kept", "--keep-versions", "2")[0] == 0

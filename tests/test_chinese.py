@@ -24,9 +24,9 @@ from ner_builder.isolate_cjk import CjkIsolationError, isolate_cjk
 from ner_builder.spans import SCHEMES, Span, spans_to_bio, tags_to_spans, token_tags
 from ner_builder.token_alignment import char_tags, encode_chars, gold_tags
 from ner_builder.train import TrainOptions, train_token_classifier
-from ner_gateway.cjk import CjkPieces, cjk_pieces
 from ner_gateway.errors import ConfigurationError
-from ner_gateway.manifest import ModelManifest, TaggingScheme, detect_tagging_scheme, latest_version_dir
+from ner_gateway.spec.cjk import CjkPieces, cjk_pieces
+from ner_gateway.spec.manifest import ModelManifest, TaggingScheme, detect_tagging_scheme, latest_version_dir
 
 BMES = SCHEMES["BMES"]
 MSRA_LABELS = ["O", "B-LOC", "M-LOC", "E-LOC", "S-LOC", "B-ORG", "M-ORG", "E-ORG", "S-ORG",
@@ -361,10 +361,10 @@ def test_bmes_model_served_and_decoded_end_to_end(tiny_bmes_checkpoint: Path, tm
     from transformers import AutoModelForTokenClassification
 
     from ner_builder.build import BuildOptions, build_model
-    from ner_gateway.decoding import LabelTable, decode
-    from ner_gateway.domain import Aggregation
+    from ner_gateway.core.decoding import LabelTable, decode
+    from ner_gateway.core.domain import Aggregation
+    from ner_gateway.core.tokenization import TextTokenizer
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-    from ner_gateway.tokenization import TextTokenizer
 
     # A confident random head, so the BMES paths (B/M/E/S, repairs) all get exercised.
     checkpoint = tmp_path / "bmes"
@@ -550,7 +550,7 @@ def test_served_chinese_entities_have_exact_character_spans(labelling_checkpoint
 
 
 def test_gateway_refuses_a_tokenizer_that_cuts_cjk_unlike_the_build(exact_repository: Path) -> None:
-    from ner_gateway.models import load_tokenizer
+    from ner_gateway.core.models import load_tokenizer
 
     version_dir = latest_version_dir(exact_repository / "msra-exact")
     manifest = ModelManifest.read(version_dir)

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from ner_gateway.decoding import LabelTable, TokenView, decode, viterbi
-from ner_gateway.domain import Aggregation, Entity
-from ner_gateway.manifest import TaggingScheme
+from ner_gateway.core.decoding import LabelTable, TokenView, decode, viterbi
+from ner_gateway.core.domain import Aggregation, Entity
+from ner_gateway.spec.manifest import TaggingScheme
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "MISC"]
 TABLE = LabelTable.from_labels(LABELS)

@@ -30,7 +30,7 @@ GPU_OVERLAYS = [name for name in OVERLAYS if name.startswith("gpu")]
 TRITON_RELEASE = "25.09"
 TRITON_TENSORRT = "10.13.3.9"  # TensorRT in NVIDIA's 25.09 Triton/TensorRT images
 
-# The metric contract: what the gateway (gateway/metrics.py) and Triton export, by name.
+# The metric contract: what the gateway (gateway/ner_gateway/observability/metrics.py) and Triton export, by name.
 GATEWAY_METRICS = {"ner_requests_total", "ner_request_duration_seconds", "ner_stage_duration_seconds",
                    "ner_inflight_requests", "ner_triton_up", "ner_entities_total"}
 
@@ -308,7 +308,7 @@ def test_only_the_gateway_reaches_tritons_grpc_port(rendered: dict[str, list[dic
 
 
 def test_tritons_admin_protocols_need_the_secret_key(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    from ner_gateway.triton_process import ADMIN_KEY, RESTRICTED_PROTOCOLS
+    from ner_gateway.triton.process import ADMIN_KEY, RESTRICTED_PROTOCOLS
 
     restricted = f"{','.join(RESTRICTED_PROTOCOLS)}:{ADMIN_KEY}=$(TRITON_ADMIN_KEY)"
     for name, docs in rendered.items():
@@ -327,7 +327,7 @@ async def test_load_model_script_sends_the_admin_key(tiny_repository: Path) -> N
     import os
     import subprocess
 
-    from ner_gateway.triton_process import EmbeddedTriton
+    from ner_gateway.triton.process import EmbeddedTriton
 
     script = (K8S / "load-model.sh").read_text()
     program = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
@@ -475,7 +475,7 @@ def test_gateway_exports_the_contract_metrics() -> None:
     """The names the alert rules and dashboards rely on, from the gateway's own metrics registry."""
     from prometheus_client import generate_latest
 
-    from ner_gateway.metrics import GatewayMetrics
+    from ner_gateway.observability.metrics import GatewayMetrics
 
     text = generate_latest(GatewayMetrics().registry).decode()
     exported = set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
@@ -485,7 +485,7 @@ def test_gateway_exports_the_contract_metrics() -> None:
 def test_the_autoscaler_metrics_exist_on_a_real_triton(start_gateway, tiny_repository: Path) -> None:
     """The series the adapter rules read, scraped from a real Triton after a real request through the gateway."""
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-    from ner_gateway.triton_process import free_port
+    from ner_gateway.triton.process import free_port
 
     metrics_port = free_port()
     env = {"NER_TRITON_GRPC_PORT": str(free_port()), "NER_TRITON_HTTP_PORT": str(free_port()),

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ner_gateway.decoding import LabelTable, decode
-from ner_gateway.domain import Aggregation
-from ner_gateway.tokenization import TextTokenizer
+from ner_gateway.core.decoding import LabelTable, decode
+from ner_gateway.core.domain import Aggregation
+from ner_gateway.core.tokenization import TextTokenizer
 
 from conftest import TINY_LABELS, TINY_MAX_LENGTH
 
@@ -189,7 +189,7 @@ def test_word_boundaries_differ_between_tokenizer_families(wordpiece: Reference,
 
 
 def test_the_isolated_family_differs_from_xlmr_only_on_ideographs(unigram: Reference, unigram_cjk: Reference) -> None:
-    from ner_gateway.cjk import is_cjk
+    from ner_gateway.spec.cjk import is_cjk
 
     for text in CURATED:
         (merged,), (isolated,) = unigram.ours.tokenize([text]), unigram_cjk.ours.tokenize([text])

@@ -13,11 +13,11 @@ import pytest
 import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ner_gateway.domain import RecognizeRequest
+from ner_gateway.core.domain import RecognizeRequest
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.server import Gateway
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.triton_process import EmbeddedTriton
+from ner_gateway.transport.server import Gateway
+from ner_gateway.triton.process import EmbeddedTriton
 
 from conftest import TINY_MODEL, stop_process
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otlp import TraceSink, start_rotel
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.triton_process import free_port
+from ner_gateway.triton.process import free_port
 
 from conftest import TINY_MODEL, scrape, stop_process
 
@@ -150,7 +150,7 @@ def test_metrics_count_requests_stages_and_labels(traced_gateway) -> None:
 
 
 def test_no_exporter_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ner_gateway.tracing import configure_tracing
+    from ner_gateway.observability.tracing import configure_tracing
 
     for key in [k for k in os.environ if k.startswith("OTEL_")]:
         monkeypatch.delenv(key)

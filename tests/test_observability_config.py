@@ -56,7 +56,7 @@ def alert_blocks() -> dict[str, str]:
 
 def gateway_series() -> set[str]:
     """Every series name the real gateway exposes (its own registry, no scrape needed)."""
-    from ner_gateway.metrics import GatewayMetrics
+    from ner_gateway.observability.metrics import GatewayMetrics
 
     names = set()
     for family in GatewayMetrics().registry.collect():

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ner_gateway.decoding import LabelTable, decode
-from ner_gateway.domain import Aggregation, Entity, OffsetUnit
-from ner_gateway.offsets import convert_entities, convert_offset
-from ner_gateway.tokenization import TextTokenizer
+from ner_gateway.core.decoding import LabelTable, decode
+from ner_gateway.core.domain import Aggregation, Entity, OffsetUnit
+from ner_gateway.core.offsets import convert_entities, convert_offset
+from ner_gateway.core.tokenization import TextTokenizer
 
 from conftest import TINY_LABELS
 

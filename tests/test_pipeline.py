@@ -10,13 +10,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ner_gateway.domain import RecognizeRequest
+from ner_gateway.core.domain import RecognizeRequest
+from ner_gateway.core.pipeline import CpuOffload, RecognitionPipeline
 from ner_gateway.errors import ConfigurationError, DeadlineExceeded, TritonUnavailable
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.pipeline import CpuOffload, RecognitionPipeline
-from ner_gateway.server import Gateway
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.triton_process import EmbeddedTriton
+from ner_gateway.transport.server import Gateway
+from ner_gateway.triton.process import EmbeddedTriton
 
 from conftest import TINY_MODEL
 

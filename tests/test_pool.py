@@ -8,11 +8,11 @@ import signal
 import time
 from pathlib import Path
 
-from ner_gateway.domain import RecognizeRequest
-from ner_gateway.server import Gateway
+from ner_gateway.core.domain import RecognizeRequest
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.triton_pool import resolve
-from ner_gateway.triton_process import EmbeddedTriton
+from ner_gateway.transport.server import Gateway
+from ner_gateway.triton.pool import resolve
+from ner_gateway.triton.process import EmbeddedTriton
 
 
 def test_resolve_lists_and_dns_entries() -> None:

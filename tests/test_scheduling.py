@@ -1,4 +1,4 @@
-"""Admission and fair shares of Triton (gateway/scheduling.py), on the event loop alone."""
+"""Admission and fair shares of Triton (gateway/ner_gateway/core/scheduling.py), on the event loop alone."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 import grpc
 import pytest
 
+from ner_gateway.core.scheduling import Admission, AdmissionLimits, FairScheduler, plan_calls
 from ner_gateway.errors import DeadlineExceeded, Overloaded
-from ner_gateway.scheduling import Admission, AdmissionLimits, FairScheduler, plan_calls
 
 
 @pytest.mark.parametrize(("lengths", "rows", "tokens", "expected"), [

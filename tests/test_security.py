@@ -27,13 +27,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ner_gateway.auth import BearerTokens
 from ner_gateway.client import AsyncNerClient, NerClient, target
 from ner_gateway.errors import ConfigurationError
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.transport_security import RotatingCertificate, add_port, is_loopback
-from ner_gateway.triton_process import free_port
+from ner_gateway.transport.auth import BearerTokens
+from ner_gateway.transport.tls import RotatingCertificate, add_port, is_loopback
+from ner_gateway.triton.process import free_port
 
 from conftest import GatewayProcess, stop_process
 
@@ -497,7 +497,7 @@ async def test_plaintext_beyond_loopback_warns(caplog: pytest.LogCaptureFixture)
     for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
         caplog.clear()
         server = grpc.aio.server()
-        with caplog.at_level(logging.WARNING, logger="ner_gateway.transport_security"):
+        with caplog.at_level(logging.WARNING, logger="ner_gateway.transport.tls"):
             assert add_port(server, GatewaySettings(host=host, port=0)) > 0
         await server.stop(0)
         assert any("plaintext" in r.getMessage() for r in caplog.records) is warned, host

@@ -208,14 +208,14 @@ def test_cli_bad_env_is_a_clean_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cli_flags_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ner_gateway.server
+    import ner_gateway.transport.server
 
     seen: list[GatewaySettings] = []
 
     async def fake_serve(settings: GatewaySettings) -> None:
         seen.append(settings)
 
-    monkeypatch.setattr(ner_gateway.server, "serve", fake_serve)
+    monkeypatch.setattr(ner_gateway.transport.server, "serve", fake_serve)
     monkeypatch.setenv("NER_PORT", "6000")
     monkeypatch.setenv("NER_HOST", "0.0.0.0")
     monkeypatch.setenv("NER_MAX_TEXT_CHARS", "100")

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ner_gateway.decoding import LabelTable, decode
-from ner_gateway.domain import Aggregation
+from ner_gateway.core.decoding import LabelTable, decode
+from ner_gateway.core.domain import Aggregation
+from ner_gateway.core.models import window_stride
+from ner_gateway.core.tokenization import TextTokenizer, Window
 from ner_gateway.errors import ConfigurationError
-from ner_gateway.models import window_stride
-from ner_gateway.tokenization import TextTokenizer, Window
 
 from conftest import TINY_LABELS
 

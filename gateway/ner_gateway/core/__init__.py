@@ -1,0 +1,1 @@
+"""The transport-free core: tokenize -> infer (through triton/) -> decode, with admission and scheduling."""

@@ -1,0 +1,223 @@
+"""Logits -> entities: a pure numpy module (arrays in, entities out) under the pipeline.
+
+Aggregation follows Hugging Face's ``TokenClassificationPipeline`` exactly for BIO/IOB1 models
+(softmax scores; special tokens skipped; word boundaries from the tokenizer as HF finds them;
+FIRST/AVERAGE/MAX pick one label per word; ``ignore_labels=["O"]``; labels without a ``B-``/``I-``
+prefix continue an entity of the same tag). It extends HF to BIOES, BILOU and BMES.
+
+Repair rule for invalid transitions (argmax decoding): a token labelled inside/end (``I-``, ``M-``,
+``E-``, ``L-``) that does not continue an open entity of its type opens a new entity, as ``B-``
+would; ``E-``/``L-``/``S-``/``U-`` close the entity, so whatever follows them opens a new one. For
+BIO this is HF's grouping (``I-PER`` after ``O`` or after ``B-LOC`` starts an entity). Instead of
+repairing, ``constrained=True`` runs Viterbi over the scheme's allowed transitions, so the label
+sequence is valid by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from ner_gateway.core.domain import Aggregation, Entity
+from ner_gateway.spec.manifest import TaggingScheme
+
+IGNORE_LABELS = frozenset({"O"})
+
+
+class Role(IntEnum):
+    OUTSIDE = 0
+    BEGIN = 1
+    INSIDE = 2
+    END = 3
+    SINGLE = 4
+
+
+_PREFIX_ROLES = {
+    TaggingScheme.BIO: {"B": Role.BEGIN, "I": Role.INSIDE},
+    TaggingScheme.IOB1: {"B": Role.BEGIN, "I": Role.INSIDE},
+    TaggingScheme.BIOES: {"B": Role.BEGIN, "I": Role.INSIDE, "E": Role.END, "S": Role.SINGLE},
+    TaggingScheme.BILOU: {"B": Role.BEGIN, "I": Role.INSIDE, "L": Role.END, "U": Role.SINGLE},
+    TaggingScheme.BMES: {"B": Role.BEGIN, "M": Role.INSIDE, "E": Role.END, "S": Role.SINGLE},
+}
+_OPENS = (Role.BEGIN, Role.INSIDE)  # roles after which the entity is still open
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Per-class facts, computed once per model, so decoding is array lookups."""
+
+    labels: list[str]
+    scheme: TaggingScheme
+    roles: np.ndarray  # int[C]
+    type_ids: np.ndarray  # int[C]: the entity type ("O" is a type of its own)
+    entity_labels: list[str]  # label reported for an entity opened by class c (HF: split("-", 1)[-1])
+    allowed: np.ndarray  # bool[C, C]: class j may follow class i
+    allowed_start: np.ndarray  # bool[C]
+    allowed_end: np.ndarray  # bool[C]
+
+    @classmethod
+    def from_labels(cls, labels: list[str], scheme: TaggingScheme = TaggingScheme.BIO) -> LabelTable:
+        prefixes = _PREFIX_ROLES[scheme]
+        roles, types, free = [], [], []
+        for label in labels:
+            prefix, sep, kind = label.partition("-")
+            if label in IGNORE_LABELS:
+                roles.append(Role.OUTSIDE)
+                types.append(label)
+            elif sep and prefix in prefixes:
+                roles.append(prefixes[prefix])
+                types.append(kind)
+            else:  # HF: a label without a known prefix continues an entity of the same (whole) label
+                roles.append(Role.INSIDE)
+                types.append(label)
+            free.append(label in IGNORE_LABELS or not (sep and prefix in prefixes))
+        type_index = {t: i for i, t in enumerate(dict.fromkeys(types))}
+        role_array = np.array(roles, dtype=np.int8)
+        type_array = np.array([type_index[t] for t in types])
+        allowed, start, end = _transitions(role_array, type_array, scheme, np.array(free))
+        return cls(list(labels), scheme, role_array, type_array, [lb.split("-", 1)[-1] for lb in labels],
+                   allowed, start, end)
+
+
+def _transitions(
+    roles: np.ndarray, types: np.ndarray, scheme: TaggingScheme, free: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Allowed label transitions of a scheme; "free" labels ("O", unprefixed) may follow and precede anything
+    except that an open (B-/I-) entity of BIOES-like schemes must still be continued."""
+    n = len(roles)
+    same_type = types[:, None] == types[None, :]
+    prev, nxt = roles[:, None], roles[None, :]
+    if scheme is TaggingScheme.BIO:
+        # I-X only after B-X or I-X.
+        allowed = (nxt != Role.INSIDE) | (np.isin(prev, _OPENS) & same_type)
+        start = roles != Role.INSIDE
+        end = np.ones(n, dtype=bool)
+    elif scheme is TaggingScheme.IOB1:
+        # B-X only directly after an X (it separates two adjacent entities of one type).
+        allowed = (nxt != Role.BEGIN) | (np.isin(prev, _OPENS) & same_type)
+        start = roles != Role.BEGIN
+        end = np.ones(n, dtype=bool)
+    else:
+        # Open (B/I) must be followed by I/E of the same type; closed (O/E/S) by O, B or S.
+        prev_open = np.isin(prev, _OPENS)
+        continues = np.isin(nxt, (Role.INSIDE, Role.END)) & same_type
+        opens = np.isin(nxt, (Role.OUTSIDE, Role.BEGIN, Role.SINGLE))
+        allowed = np.where(prev_open, continues, opens)
+        start = np.isin(roles, (Role.OUTSIDE, Role.BEGIN, Role.SINGLE))
+        end = ~np.isin(roles, _OPENS)
+    unprefixed = free & (roles != Role.OUTSIDE)
+    allowed = allowed | unprefixed[None, :] | unprefixed[:, None]
+    return allowed, start | unprefixed, end | unprefixed
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """What decoding needs to know about one text's tokens (special tokens included)."""
+
+    offsets: np.ndarray  # int[N, 2], code points
+    special: np.ndarray  # bool[N]
+    is_subword: np.ndarray  # bool[N]: continues the previous token's word (HF's rule)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """HF's softmax, in float32, so scores match the pipeline's to the last bits."""
+    logits = logits.astype(np.float32, copy=False)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _word_vectors(probs: np.ndarray, is_subword: np.ndarray, aggregation: Aggregation) -> tuple[np.ndarray, np.ndarray]:
+    """One score vector per word (HF ``aggregate_word``); returns (vectors, index of each word's first token)."""
+    starts = ~is_subword
+    starts[0] = True
+    first = np.flatnonzero(starts)
+    if aggregation is Aggregation.FIRST:
+        return probs[first], first
+    if aggregation is Aggregation.AVERAGE:
+        counts = np.diff(np.append(first, len(probs)))[:, None]
+        return (np.add.reduceat(probs, first, axis=0) / counts).astype(np.float32), first
+    # MAX: the vector of the word's token with the highest score (the first such token on ties).
+    token_max = probs.max(axis=1)
+    word_of_token = np.cumsum(starts) - 1
+    is_max = token_max == np.maximum.reduceat(token_max, first)[word_of_token]
+    candidates = np.flatnonzero(is_max)
+    _, first_candidate = np.unique(word_of_token[candidates], return_index=True)
+    return probs[candidates[first_candidate]], first
+
+
+def viterbi(log_probs: np.ndarray, table: LabelTable) -> np.ndarray:
+    """Most probable label sequence that only uses the scheme's allowed transitions."""
+    transition = np.where(table.allowed, 0.0, -np.inf)
+    score = np.where(table.allowed_start, log_probs[0], -np.inf)
+    back = np.zeros((len(log_probs), log_probs.shape[1]), dtype=np.int64)
+    for t in range(1, len(log_probs)):
+        candidates = score[:, None] + transition
+        back[t] = candidates.argmax(axis=0)
+        score = candidates.max(axis=0) + log_probs[t]
+    path = np.empty(len(log_probs), dtype=np.int64)
+    path[-1] = int(np.where(table.allowed_end, score, -np.inf).argmax())
+    for t in range(len(log_probs) - 1, 0, -1):
+        path[t - 1] = back[t, path[t]]
+    return path
+
+
+def decode(
+    text: str,
+    logits: np.ndarray,
+    tokens: TokenView,
+    table: LabelTable,
+    aggregation: Aggregation,
+    constrained: bool = False,
+) -> list[Entity]:
+    """Entities of one text from its ``logits`` [tokens, classes], sorted and non-overlapping."""
+    keep = ~tokens.special
+    probs = softmax(logits[keep])
+    if len(probs) == 0:
+        return []
+    offsets = tokens.offsets[keep]
+    if aggregation in (Aggregation.NONE, Aggregation.SIMPLE):
+        vectors, starts, ends = probs, offsets[:, 0], offsets[:, 1]
+    else:
+        vectors, first = _word_vectors(probs, tokens.is_subword[keep].copy(), aggregation)
+        starts = offsets[first, 0]
+        ends = offsets[np.append(first[1:], len(probs)) - 1, 1]
+    if constrained:
+        with np.errstate(divide="ignore"):
+            label_ids = viterbi(np.log(vectors), table)
+    else:
+        label_ids = vectors.argmax(axis=1)
+    scores = vectors[np.arange(len(vectors)), label_ids]
+
+    if aggregation is Aggregation.NONE:
+        return [
+            Entity(table.labels[c], int(s), int(e), text[s:e], float(p))
+            for c, s, e, p in zip(label_ids, starts, ends, scores, strict=True)
+            if table.labels[c] not in IGNORE_LABELS
+        ]
+    return _group(text, label_ids, scores, starts, ends, table)
+
+
+def _group(text: str, label_ids: np.ndarray, scores: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+           table: LabelTable) -> list[Entity]:
+    """Merge consecutive units into entities (HF ``group_entities`` + the repair rule)."""
+    roles = table.roles[label_ids]
+    types = table.type_ids[label_ids]
+    opens = np.ones(len(label_ids), dtype=bool)
+    opens[1:] = (
+        (types[1:] != types[:-1])
+        | np.isin(roles[1:], (Role.BEGIN, Role.SINGLE))
+        | np.isin(roles[:-1], (Role.END, Role.SINGLE))
+    )
+    first = np.flatnonzero(opens)
+    last = np.append(first[1:], len(label_ids)) - 1
+    means = np.add.reduceat(scores.astype(np.float64), first) / (last - first + 1)
+    entities = []
+    for f, lst, score in zip(first, last, means, strict=True):
+        label = table.entity_labels[label_ids[f]]
+        if label in IGNORE_LABELS:
+            continue
+        start, end = int(starts[f]), int(ends[lst])
+        entities.append(Entity(label, start, end, text[start:end], float(score)))
+    return entities

@@ -1,0 +1,122 @@
+"""Prometheus metrics of the gateway (its own registry, served on a separate port).
+
+Names are a contract with deploy/ (alert rules, dashboard, autoscaler): change them additively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ner_gateway.core.domain import Recognition
+from ner_gateway.transport.interceptors import Guard, GuardInterceptor
+
+LOGGER = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+# The model a request resolved to, for the RPC-level counters (set by the pipeline, read by the interceptor).
+current_model: contextvars.ContextVar[str] = contextvars.ContextVar("ner_model", default="")
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ner_requests", "RPCs by method, model and gRPC status code",
+                                ["method", "model", "code"], registry=r)
+        self.request_duration = Histogram("ner_request_duration_seconds", "RPC latency", ["method", "model"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram("ner_stage_duration_seconds", "Latency of each pipeline stage",
+                                        ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.texts = Histogram("ner_request_texts", "Texts per request", ["model"], buckets=COUNT_BUCKETS, registry=r)
+        self.tokens = Histogram("ner_request_tokens", "Tokens per request", ["model"], buckets=COUNT_BUCKETS,
+                                registry=r)
+        self.windows = Histogram("ner_request_windows", "Model inputs (windows) per request", ["model"],
+                                 buckets=COUNT_BUCKETS, registry=r)
+        self.entities = Histogram("ner_request_entities", "Entities per request", ["model"], buckets=COUNT_BUCKETS,
+                                  registry=r)
+        self.entities_by_label = Counter("ner_entities", "Entities returned, by label (label mix, for drift)",
+                                         ["model", "label"], registry=r)
+        self.inflight = Gauge("ner_inflight_requests", "RPCs being served", ["method"], registry=r)
+        self.triton_up = Gauge("ner_triton_up", "1 while Triton reports ready, else 0", registry=r)
+        self.refused = Counter("ner_refused_requests", "Requests refused at once, before any work (load "
+                               "shedding), by reason: requests or windows (at capacity: RESOURCE_EXHAUSTED), "
+                               "deadline (less time left than a Triton call takes now: DEADLINE_EXCEEDED)",
+                               ["reason"], registry=r)
+        self.abandoned_windows = Counter(
+            "ner_abandoned_windows", "Windows of requests that failed, timed out or were cancelled before their "
+            "answer: never sent to Triton (queued) or cancelled there (in_triton)", ["model", "stage"], registry=r)
+        self.auth_failures = Counter("ner_auth_failures", "RPCs refused for their bearer token, by reason "
+                                     "(missing, malformed, rejected)", ["reason"], registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(server.server_address[1])
+        LOGGER.info("metrics on http://%s:%d/metrics", host, bound)
+        self._server = server
+        return bound
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def observe_recognition(self, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
+        model = result.model
+        for stage, value in seconds.items():
+            self.stage_duration.labels(stage, model).observe(value)
+        self.texts.labels(model).observe(len(result.documents))
+        self.tokens.labels(model).observe(tokens)
+        self.windows.labels(model).observe(sum(d.windows for d in result.documents))
+        entities = [e for d in result.documents for e in d.entities]
+        self.entities.labels(model).observe(len(entities))
+        for entity in entities:
+            self.entities_by_label.labels(model, entity.label).inc()
+
+
+class MetricsInterceptor(GuardInterceptor):
+    """Counts RPCs by method/model/code and times them; runs outside the error interceptor."""
+
+    def __init__(self, metrics: GatewayMetrics, service_prefix: str = "/ner.v1.") -> None:
+        self.metrics = metrics
+        self.service_prefix = service_prefix
+
+    def guard(self, method: str) -> Guard | None:
+        if not method.startswith(self.service_prefix):
+            return None  # health checks and reflection are not traffic
+        name = method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        @asynccontextmanager
+        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            metrics.inflight.labels(name).inc()
+            current_model.set("")
+            code = None
+            try:
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                final = code or context.code() or grpc.StatusCode.OK
+                model = current_model.get()
+                metrics.requests.labels(name, model, final.name).inc()
+                metrics.request_duration.labels(name, model).observe(time.perf_counter() - started)
+                metrics.inflight.labels(name).dec()
+
+        return observed

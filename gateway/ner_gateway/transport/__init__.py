@@ -1,0 +1,1 @@
+"""gRPC transport: the servicer, proto conversion, interceptors (errors, auth, limits), health, TLS, the server."""

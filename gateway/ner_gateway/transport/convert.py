@@ -1,0 +1,68 @@
+"""Protobuf <-> domain conversion, in one place."""
+
+from __future__ import annotations
+
+from ner_gateway.core.domain import Aggregation, OffsetUnit, Recognition, RecognizeRequest
+from ner_gateway.core.models import NerModel
+from ner_gateway.errors import InvalidRequest
+from ner_gateway.pb.ner.v1 import ner_pb2
+from ner_gateway.spec.manifest import Precision, TaggingScheme
+
+_AGGREGATIONS = {
+    ner_pb2.AGGREGATION_STRATEGY_UNSPECIFIED: Aggregation.SIMPLE,
+    ner_pb2.AGGREGATION_STRATEGY_NONE: Aggregation.NONE,
+    ner_pb2.AGGREGATION_STRATEGY_SIMPLE: Aggregation.SIMPLE,
+    ner_pb2.AGGREGATION_STRATEGY_FIRST: Aggregation.FIRST,
+    ner_pb2.AGGREGATION_STRATEGY_AVERAGE: Aggregation.AVERAGE,
+    ner_pb2.AGGREGATION_STRATEGY_MAX: Aggregation.MAX,
+}
+_OFFSET_UNITS = {
+    ner_pb2.OFFSET_UNIT_UNSPECIFIED: OffsetUnit.CODE_POINT,
+    ner_pb2.OFFSET_UNIT_CODE_POINT: OffsetUnit.CODE_POINT,
+    ner_pb2.OFFSET_UNIT_UTF8_BYTE: OffsetUnit.UTF8_BYTE,
+    ner_pb2.OFFSET_UNIT_UTF16_CODE_UNIT: OffsetUnit.UTF16_CODE_UNIT,
+}
+_SCHEMES = {scheme: ner_pb2.TaggingScheme.Value(f"TAGGING_SCHEME_{scheme.name}") for scheme in TaggingScheme}
+_PRECISIONS = {precision: ner_pb2.Precision.Value(f"PRECISION_{precision.name}") for precision in Precision}
+
+
+def request_from_pb(message: ner_pb2.RecognizeRequest) -> RecognizeRequest:
+    # proto3 enums are open: an unknown number arrives intact and must be rejected here.
+    aggregation = _AGGREGATIONS.get(message.aggregation)
+    if aggregation is None:
+        raise InvalidRequest(f"unknown aggregation value {message.aggregation}")
+    offset_unit = _OFFSET_UNITS.get(message.offset_unit)
+    if offset_unit is None:
+        raise InvalidRequest(f"unknown offset_unit value {message.offset_unit}")
+    return RecognizeRequest(texts=list(message.texts), model=message.model, aggregation=aggregation,
+                            offset_unit=offset_unit, request_id=message.request_id,
+                            constrained=message.constrained_decoding)
+
+
+def response_to_pb(result: Recognition) -> ner_pb2.RecognizeResponse:
+    return ner_pb2.RecognizeResponse(
+        documents=[
+            ner_pb2.Document(
+                entities=[
+                    ner_pb2.Entity(label=e.label, start=e.start, end=e.end, text=e.text, score=e.score)
+                    for e in document.entities
+                ],
+                windows=document.windows,
+            )
+            for document in result.documents
+        ],
+        model=result.model,
+        model_version=result.model_version,
+        request_id=result.request_id,
+        timings=ner_pb2.StageTimings(tokenize_us=result.timings.tokenize_us, infer_us=result.timings.infer_us,
+                                     decode_us=result.timings.decode_us),
+    )
+
+
+def model_info_to_pb(model: NerModel, is_default: bool, ready: bool) -> ner_pb2.ModelInfo:
+    manifest = model.manifest
+    return ner_pb2.ModelInfo(
+        name=manifest.name, version=model.served.version, labels=manifest.labels,
+        tagging_scheme=_SCHEMES[manifest.tagging_scheme], max_sequence_length=manifest.max_sequence_length,
+        precision=_PRECISIONS[manifest.precision], is_default=is_default, ready=ready,
+    )

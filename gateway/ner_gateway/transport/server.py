@@ -1,0 +1,198 @@
+"""Assembly: builds the object graph by hand and runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ner_gateway.core.models import EngineRuntime, ModelRegistry
+from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
+from ner_gateway.core.scheduling import Admission, AdmissionLimits
+from ner_gateway.observability.metrics import GatewayMetrics, MetricsInterceptor
+from ner_gateway.observability.tracing import Tracing, configure_tracing
+from ner_gateway.pb.ner.v1 import ner_pb2_grpc
+from ner_gateway.settings import GatewaySettings
+from ner_gateway.transport import tls as transport_security
+from ner_gateway.transport.auth import BearerAuthInterceptor, BearerTokens
+from ner_gateway.transport.background import BackgroundTasks
+from ner_gateway.transport.health import SERVICE_NAME, TritonHealth
+from ner_gateway.transport.interceptors import ErrorInterceptor
+from ner_gateway.transport.servicer import NerServicer
+from ner_gateway.triton.pool import TritonPool
+from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The running service: (embedded) Triton, the pipeline and the gRPC server. ``stop()`` is idempotent."""
+
+    def __init__(self, settings: GatewaySettings, tracing: Tracing | None = None) -> None:
+        self.settings = settings
+        self.tracing = tracing
+        self.metrics = GatewayMetrics()
+        self.metrics_port: int | None = None
+        self.triton: EmbeddedTriton | None = None
+        self.backend: TritonPool | None = None
+        self.health: TritonHealth | None = None
+        self.server: grpc.aio.Server | None = None
+        self.pipeline: RecognitionPipeline | None = None
+        self.cpu_pool: ThreadPoolExecutor | None = None
+        self.port: int | None = None
+        self._stopped = False
+        self._followers = BackgroundTasks()  # health following the embedded Triton's deaths and restarts
+
+    async def start(self) -> int:
+        s = self.settings
+        try:
+            if s.triton_url is None:
+                ports = TritonPorts(s.triton_grpc_port, s.triton_http_port, s.triton_metrics_port)
+                self.triton = EmbeddedTriton(
+                    s.model_repository, ready_timeout_s=s.triton_ready_timeout_s, log_verbose=s.triton_log_verbose,
+                    ports=ports,  # each one set takes effect; 0 = a free port for that one
+                    trace_endpoint=self._triton_trace_endpoint(), on_state_change=self._on_triton_state,
+                )
+                await self.triton.start()
+            # One endpoint (the embedded Triton) or several; see triton_pool for how they are balanced.
+            self.backend = TritonPool(s.triton_url or self.triton.grpc_url,  # type: ignore[union-attr]
+                                      refresh_interval_s=s.health_check_interval_s)
+            await self.backend.wait_ready(s.triton_ready_timeout_s)
+            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride,
+                                                EngineRuntime.from_settings(s))
+            self.backend.start()
+            self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
+            self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
+            self.pipeline = pipeline = RecognitionPipeline(
+                registry, self.backend,
+                Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
+                on_triton_unavailable=self.health.mark_unavailable, metrics=self.metrics,
+                offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars),
+                admission=Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows,
+                                                    s.retry_after_ms)),
+                shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens),
+            )
+            self.server = grpc.aio.server(interceptors=self._interceptors())
+            ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), self.server)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME], self.server,
+            )
+            self.port = transport_security.add_port(self.server, s)  # TLS when configured
+            await self.health.set_serving(self.backend.ready)
+            self.health.start()
+            if s.metrics_port is not None:
+                self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            await self.server.start()
+        except BaseException:
+            await self.stop()
+            raise
+        LOGGER.info("ner-gateway listening on %s:%d (Triton %s, default model %s)", s.host, self.port,
+                    self.backend.url, registry.default_name)
+        return self.port
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Outermost first: the RPC's server span, then authentication (a refused call reaches nothing else),
+        then its metrics, then error mapping."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics), ErrorInterceptor()]
+        tokens = BearerTokens.from_settings(self.settings)
+        if tokens is not None:
+            interceptors.insert(0, BearerAuthInterceptor(tokens, self.metrics, self.settings.auth_exempt_reflection))
+        if self.tracing is not None:
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+            not_traffic = filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+            interceptors.insert(0, aio_server_interceptor(filter_=filters.negate(not_traffic)))
+        return interceptors
+
+    def _triton_trace_endpoint(self) -> str | None:
+        """Where the embedded Triton sends its spans (OTLP/HTTP only), when tracing is on."""
+        if self.tracing is None:
+            return None
+        if self.settings.triton_trace_endpoint:
+            return self.settings.triton_trace_endpoint
+        if self.tracing.protocol == "http/protobuf" and self.tracing.endpoint:
+            if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+                return self.tracing.endpoint  # already the full traces URL
+            return self.tracing.endpoint.rstrip("/") + "/v1/traces"
+        LOGGER.warning("tracing is on but Triton's spans are not exported: set NER_TRITON_TRACE_ENDPOINT "
+                       "to an OTLP/HTTP traces URL (Triton cannot export OTLP/gRPC)")
+        return None
+
+    def _on_triton_state(self, ready: bool) -> None:
+        if self.health is not None:
+            self._followers.start(self._follow_triton(ready), name="health-follows-triton")
+
+    async def _follow_triton(self, ready: bool) -> None:
+        """Embedded Triton died or came back: health follows at once, after the pool has seen it too."""
+        assert self.health is not None and self.backend is not None
+        if ready:
+            await self.backend.refresh()
+            ready = self.backend.ready
+        await self.health.set_serving(ready)
+
+    async def drain(self, cut_short: asyncio.Event | None = None) -> None:
+        """Readiness first: every health service NOT_SERVING at once, then ``shutdown_drain_s`` of serving as
+        usual, so that load balancers (Kubernetes' readiness probe) take this gateway out while it still
+        accepts calls. ``cut_short`` set (a second signal) ends the drain early. ``stop()`` comes next."""
+        if self.health is not None:
+            await self.health.shutdown()
+        drain_s = self.settings.shutdown_drain_s
+        if self.server is None or drain_s <= 0:
+            return
+        LOGGER.info("draining: NOT_SERVING but serving for %.1f s more (NER_SHUTDOWN_DRAIN_S)", drain_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for((cut_short or asyncio.Event()).wait(), drain_s)
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING (if ``drain`` did not already) -> no new RPCs, in-flight ones finish within
+        ``shutdown_grace_s`` -> stop Triton. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._followers.cancel_all()
+        if self.health is not None:
+            await self.health.shutdown()
+        if self.server is not None:
+            LOGGER.info("no new RPCs; those in flight get up to %.1f s (NER_SHUTDOWN_GRACE_S)",
+                        self.settings.shutdown_grace_s)
+            await self.server.stop(self.settings.shutdown_grace_s)
+        if self.backend is not None:
+            await self.backend.close()
+        if self.cpu_pool is not None:
+            self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        if self.triton is not None:
+            await self.triton.stop()
+        self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flushes the last spans
+        LOGGER.info("ner-gateway stopped")
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Run until SIGTERM/SIGINT, then shut down readiness first: ``drain`` (a second signal cuts it short),
+    then ``stop``."""
+    gateway = Gateway(settings, configure_tracing())
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await gateway.start()
+        await stop.wait()
+        LOGGER.info("shutting down")
+        await gateway.drain(hurry)
+    finally:
+        await gateway.stop()

@@ -1,0 +1,1 @@
+"""Triton Inference Server: the embedded process, the client pool, one served model."""

@@ -1,0 +1,135 @@
+"""The gateway's only door to Triton: readiness, model checks and inference over tritonclient.grpc.aio.
+
+tritonclient errors are translated here, by gRPC status code, into the gateway's domain errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from ner_gateway.errors import ConfigurationError, DeadlineExceeded, InferenceFailed, TritonUnavailable
+from ner_gateway.observability.tracing import trace_headers
+from ner_gateway.spec.manifest import ModelManifest
+
+LOGGER = logging.getLogger(__name__)
+
+# Reconnect quickly after Triton restarts instead of gRPC's default backoff (up to 120 s).
+_CHANNEL_ARGS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
+_UNAVAILABLE = {str(grpc.StatusCode.UNAVAILABLE), str(grpc.StatusCode.CANCELLED)}
+_DEADLINE = str(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What Triton says about a model the gateway serves."""
+
+    name: str
+    version: str
+    max_batch_size: int
+
+
+def translate(error: InferenceServerException, what: str) -> Exception:
+    status = error.status()
+    if status == _DEADLINE:
+        return DeadlineExceeded(f"deadline exceeded while waiting for {what}")
+    if status in _UNAVAILABLE:
+        return TritonUnavailable("the inference server is unavailable; retry later")
+    LOGGER.error("Triton failed %s: status %s: %s", what, status, error.message())
+    return InferenceFailed("inference failed")
+
+
+class TritonBackend:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client = triton_grpc.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self, timeout_s: float = 1.0) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def is_live(self, timeout_s: float = 1.0) -> bool:
+        """Triton is up and answering, whatever its models' states (``is_ready`` also needs every model it
+        has loaded to be ready, under Triton's default strict readiness)."""
+        try:
+            return bool(await self._client.is_server_live(client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(name, version, client_timeout=timeout_s))
+        except InferenceServerException as e:
+            LOGGER.debug("readiness of %s version %s: %s", name, version, e.message())
+            return False
+
+    async def check_model(self, manifest: ModelManifest) -> ServedModel:
+        """Check that Triton serves the manifest's model version with the tensors the gateway sends."""
+        name = manifest.name
+        try:
+            metadata = await self._client.get_model_metadata(name, as_json=True)
+            config = (await self._client.get_model_config(name, as_json=True))["config"]
+        except InferenceServerException as e:
+            raise ConfigurationError(f"Triton at {self.url} does not serve model {name!r}: {e.message()}") from e
+        if manifest.version not in metadata.get("versions", []):
+            raise ConfigurationError(
+                f"Triton serves versions {metadata.get('versions')} of {name!r}, but the repository's "
+                f"manifest describes version {manifest.version}"
+            )
+        inputs = {t["name"]: t for t in metadata.get("inputs", [])}
+        for input_name in manifest.inputs:
+            tensor = inputs.get(input_name)
+            if tensor is None or tensor["datatype"] != "INT64" or len(tensor["shape"]) != 2:
+                raise ConfigurationError(f"model {name!r}: Triton input {input_name!r} is {tensor}, "
+                                         "expected INT64 [batch, sequence]")
+        outputs = {t["name"]: t for t in metadata.get("outputs", [])}
+        output = outputs.get(manifest.output)
+        expected_shape = ["-1", "-1", str(len(manifest.labels))]
+        if output is None or output["datatype"] != "FP32" or [str(d) for d in output["shape"]] != expected_shape:
+            raise ConfigurationError(f"model {name!r}: Triton output {manifest.output!r} is {output}, "
+                                     f"expected FP32 {expected_shape}")
+        max_batch_size = int(config.get("max_batch_size", 0))
+        if max_batch_size < 1:
+            raise ConfigurationError(f"model {name!r} must be configured with max_batch_size >= 1")
+        return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size)
+
+    async def infer(
+        self, model: ServedModel, inputs: dict[str, np.ndarray], output: str, timeout_s: float,
+        request_id: str = "",
+    ) -> np.ndarray:
+        if timeout_s <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference")
+        tensors = []
+        for name, array in inputs.items():
+            tensor = triton_grpc.InferInput(name, list(array.shape), "INT64")
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        try:
+            result = await self._client.infer(
+                model.name, tensors, model_version=model.version,
+                outputs=[triton_grpc.InferRequestedOutput(output)],
+                request_id=request_id, client_timeout=timeout_s,
+                headers=trace_headers(),  # W3C traceparent: Triton's spans join the caller's trace
+            )
+        except InferenceServerException as e:
+            raise translate(e, f"model {model.name}") from e
+        logits = result.as_numpy(output)
+        if logits is None:
+            raise InferenceFailed("inference failed")
+        return logits

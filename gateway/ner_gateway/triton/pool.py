@@ -1,0 +1,227 @@
+"""Several Triton endpoints behind one backend: balance across the ready ones, skip the unhealthy.
+
+gRPC keeps one long-lived connection, so a Kubernetes ClusterIP Service pins a gateway to one Triton
+pod. ``NER_TRITON_URL`` therefore takes a comma-separated list of ``host:port`` and/or
+``dns:///name:port`` entries; a DNS entry (a headless Service) is re-resolved on every refresh, so
+pods that come and go are picked up. A background refresh polls each endpoint (is Triton up?) and, per
+served model, whether that model is ready there; inference for a model goes round-robin over the endpoints
+where it is ready and, when one turns out to be unavailable, is retried on the next (Triton inference is
+idempotent) within the caller's deadline.
+
+Readiness is per model: one model unloaded or failing (on one endpoint or all) takes only that model out,
+never the endpoint or the other models. A model ready nowhere fails its own calls fast with UNAVAILABLE
+(``ModelUnavailable``); the pool as a whole is ``ready`` (gRPC health SERVING) while some endpoint is up and
+at least one served model is ready on one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+
+import numpy as np
+
+from ner_gateway.errors import ConfigurationError, ModelUnavailable, NerError, TritonUnavailable
+from ner_gateway.spec.manifest import ModelManifest
+from ner_gateway.triton.backend import ServedModel, TritonBackend
+
+LOGGER = logging.getLogger(__name__)
+DNS_PREFIX = "dns:///"
+
+
+def resolve(spec: str) -> list[str]:
+    """Expand a NER_TRITON_URL value into ``host:port`` endpoints (DNS entries to one per address)."""
+    endpoints: list[str] = []
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            continue
+        if entry.startswith(DNS_PREFIX):
+            host, _, port = entry[len(DNS_PREFIX):].rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigurationError(f"invalid Triton endpoint {entry!r}: expected dns:///name:port")
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror as e:
+                LOGGER.warning("cannot resolve %s: %s", entry, e)
+                continue
+            for family, _, _, _, address in infos:
+                ip = address[0] if family == socket.AF_INET else f"[{address[0]}]"
+                endpoints.append(f"{ip}:{port}")
+        else:
+            endpoints.append(entry)
+    return list(dict.fromkeys(endpoints))
+
+
+class TritonPool:
+    """The TritonBackend interface over every endpoint of ``spec``."""
+
+    def __init__(self, spec: str, refresh_interval_s: float = 1.0, max_attempts: int = 3) -> None:
+        self.url = spec
+        self.refresh_interval_s = refresh_interval_s
+        self.max_attempts = max_attempts
+        self._backends: dict[str, TritonBackend] = {}
+        self._ready: list[str] = []  # endpoints that are up
+        self._served: list[ServedModel] = []
+        self._serving: dict[str, list[str]] = {}  # served model -> the up endpoints where it is ready
+        # (endpoint, model name; "" for the whole endpoint) -> when an inference last found it unavailable
+        self._failed_at: dict[tuple[str, str], float] = {}
+        self._round_robin = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ready_endpoints(self) -> list[str]:
+        return list(self._ready)
+
+    async def refresh(self) -> None:
+        """Re-resolve the endpoints and poll each one: is it up, and which served models are ready on it."""
+        started = asyncio.get_running_loop().time()
+        endpoints = await asyncio.to_thread(resolve, self.url)
+        if not endpoints and self._backends:
+            endpoints = list(self._backends)  # DNS hiccup: keep what we had rather than drop everything
+        for gone in set(self._backends) - set(endpoints):
+            await self._backends.pop(gone).close()
+        for endpoint in endpoints:
+            if endpoint not in self._backends:
+                self._backends[endpoint] = TritonBackend(endpoint)
+        states = await asyncio.gather(*(self._endpoint_state(b) for b in self._backends.values()))
+
+        def fresh(endpoint: str, model: str = "") -> bool:
+            """A poll that began before an inference saw it fail is stale: do not put it back yet."""
+            return self._failed_at.get((endpoint, model), float("-inf")) < started
+
+        up = {endpoint: models for endpoint, models in zip(self._backends, states, strict=True)
+              if models is not None and fresh(endpoint)}
+        if list(up) != self._ready:
+            LOGGER.info("Triton endpoints ready: %s of %s", list(up) or "none", list(self._backends))
+        self._ready = list(up)
+        for model in self._served:
+            self._set_serving(model.name, [e for e, models in up.items() if model.name in models
+                                           and fresh(e, model.name)])
+
+    async def _endpoint_state(self, backend: TritonBackend) -> set[str] | None:
+        """None: the endpoint is down; else the served models that are ready on it.
+
+        Before any model is served (startup), "up" is Triton's own readiness: with its default strict
+        readiness, every model it loads is loaded. Afterwards it is liveness, because a strict Triton reports
+        not ready as soon as any one of its models is unloaded, and that must not take down the others.
+        """
+        timeout = self.refresh_interval_s
+        if not self._served:
+            return set() if await backend.is_ready(timeout) else None
+        if not await backend.is_live(timeout):
+            return None
+        states = await asyncio.gather(*(backend.is_model_ready(m.name, m.version, timeout) for m in self._served))
+        return {m.name for m, ready in zip(self._served, states, strict=True) if ready}
+
+    def _set_serving(self, name: str, endpoints: list[str]) -> None:
+        if bool(endpoints) != bool(self._serving.get(name)):
+            if endpoints:
+                LOGGER.info("model %s is ready again (on %s)", name, endpoints)
+            else:
+                LOGGER.warning("model %s is not ready on any Triton endpoint; its calls fail with UNAVAILABLE "
+                               "until it is back (the other models are unaffected)", name)
+        self._serving[name] = endpoints
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever(), name="triton-pool-refresh")
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # keep refreshing whatever one round hit
+                LOGGER.exception("refreshing Triton endpoints failed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for backend in self._backends.values():
+            await backend.close()
+
+    @property
+    def ready(self) -> bool:
+        """Some endpoint is up and at least one served model is ready on one (before any model is served:
+        some endpoint is ready). The refresh task and failed inferences update it; this reads no network."""
+        if not self._served:
+            return bool(self._ready)
+        return any(self._serving.get(m.name) for m in self._served)
+
+    def model_ready(self, name: str) -> bool:
+        """The model is ready on at least one endpoint (as of the last refresh or failed inference)."""
+        return bool(self._serving.get(name))
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        await self.refresh()
+        while not self._ready:
+            if loop.time() > deadline:
+                raise ConfigurationError(f"no Triton endpoint of {self.url!r} ready after {timeout_s:.0f} s")
+            await asyncio.sleep(0.25)
+            await self.refresh()
+
+    async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
+        states = [await self._backends[e].is_model_ready(name, version, timeout_s) for e in self._ready]
+        return bool(states) and all(states)
+
+    async def check_model(self, manifest: ModelManifest) -> ServedModel:
+        """The tensor checks on every ready endpoint; all must agree (one repository behind them all)."""
+        served = {await self._backends[e].check_model(manifest) for e in self._ready}
+        if len(served) != 1:
+            raise ConfigurationError(f"Triton endpoints disagree about {manifest.name!r}: {served}")
+        model = served.pop()
+        self._served.append(model)
+        self._serving[model.name] = list(self._ready)
+        return model
+
+    async def infer(self, model: ServedModel, inputs: dict[str, np.ndarray], output: str, timeout_s: float,
+                    request_id: str = "") -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        candidates = self._serving.get(model.name, [])
+        if not candidates:
+            if not self._ready:
+                raise TritonUnavailable("no inference server is available; retry later")
+            raise ModelUnavailable(f"model {model.name!r} is not ready on any inference server; retry later")
+        start = next(self._round_robin)
+        order = [candidates[(start + i) % len(candidates)] for i in range(len(candidates))]
+        error: NerError | None = None
+        for endpoint in order[: self.max_attempts]:
+            try:
+                return await self._backends[endpoint].infer(model, inputs, output, deadline - loop.time(),
+                                                            request_id)
+            except TritonUnavailable as e:
+                error = await self._take_out(endpoint, model, e, deadline - loop.time())
+        assert error is not None
+        raise error
+
+    async def _take_out(self, endpoint: str, model: ServedModel, error: TritonUnavailable,
+                        time_left_s: float) -> NerError:
+        """An inference on ``endpoint`` found it unavailable: ask what is (Triton answers the same status for
+        "server gone" as for "model not ready") and take out only that, until a later refresh sees it back.
+        Returns the error for the caller: ModelUnavailable when only the model is out there."""
+        backend, now = self._backends[endpoint], asyncio.get_running_loop().time()
+        timeout = max(0.1, min(self.refresh_interval_s, time_left_s))
+        live, model_ready = await asyncio.gather(backend.is_live(timeout),
+                                                 backend.is_model_ready(model.name, model.version, timeout))
+        if not live:
+            LOGGER.warning("Triton %s unavailable; taking it out of rotation and retrying elsewhere", endpoint)
+            self._ready = [e for e in self._ready if e != endpoint]
+            for name, endpoints in list(self._serving.items()):
+                self._set_serving(name, [e for e in endpoints if e != endpoint])
+            self._failed_at[(endpoint, "")] = now
+            return error
+        if not model_ready:
+            LOGGER.warning("model %s not ready on Triton %s; taking it out there", model.name, endpoint)
+            self._set_serving(model.name, [e for e in self._serving.get(model.name, []) if e != endpoint])
+            self._failed_at[(endpoint, model.name)] = now
+            unavailable = ModelUnavailable(f"model {model.name!r} is not ready on any inference server; retry later")
+            unavailable.__cause__ = error
+            return unavailable
+        return error  # up and ready: a refusal such as a full queue; it stays in rotation
