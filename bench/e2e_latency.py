@@ -25,9 +25,10 @@ import onnxruntime as ort
 import tritonclient.grpc as triton_grpc
 
 from ner_gateway.core.models import load_tokenizer, window_stride
+from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.spec.manifest import ModelManifest, latest_version_dir
-from ner_gateway.triton.process import EmbeddedTriton, free_port
+from ner_gateway.triton.process import EmbeddedTriton
 
 SENTENCES = [
     "Barack Obama and Angela Merkel met in Berlin before flying to New York on Tuesday.",

@@ -157,7 +157,7 @@ def server_cpu_s(gateway_pid: int, triton_pid: int) -> dict[str, float]:
 def start_gateway(repository: Path, triton_url: str, env: dict[str, str] | None = None
                   ) -> tuple[subprocess.Popen[bytes], str]:
     """``ner-gateway serve`` in front of ``triton_url`` on a free port, once it reports SERVING."""
-    from ner_gateway.triton.process import free_port
+    from ner_gateway.net import free_port
 
     port = free_port()
     bin_dir = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 
 start_gateway() {
   local port log
-  port=$($BIN/python -c "from ner_gateway.triton.process import free_port; print(free_port())")
+  port=$($BIN/python -c "from ner_gateway.net import free_port; print(free_port())")
   log=$(mktemp -t ner-gateway.XXXXXX.log)
   ADDRESS="127.0.0.1:$port"
   echo "== starting ner-gateway (embedded Triton) on $ADDRESS, log in $log"

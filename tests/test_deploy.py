@@ -484,8 +484,8 @@ def test_gateway_exports_the_contract_metrics() -> None:
 
 def test_the_autoscaler_metrics_exist_on_a_real_triton(start_gateway, tiny_repository: Path) -> None:
     """The series the adapter rules read, scraped from a real Triton after a real request through the gateway."""
+    from ner_gateway.net import free_port
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-    from ner_gateway.triton.process import free_port
 
     metrics_port = free_port()
     env = {"NER_TRITON_GRPC_PORT": str(free_port()), "NER_TRITON_HTTP_PORT": str(free_port()),

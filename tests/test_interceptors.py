@@ -24,7 +24,7 @@ class FailingPipeline:
     def __init__(self) -> None:
         self.error: BaseException = RuntimeError("secret detail: /etc/passwd")
 
-    async def recognize(self, request, timeout_s):  # type: ignore[no-untyped-def]
+    async def recognize(self, request, timeout_s, on_model=None):  # type: ignore[no-untyped-def]
         raise self.error
 
 

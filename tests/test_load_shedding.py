@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.triton.process import free_port
 
 from conftest import metric_sum, scrape
 

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otlp import TraceSink, start_rotel
 
+from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.triton.process import free_port
 
 from conftest import TINY_MODEL, scrape, stop_process
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ner_gateway.core.decoding import LabelTable, decode
 from ner_gateway.core.domain import Aggregation, Entity, OffsetUnit
-from ner_gateway.core.offsets import convert_entities, convert_offset
+from ner_gateway.core.offsets import convert_entities, unit_prefix
 from ner_gateway.core.tokenization import TextTokenizer
 
 from conftest import TINY_LABELS
@@ -57,11 +57,9 @@ def test_converted_offsets_slice_the_entity(text: str, fragments: list[str], uni
 
 def test_exact_values() -> None:
     text = "a😀b \u00e9東"  # 😀 = U+1F600: 1 code point, 2 UTF-16 units, 4 UTF-8 bytes; é precomposed
-    assert [convert_offset(text, i, OffsetUnit.CODE_POINT) for i in range(len(text) + 1)] == [0, 1, 2, 3, 4, 5, 6]
-    assert [convert_offset(text, i, OffsetUnit.UTF16_CODE_UNIT) for i in range(len(text) + 1)] == [
-        0, 1, 3, 4, 5, 6, 7
-    ]
-    assert [convert_offset(text, i, OffsetUnit.UTF8_BYTE) for i in range(len(text) + 1)] == [0, 1, 5, 6, 7, 9, 12]
+    assert unit_prefix(text, OffsetUnit.CODE_POINT).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert unit_prefix(text, OffsetUnit.UTF16_CODE_UNIT).tolist() == [0, 1, 3, 4, 5, 6, 7]
+    assert unit_prefix(text, OffsetUnit.UTF8_BYTE).tolist() == [0, 1, 5, 6, 7, 9, 12]
 
 
 def test_emoji_entity() -> None:
@@ -77,7 +75,7 @@ def test_code_point_is_identity_and_empty() -> None:
     assert convert_entities("ab", entities, OffsetUnit.CODE_POINT) == entities
     for unit in OffsetUnit:
         assert convert_entities("", [], unit) == []
-        assert convert_offset("", 0, unit) == 0
+        assert unit_prefix("", unit).tolist() == [0]
 
 
 ALPHABET = (

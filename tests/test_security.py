@@ -29,11 +29,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ner_gateway.client import AsyncNerClient, NerClient, target
 from ner_gateway.errors import ConfigurationError
+from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.auth import BearerTokens
 from ner_gateway.transport.tls import RotatingCertificate, add_port, is_loopback
-from ner_gateway.triton.process import free_port
 
 from conftest import GatewayProcess, stop_process
 

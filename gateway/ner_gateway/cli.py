@@ -9,21 +9,19 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 import grpc
 from google.protobuf import json_format
 from pydantic import ValidationError
 
+from ner_gateway.core.domain import Aggregation, OffsetUnit
 from ner_gateway.errors import ConfigurationError
-from ner_gateway.settings import GatewaySettings
+from ner_gateway.settings import GatewaySettings, LogLevel
 
 if TYPE_CHECKING:
     from ner_gateway.client import NerClient
-
-AGGREGATIONS = ["none", "simple", "first", "average", "max"]
-OFFSET_UNITS = ["code_point", "utf8_byte", "utf16_code_unit"]
 
 
 @click.group()
@@ -40,7 +38,7 @@ def main() -> None:
 @click.option("--default-model", help="[NER_DEFAULT_MODEL]")
 @click.option("--max-texts-per-request", type=int, help="[NER_MAX_TEXTS_PER_REQUEST]")
 @click.option("--max-text-chars", type=int, help="[NER_MAX_TEXT_CHARS]")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), help="[NER_LOG_LEVEL]")
+@click.option("--log-level", type=click.Choice(get_args(LogLevel)), help="[NER_LOG_LEVEL]")
 def serve(**flags: Any) -> None:
     """Serve ner.v1.NerService (settings: flag > NER_* environment > .env > default)."""
     try:
@@ -99,8 +97,10 @@ def _print(message: Any) -> None:
 @click.argument("texts", nargs=-1)
 @_client_options
 @click.option("--model", default="", help="Model name (default: the gateway's default model).")
-@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="simple", show_default=True)
-@click.option("--offset-unit", type=click.Choice(OFFSET_UNITS), default="code_point", show_default=True)
+@click.option("--aggregation", type=click.Choice([a.value for a in Aggregation]),
+              default=Aggregation.SIMPLE.value, show_default=True)
+@click.option("--offset-unit", type=click.Choice([u.value for u in OffsetUnit]),
+              default=OffsetUnit.CODE_POINT.value, show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Deadline in seconds.")
 def query(texts: tuple[str, ...], model: str, aggregation: str, offset_unit: str, timeout: float,
           **connection: Any) -> None:

@@ -76,7 +76,7 @@ def _read(path: str | Path | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()  # None: gRPC's default roots / no client certificate
 
 
-def _enum(enum: Any, prefix: str, value: str | int) -> int:
+def _enum(enum: Any, prefix: str, value: str | int) -> Any:  # an enum number (the stubs type them apart)
     return value if isinstance(value, int) else enum.Value(f"{prefix}_{value.upper()}")
 
 
@@ -131,10 +131,12 @@ class NerClient(_ClientBase):
                   offset_unit: str | int = "code_point", constrained_decoding: bool = False,
                   timeout: float | None = None) -> ner_pb2.RecognizeResponse:
         request = self.request(texts, model, aggregation, offset_unit, constrained_decoding)
-        return self._ner.Recognize(request, **self.call(timeout))
+        response: ner_pb2.RecognizeResponse = self._ner.Recognize(request, **self.call(timeout))
+        return response
 
     def list_models(self, *, timeout: float | None = None) -> ner_pb2.ListModelsResponse:
-        return self._ner.ListModels(ner_pb2.ListModelsRequest(), **self.call(timeout))
+        models: ner_pb2.ListModelsResponse = self._ner.ListModels(ner_pb2.ListModelsRequest(), **self.call(timeout))
+        return models
 
     def health(self, service: str = "", *, timeout: float | None = None) -> health_pb2.HealthCheckResponse:
         return self._health.Check(health_pb2.HealthCheckRequest(service=service), **self.call(timeout))
@@ -163,10 +165,13 @@ class AsyncNerClient(_ClientBase):
                         offset_unit: str | int = "code_point", constrained_decoding: bool = False,
                         timeout: float | None = None) -> ner_pb2.RecognizeResponse:
         request = self.request(texts, model, aggregation, offset_unit, constrained_decoding)
-        return await self._ner.Recognize(request, **self.call(timeout))
+        response: ner_pb2.RecognizeResponse = await self._ner.Recognize(request, **self.call(timeout))
+        return response
 
     async def list_models(self, *, timeout: float | None = None) -> ner_pb2.ListModelsResponse:
-        return await self._ner.ListModels(ner_pb2.ListModelsRequest(), **self.call(timeout))
+        models: ner_pb2.ListModelsResponse = await self._ner.ListModels(ner_pb2.ListModelsRequest(),
+                                                                        **self.call(timeout))
+        return models
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> health_pb2.HealthCheckResponse:
         return await self._health.Check(health_pb2.HealthCheckRequest(service=service), **self.call(timeout))

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -106,7 +108,7 @@ class GatewaySettings(BaseSettings):
     """OTLP/HTTP traces URL for the embedded Triton's own spans (e.g. http://collector:4318/v1/traces), used
     when tracing is enabled. Unset: derived from OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT when the gateway itself
     exports over http/protobuf; Triton only speaks OTLP/HTTP."""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
     tls_cert_file: Path | None = None
     """Server certificate chain (PEM) for TLS; needs ``tls_key_file``. Re-read when it changes on disk, so a
     rotated certificate is served to new connections without a restart. Unset: plaintext (a WARNING unless

@@ -169,6 +169,7 @@ class ModelRegistry:
                 continue
             tokenizer = load_tokenizer(version_dir, manifest)
             served = await backend.check_model(manifest)
+            backend.watch(served)
             table = LabelTable.from_labels(manifest.labels, manifest.tagging_scheme)
             models.append(NerModel(manifest, tokenizer, table, served, window_stride(tokenizer, stride, manifest.name)))
             LOGGER.info("serving %s version %s (%d labels, max %d tokens)", manifest.name, manifest.version,

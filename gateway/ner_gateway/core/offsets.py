@@ -7,11 +7,12 @@ costs O(len(text) + entities), not a re-encode per entity.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from ner_gateway.core.domain import Entity, OffsetUnit
 
 
-def unit_prefix(text: str, unit: OffsetUnit) -> np.ndarray:
+def unit_prefix(text: str, unit: OffsetUnit) -> npt.NDArray[np.int64]:
     """``prefix[i]`` = length of ``text[:i]`` in ``unit``; exact for astral-plane characters."""
     code_points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
     if unit is OffsetUnit.UTF8_BYTE:
@@ -21,10 +22,6 @@ def unit_prefix(text: str, unit: OffsetUnit) -> np.ndarray:
     else:
         widths = np.ones(len(code_points), dtype=np.int64)
     return np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
-
-
-def convert_offset(text: str, index: int, unit: OffsetUnit) -> int:
-    return index if unit is OffsetUnit.CODE_POINT else int(unit_prefix(text, unit)[index])
 
 
 def convert_entities(text: str, entities: list[Entity], unit: OffsetUnit) -> list[Entity]:

@@ -14,6 +14,7 @@ from itertools import groupby
 from typing import Protocol, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from ner_gateway.core.decoding import decode
 from ner_gateway.core.domain import Document, Recognition, RecognizeRequest, StageTimings
@@ -22,7 +23,7 @@ from ner_gateway.core.offsets import convert_entities
 from ner_gateway.core.scheduling import Admission, FairScheduler, plan_calls
 from ner_gateway.core.tokenization import TextTokens, Window, padded_width
 from ner_gateway.errors import InvalidRequest, Overloaded, TooLate, TritonUnavailable
-from ner_gateway.observability.metrics import GatewayMetrics, current_model
+from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.observability.tracing import TRACER
 from ner_gateway.triton.pool import TritonPool
 
@@ -94,19 +95,22 @@ class RecognitionPipeline:
                                  f"{limits.max_request_chars}")
         return self.registry.get(request.model)
 
-    async def recognize(self, request: RecognizeRequest, timeout_s: float | None = None) -> Recognition:
-        """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default).
+    async def recognize(self, request: RecognizeRequest, timeout_s: float | None = None,
+                        on_model: Callable[[str], None] | None = None) -> Recognition:
+        """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default);
+        ``on_model`` hears the model the request resolved to as soon as it is known (the RPC metrics' label).
         Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all the work it may,
         and with TooLate (DEADLINE_EXCEEDED) when less time is left than a Triton call takes now."""
         try:
             with self.admission.request() if self.admission else contextlib.nullcontext():
-                return await self._recognize(request, timeout_s)
+                return await self._recognize(request, timeout_s, on_model)
         except (Overloaded, TooLate) as e:
             if self.metrics is not None:
                 self.metrics.refused.labels(e.reason).inc()
             raise
 
-    async def _recognize(self, request: RecognizeRequest, timeout_s: float | None) -> Recognition:
+    async def _recognize(self, request: RecognizeRequest, timeout_s: float | None,
+                         on_model: Callable[[str], None] | None) -> Recognition:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.limits.default_timeout_s)
         # Spans carry sizes and names, never the raw text.
@@ -115,7 +119,8 @@ class RecognitionPipeline:
             span.set_attribute("ner.texts", len(request.texts))
             model = self.validate(request)
             span.set_attribute("ner.model", model.name)
-        current_model.set(model.name)
+        if on_model is not None:
+            on_model(model.name)
         if self.admission is not None:
             self.admission.check_time(deadline - loop.time(), self._scheduler(model.name).typical_call_s)
         request_id = request.request_id or uuid.uuid4().hex
@@ -159,7 +164,7 @@ class RecognitionPipeline:
 
     @staticmethod
     def _decode(model: NerModel, request: RecognizeRequest, tokens: list[TextTokens], windows: list[Window],
-                window_logits: list[np.ndarray]) -> list[Document]:
+                window_logits: list[npt.NDArray[np.float32]]) -> list[Document]:
         documents = []
         by_text = groupby(zip(windows, window_logits, strict=True), key=lambda pair: pair[0].text)
         for (_, pairs), text, text_tokens in zip(by_text, request.texts, tokens, strict=True):
@@ -175,7 +180,7 @@ class RecognitionPipeline:
         return self._schedulers[model]
 
     async def _infer(self, model: NerModel, tokens: list[TextTokens], windows: list[Window], deadline: float,
-                     request_id: str, cpu_stage: CpuStage) -> list[np.ndarray]:
+                     request_id: str, cpu_stage: CpuStage) -> list[npt.NDArray[np.float32]]:
         """Logits per window ([its tokens with specials, classes]). The windows of all texts go to Triton in
         calls of at most max_batch_size rows and the request's share of tokens, as the model's scheduler grants
         them; ``cpu_stage`` builds their arrays. Calls not yet sent when the request fails, runs out of time or
@@ -192,7 +197,7 @@ class RecognitionPipeline:
         scheduler, owner = self._scheduler(model.name), object()
         state = ["queued"] * len(calls)  # -> "in_triton" -> "done"
 
-        async def run(number: int, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        async def run(number: int, arrays: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
             async with scheduler.call(owner, next(iter(arrays.values())).size, deadline):
                 state[number] = "in_triton"
                 result = await self.backend.infer(model.served, arrays, model.manifest.output,
@@ -212,7 +217,7 @@ class RecognitionPipeline:
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed in gRPC
             self._count_abandoned(model.name, calls, state)
             raise
-        logits: list[np.ndarray] = [np.empty(0)] * len(windows)
+        logits: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(windows)
         for call, task in zip(calls, tasks, strict=True):
             result = task.result()
             for row, index in enumerate(call):

@@ -6,25 +6,23 @@ Names are a contract with deploy/ (alert rules, dashboard, autoscaler): change t
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ner_gateway.core.domain import Recognition
 from ner_gateway.transport.interceptors import Guard, GuardInterceptor
+from ner_gateway.transport.rpc_types import Context
 
 LOGGER = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
-
-# The model a request resolved to, for the RPC-level counters (set by the pipeline, read by the interceptor).
-current_model: contextvars.ContextVar[str] = contextvars.ContextVar("ner_model", default="")
 
 
 class GatewayMetrics:
@@ -85,12 +83,26 @@ class GatewayMetrics:
             self.entities_by_label.labels(model, entity.label).inc()
 
 
+def _code(context: Context) -> grpc.StatusCode | None:
+    """The status set so far; None until one is (the stub types it as always set)."""
+    return cast("grpc.StatusCode | None", context.code())
+
+
 class MetricsInterceptor(GuardInterceptor):
-    """Counts RPCs by method/model/code and times them; runs outside the error interceptor."""
+    """Counts RPCs by method/model/code and times them; runs outside the error interceptor.
+
+    The model label is what the servicer reports through ``label_model`` for the call in flight (the model the
+    request resolved to); a request refused before it names a valid model is counted under "".
+    """
 
     def __init__(self, metrics: GatewayMetrics, service_prefix: str = "/ner.v1.") -> None:
         self.metrics = metrics
         self.service_prefix = service_prefix
+        self._models: dict[Context, str] = {}  # calls in flight -> model label
+
+    def label_model(self, context: Context, model: str) -> None:
+        if context in self._models:
+            self._models[context] = model
 
     def guard(self, method: str) -> Guard | None:
         if not method.startswith(self.service_prefix):
@@ -99,22 +111,22 @@ class MetricsInterceptor(GuardInterceptor):
         metrics = self.metrics
 
         @asynccontextmanager
-        async def observed(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        async def observed(context: Context) -> AsyncIterator[None]:
             started = time.perf_counter()
             metrics.inflight.labels(name).inc()
-            current_model.set("")
-            code = None
+            self._models[context] = ""
+            code: grpc.StatusCode | None = None
             try:
                 yield
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                code = _code(context) or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                final = code or context.code() or grpc.StatusCode.OK
-                model = current_model.get()
+                final = code or _code(context) or grpc.StatusCode.OK
+                model = self._models.pop(context, "")
                 metrics.requests.labels(name, model, final.name).inc()
                 metrics.request_duration.labels(name, model).observe(time.perf_counter() - started)
                 metrics.inflight.labels(name).dec()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ner_gateway.errors import ConfigurationError
 from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.interceptors import rebuilt
+from ner_gateway.transport.rpc_types import Context, Continuation, Handler
 from ner_gateway.transport.secret_files import FileStamp, file_stamp, parse_tokens
 
 LOGGER = logging.getLogger(__name__)
@@ -86,10 +87,10 @@ class BearerTokens:
         return accepted
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: Handler | None, code: grpc.StatusCode, details: str) -> Handler:
     """A handler of the RPC's own kind that ends it with ``code``, before any behaviour runs."""
 
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def abort(request: Any, context: Context) -> None:
         await context.abort(code, details)
 
     if handler is None:  # unknown method: refused all the same, so that its absence is not disclosed
@@ -110,9 +111,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         method = handler_call_details.method
         if method.startswith(self.exempt):
             return await continuation(handler_call_details)
@@ -124,13 +125,15 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         details = REJECTED if reason == "rejected" else MISSING
         return _refusal(await continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED, details)
 
-    def _refusal_reason(self, metadata: Iterable[tuple[str, str]]) -> str | None:
+    def _refusal_reason(self, metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
         """None (accepted), or the ``reason`` label: missing, malformed or rejected."""
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
             return "missing"
+        if len(values) > 1 or not isinstance(values[0], str):  # bytes only under a -bin key: not this one
+            return "malformed"
         scheme, _, token = values[0].partition(" ")
         token = token.strip()
-        if len(values) > 1 or scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer" or not token:
             return "malformed"
         return None if self.tokens.accepts(token) else "rejected"

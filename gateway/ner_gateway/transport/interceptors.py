@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,19 +15,20 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ner_gateway.errors import InvalidRequest, NerError, Overloaded
+from ner_gateway.transport.rpc_types import Context, Continuation, Handler
 
 LOGGER = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error"
 
-Guard = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
+Guard = Callable[[Context], AbstractAsyncContextManager[None]]
 
 
-def wrap_rpc(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
+def wrap_rpc(handler: Handler, guard: Guard) -> Handler:
     """Run the behaviour of an RPC of any kind inside ``guard(context)``."""
     behaviour = _behaviour(handler)
     if handler.response_streaming:
 
-        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             async with guard(context):
                 responses = behaviour(request, context)
                 if inspect.isawaitable(responses):  # it writes with context.write (health's Watch)
@@ -38,19 +39,21 @@ def wrap_rpc(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHand
 
         return rebuilt(handler, streaming, handler.request_deserializer)
 
-    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def single(request: Any, context: Context) -> Any:
         async with guard(context):
             return await behaviour(request, context)
 
     return rebuilt(handler, single, handler.request_deserializer)
 
 
-def _behaviour(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+def _behaviour(handler: Handler) -> Callable[..., Any]:
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    assert behaviour is not None, "a gRPC method handler has one behaviour"
+    return behaviour
 
 
-def rebuilt(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any],
-            deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+def rebuilt(handler: Handler, behaviour: Callable[..., Any],
+            deserializer: Callable[[bytes], Any] | None) -> Handler:
     """A handler of ``handler``'s kind with another behaviour and request deserializer."""
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -68,7 +71,7 @@ class Undecodable:
     details: str
 
 
-def reject_undecodable(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def reject_undecodable(handler: Handler, method: str) -> Handler:
     """``handler`` whose request deserializer returns ``Undecodable`` for a message that does not parse and
     whose behaviour raises InvalidRequest for it where it reads it: for a stream, at the bad message.
 
@@ -91,7 +94,7 @@ def reject_undecodable(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcM
 
     behaviour = _behaviour(handler)
 
-    def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def checked(request: Any, context: Context) -> Any:
         return behaviour(_decoded_stream(request) if handler.request_streaming else _decoded(request), context)
 
     return rebuilt(handler, checked, tolerant)
@@ -108,10 +111,11 @@ async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _decoded(request)
 
 
-def _set_status(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+def _set_status(context: Context, error: Exception, method: str) -> None:
     """Set the RPC's final status instead of ``context.abort``: abort sends the status at once, before the
     outer interceptors (metrics) have unwound, so a client could see the error before it is counted.
     A status set here goes out when the handler returns, after every interceptor has finished."""
+    code: grpc.StatusCode
     if isinstance(error, NerError) and error.code is not grpc.StatusCode.INTERNAL:
         code, details = error.code, str(error)
     else:
@@ -133,30 +137,32 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         """The guard for RPCs of ``method`` (its full name, /package.Service/Method); None leaves them alone."""
         raise NotImplementedError
 
-    def prepare(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def prepare(self, handler: Handler, method: str) -> Handler:
         """The handler to guard, from the service's own (by default that one)."""
         return handler
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: grpc answers UNIMPLEMENTED
+            return None
         method = handler_call_details.method
-        guard = None if handler is None else self.guard(method)
+        guard = self.guard(method)
         return handler if guard is None else wrap_rpc(self.prepare(handler, method), guard)
 
 
 class ErrorInterceptor(GuardInterceptor):
     """Maps the errors of every RPC to status codes, a request that does not parse included."""
 
-    def prepare(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def prepare(self, handler: Handler, method: str) -> Handler:
         return reject_undecodable(handler, method)
 
     def guard(self, method: str) -> Guard:
         @asynccontextmanager
-        async def mapped_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        async def mapped_errors(context: Context) -> AsyncIterator[None]:
             try:
                 yield
             except grpc.aio.AbortError:

@@ -79,8 +79,9 @@ class Gateway:
                                                     s.retry_after_ms)),
                 shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens),
             )
-            self.server = grpc.aio.server(interceptors=self._interceptors())
-            ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline), self.server)
+            rpc_metrics = MetricsInterceptor(self.metrics)
+            self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics))
+            ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline, rpc_metrics.label_model), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
             reflection.enable_server_reflection(
                 [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -95,14 +96,14 @@ class Gateway:
         except BaseException:
             await self.stop()
             raise
-        LOGGER.info("ner-gateway listening on %s:%d (Triton %s, default model %s)", s.host, self.port,
-                    self.backend.url, registry.default_name)
+        LOGGER.info("ner-gateway listening on %s:%d (Triton %s: endpoints ready %s; default model %s)", s.host,
+                    self.port, self.backend.url, self.backend.ready_endpoints, registry.default_name)
         return self.port
 
-    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+    def _interceptors(self, rpc_metrics: MetricsInterceptor) -> list[grpc.aio.ServerInterceptor]:
         """Outermost first: the RPC's server span, then authentication (a refused call reaches nothing else),
         then its metrics, then error mapping."""
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics), ErrorInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [rpc_metrics, ErrorInterceptor()]
         tokens = BearerTokens.from_settings(self.settings)
         if tokens is not None:
             interceptors.insert(0, BearerAuthInterceptor(tokens, self.metrics, self.settings.auth_exempt_reflection))

@@ -2,34 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import grpc
+from collections.abc import AsyncIterator, Callable
 
 from ner_gateway.core.pipeline import RecognitionPipeline
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.transport import convert
+from ner_gateway.transport.rpc_types import Context
+
+# Reports the model a call resolved to (MetricsInterceptor.label_model).
+ModelLabeller = Callable[[Context, str], None]
 
 
 class NerServicer(ner_pb2_grpc.NerServiceServicer):
-    def __init__(self, pipeline: RecognitionPipeline) -> None:
+    def __init__(self, pipeline: RecognitionPipeline, label_model: ModelLabeller | None = None) -> None:
         self.pipeline = pipeline
+        self.label_model = label_model
 
-    async def Recognize(
-        self, request: ner_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
+    async def _recognize(
+        self, request: ner_pb2.RecognizeRequest, context: Context
     ) -> ner_pb2.RecognizeResponse:
-        result = await self.pipeline.recognize(convert.request_from_pb(request), context.time_remaining())
+        label = self.label_model
+        result = await self.pipeline.recognize(
+            convert.request_from_pb(request), context.time_remaining(),
+            on_model=None if label is None else lambda model: label(context, model))
         return convert.response_to_pb(result)
 
+    async def Recognize(
+        self, request: ner_pb2.RecognizeRequest, context: Context
+    ) -> ner_pb2.RecognizeResponse:
+        return await self._recognize(request, context)
+
     async def RecognizeStream(
-        self, request_iterator: AsyncIterator[ner_pb2.RecognizeRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[ner_pb2.RecognizeRequest], context: Context
     ) -> AsyncIterator[ner_pb2.RecognizeResponse]:
         async for request in request_iterator:
-            result = await self.pipeline.recognize(convert.request_from_pb(request), context.time_remaining())
-            yield convert.response_to_pb(result)
+            yield await self._recognize(request, context)
 
     async def ListModels(
-        self, request: ner_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: ner_pb2.ListModelsRequest, context: Context
     ) -> ner_pb2.ListModelsResponse:
         registry, backend = self.pipeline.registry, self.pipeline.backend
         return ner_pb2.ListModelsResponse(models=[

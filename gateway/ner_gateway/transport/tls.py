@@ -87,8 +87,10 @@ def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | No
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     fetcher = RotatingCertificate(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    # gRPC documents a fetcher's None as "keep the current configuration"; typeshed's stub leaves it out.
     return grpc.dynamic_ssl_server_credentials(
-        fetcher.initial, fetcher, require_client_authentication=settings.tls_client_ca_file is not None
+        fetcher.initial, fetcher,  # type: ignore[arg-type]
+        require_client_authentication=settings.tls_client_ca_file is not None,
     )
 
 

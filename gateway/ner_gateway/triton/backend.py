@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -110,9 +111,9 @@ class TritonBackend:
         return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size)
 
     async def infer(
-        self, model: ServedModel, inputs: dict[str, np.ndarray], output: str, timeout_s: float,
+        self, model: ServedModel, inputs: dict[str, npt.NDArray[np.int64]], output: str, timeout_s: float,
         request_id: str = "",
-    ) -> np.ndarray:
+    ) -> npt.NDArray[np.float32]:
         if timeout_s <= 0:
             raise DeadlineExceeded("deadline exceeded before inference")
         tensors = []
@@ -129,7 +130,7 @@ class TritonBackend:
             )
         except InferenceServerException as e:
             raise translate(e, f"model {model.name}") from e
-        logits = result.as_numpy(output)
+        logits: npt.NDArray[np.float32] | None = result.as_numpy(output)  # FP32 by the model's config
         if logits is None:
             raise InferenceFailed("inference failed")
         return logits

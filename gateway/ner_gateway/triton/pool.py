@@ -23,6 +23,7 @@ import logging
 import socket
 
 import numpy as np
+import numpy.typing as npt
 
 from ner_gateway.errors import ConfigurationError, ModelUnavailable, NerError, TritonUnavailable
 from ner_gateway.spec.manifest import ModelManifest
@@ -175,13 +176,15 @@ class TritonPool:
         served = {await self._backends[e].check_model(manifest) for e in self._ready}
         if len(served) != 1:
             raise ConfigurationError(f"Triton endpoints disagree about {manifest.name!r}: {served}")
-        model = served.pop()
+        return served.pop()
+
+    def watch(self, model: ServedModel) -> None:
+        """Route ``model`` to the endpoints ready now, and from here on poll where it is ready."""
         self._served.append(model)
         self._serving[model.name] = list(self._ready)
-        return model
 
-    async def infer(self, model: ServedModel, inputs: dict[str, np.ndarray], output: str, timeout_s: float,
-                    request_id: str = "") -> np.ndarray:
+    async def infer(self, model: ServedModel, inputs: dict[str, npt.NDArray[np.int64]], output: str,
+                    timeout_s: float, request_id: str = "") -> npt.NDArray[np.float32]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         candidates = self._serving.get(model.name, [])

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import sysconfig
 import tempfile
@@ -31,6 +30,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from ner_gateway.errors import ConfigurationError, TritonUnavailable
+from ner_gateway.net import free_port
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ class TritonPorts:
 
     def resolved(self) -> TritonPorts:
         return TritonPorts(*(port or free_port() for port in (self.grpc, self.http, self.metrics)))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pytriton_root() -> Path:
@@ -231,11 +225,15 @@ class EmbeddedTriton:
             await asyncio.sleep(0.2)
         raise TritonUnavailable(f"tritonserver not ready after {self.ready_timeout_s:.0f} s")
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def _supervise(self) -> None:
         while not self._stopping:
             assert self._process is not None
             code = await self._process.wait()
-            if self._stopping:
+            if self.stopping:  # stop() ran while we waited
                 return
             LOGGER.error("tritonserver exited unexpectedly (code %s); restarting", code)
             self.on_state_change(False)
