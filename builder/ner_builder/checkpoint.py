@@ -56,13 +56,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if len(id2label) < 2:
         raise BuildError(f"{path}/config.json has no id2label map with at least two labels")
 
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise BuildError(f"cannot load the tokenizer from {path}: {e}") from e
-    if not tokenizer.is_fast:
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise BuildError(f"{path} has no fast tokenizer (tokenizer.json); the gateway needs one for offsets")
     # Eager attention traces into a graph that is exact for every sequence length (SDPA mask
     # handling bakes trace-time shapes in).

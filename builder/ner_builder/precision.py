@@ -22,12 +22,17 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 
 from ner_builder.errors import BuildError
 from ner_gateway.spec.manifest import CalibrationInfo
+
+if TYPE_CHECKING:
+    from onnxruntime.quantization import CalibrationDataReader
 
 LOGGER = logging.getLogger(__name__)
 
@@ -64,14 +69,14 @@ def gelu_fed_matmuls(model: onnx.ModelProto, depth: int = 4) -> list[str]:
     return found
 
 
-def _reader(feeds: list[dict[str, np.ndarray]]) -> object:
+def _reader(feeds: list[dict[str, npt.NDArray[np.int64]]]) -> CalibrationDataReader:
     from onnxruntime.quantization import CalibrationDataReader
 
-    class Feeds(CalibrationDataReader):
+    class Feeds(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
         def __init__(self) -> None:
-            self._iter: Iterator[dict[str, np.ndarray]] = iter(feeds)
+            self._iter: Iterator[dict[str, npt.NDArray[np.int64]]] = iter(feeds)
 
-        def get_next(self) -> dict[str, np.ndarray] | None:
+        def get_next(self) -> dict[str, npt.NDArray[np.int64]] | None:
             return next(self._iter, None)
 
     return Feeds()
@@ -96,7 +101,7 @@ def quantize_dynamic_graph(source: Path, target: Path) -> None:
 
 
 def quantize_static_graph(
-    source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, activation: str,
+    source: Path, target: Path, calibration: list[dict[str, npt.NDArray[np.int64]]], *, activation: str,
     fuse: tuple[int, int] | None = None,
 ) -> int:
     """A calibrated (MinMax) Q/DQ int8 graph; returns how many GELU-fed MatMuls stayed float.
@@ -122,7 +127,7 @@ def quantize_static_graph(
         excluded = gelu_fed_matmuls(onnx.load(str(prepared)))
         symmetric = activation == "s8"
         quantize_static(
-            str(prepared), str(target), _reader(calibration),  # type: ignore[arg-type]
+            str(prepared), str(target), _reader(calibration),
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded,
@@ -133,7 +138,7 @@ def quantize_static_graph(
 
 
 def quantize_int8(
-    source: Path, target: Path, calibration: list[dict[str, np.ndarray]], *, mode: str = "static",
+    source: Path, target: Path, calibration: list[dict[str, npt.NDArray[np.int64]]], *, mode: str = "static",
     activation: str = "s8", source_description: str = "",
 ) -> CalibrationInfo:
     if mode not in INT8_MODES:

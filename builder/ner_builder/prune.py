@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ner_builder.errors import BuildError
@@ -46,7 +47,7 @@ def head_counts(model: Any) -> list[int]:
             for layer in attention_layers(model)]
 
 
-def head_importance(model: Any, feeds: list[dict[str, np.ndarray]]) -> list[torch.Tensor]:
+def head_importance(model: Any, feeds: list[dict[str, npt.NDArray[np.int64]]]) -> list[torch.Tensor]:
     layers = attention_layers(model)
     gates = [torch.ones(n, requires_grad=True) for n in head_counts(model)]
     handles = []
@@ -135,7 +136,7 @@ def remove_heads(model: Any, heads: dict[int, list[int]]) -> None:
         own.all_head_size = len(keep)
 
 
-def prune_heads(model: Any, count: int, feeds: list[dict[str, np.ndarray]]) -> PruningInfo:
+def prune_heads(model: Any, count: int, feeds: list[dict[str, npt.NDArray[np.int64]]]) -> PruningInfo:
     total = sum(head_counts(model))
     chosen = choose_heads(head_importance(model, feeds), count)
     remove_heads(model, chosen)
