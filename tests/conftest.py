@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-weight token classifier with the real MiniLM WordPiece tokenizer."""
+"""Shared fixtures and helpers: tiny random-weight token classifiers (the session one with the real MiniLM WordPiece
+tokenizer), the gateway's path with PyTorch in place of Triton, real gateway processes."""
 
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from ner_gateway.core.decoding import LabelTable
+    from ner_gateway.core.domain import Aggregation, Entity
+    from ner_gateway.core.tokenization import TextTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,35 +39,64 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
-    """A 2-layer BertForTokenClassification saved as a normal HF checkpoint.
-
-    Random weights, but a confident classifier head so that predictions vary from token to
-    token and every aggregation path gets exercised.
-    """
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+    """A 2-layer BertForTokenClassification over the MiniLM vocabulary, saved as a normal HF checkpoint."""
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
     tokenizer.model_max_length = TINY_MAX_LENGTH
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=TINY_MAX_LENGTH,
-        id2label=dict(enumerate(TINY_LABELS)),
-        label2id={label: i for i, label in enumerate(TINY_LABELS)},
-        architectures=["BertForTokenClassification"],
-    )
-    torch.manual_seed(0)
-    model = BertForTokenClassification(config).eval()
-    with torch.no_grad():
-        model.classifier.weight.normal_(0.0, 1.0)
-    model.save_pretrained(out)
+    tiny_token_classifier(tokenizer, TINY_LABELS, TINY_MAX_LENGTH).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tiny_token_classifier(  # type: ignore[no-untyped-def]
+    tokenizer, labels: Sequence[str], max_length: int, *, seed: int = 0, hidden_size: int = 32, layers: int = 2,
+    confident: bool = True,
+):
+    """A random-weight BertForTokenClassification (eval mode) over ``tokenizer``'s vocabulary, seeded.
+
+    ``confident``: a classifier head with N(0, 1) weights, so that predictions vary from token to token and
+    every aggregation path gets exercised.
+    """
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 8,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        architectures=["BertForTokenClassification"],
+    )
+    torch.manual_seed(seed)
+    model = BertForTokenClassification(config).eval()
+    if confident:
+        with torch.no_grad():
+            model.classifier.weight.normal_(0.0, 1.0)
+    return model
+
+
+def torch_entities(tokenizer: TextTokenizer, model, text: str, table: LabelTable,  # type: ignore[no-untyped-def]
+                   aggregation: Aggregation) -> list[Entity]:
+    """The gateway's own path without transport (TextTokenizer -> window -> model inputs -> merge -> decode),
+    the PyTorch ``model`` standing in for Triton. ``text`` must fit one window."""
+    import torch
+
+    from ner_gateway.core.decoding import decode
+
+    (tokens,) = tokenizer.tokenize([text])
+    windows = tokenizer.plan_windows([tokens], stride=8)
+    assert len(windows) == 1
+    inputs = {k: torch.from_numpy(v) for k, v in tokenizer.arrays([tokens], windows).items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits.numpy()
+    return decode(text, tokenizer.merge(len(tokens), windows, [logits[0]]), tokens.view, table, aggregation)
 
 
 # --- real servers -----------------------------------------------------------------------------
@@ -190,7 +226,7 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> i
 @pytest.fixture(scope="session")
 def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Factory: run ``ner-gateway serve`` as a real process on a free loopback port; all are stopped at the end."""
-    from ner_gateway.triton.process import free_port
+    from ner_gateway.net import free_port
 
     started: list[subprocess.Popen[bytes]] = []
 

@@ -9,7 +9,6 @@ isolated (what ``ner-builder train`` saves for Chinese), on curated and random t
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ner_gateway.core.decoding import LabelTable, decode
+from ner_gateway.core.decoding import LabelTable
 from ner_gateway.core.domain import Aggregation
 from ner_gateway.core.tokenization import TextTokenizer
 
-from conftest import TINY_LABELS, TINY_MAX_LENGTH
+from conftest import TINY_LABELS, TINY_MAX_LENGTH, tiny_token_classifier, torch_entities
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 STRATEGIES = [Aggregation.NONE, Aggregation.SIMPLE, Aggregation.FIRST, Aggregation.AVERAGE, Aggregation.MAX]
@@ -86,21 +85,9 @@ class Reference:
     def fits(self, text: str) -> bool:
         return len(self.hf_tokenizer(text)["input_ids"]) <= TINY_MAX_LENGTH
 
-    def ours_entities(self, text: str, aggregation: Aggregation):  # type: ignore[no-untyped-def]
-        import torch
-
-        (tokens,) = self.ours.tokenize([text])
-        windows = self.ours.plan_windows([tokens], stride=8)
-        assert len(windows) == 1
-        inputs = {k: torch.from_numpy(v) for k, v in self.ours.arrays([tokens], windows).items()}
-        with torch.no_grad():
-            logits = self.model(**inputs).logits.numpy()
-        merged = self.ours.merge(len(tokens), windows, [logits[0]])
-        return decode(text, merged, tokens.view, self.table, aggregation)
-
     def check(self, text: str, aggregation: Aggregation) -> None:
         expected = self.pipelines[aggregation](text) if text else []
-        got = self.ours_entities(text, aggregation)
+        got = torch_entities(self.ours, self.model, text, self.table, aggregation)
         key = "entity" if aggregation is Aggregation.NONE else "entity_group"
         assert [(e.label, e.start, e.end) for e in got] == [(h[key], h["start"], h["end"]) for h in expected], (
             text, aggregation)
@@ -121,21 +108,15 @@ def wordpiece(tiny_checkpoint: Path) -> Reference:
 @pytest.fixture(scope="module")
 def unigram() -> Reference:
     """A tiny random BERT over the real XLM-R SentencePiece vocabulary (multilingual-e5's tokenizer)."""
-    import torch
-    from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = Path(str(importlib.resources.files("semantra_multilingual") / "assets" / "multilingual-e5-small"
-                    / "tokenizer.json"))
+    from ner_builder.e5_import import tokenizer_file
+
+    path = tokenizer_file()
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
                                         cls_token="<s>", sep_token="</s>", model_max_length=TINY_MAX_LENGTH)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=TINY_MAX_LENGTH, pad_token_id=1,
-                        id2label=dict(enumerate(TINY_LABELS)), label2id={x: i for i, x in enumerate(TINY_LABELS)})
-    torch.manual_seed(1)
-    model = BertForTokenClassification(config).eval()
-    with torch.no_grad():
-        model.classifier.weight.normal_(0.0, 1.0)
+    model = tiny_token_classifier(tokenizer, TINY_LABELS, TINY_MAX_LENGTH, seed=1, hidden_size=16, layers=1)
     return Reference(model, tokenizer, path)
 
 
