@@ -28,6 +28,7 @@ proto: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache  # the gateway's layers ([tool.importlinter] in pyproject.toml)
 
 # mypy, strict ([tool.mypy] in pyproject.toml): both packages, so the layering and the contracts stay honest.
 typecheck: install

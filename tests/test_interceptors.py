@@ -12,9 +12,10 @@ import grpc
 import pytest
 
 from ner_gateway.errors import InferenceFailed, TritonUnavailable
-from ner_gateway.observability.metrics import GatewayMetrics, MetricsInterceptor
+from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.transport.interceptors import ErrorInterceptor, Guard, GuardInterceptor
+from ner_gateway.transport.rpc_metrics import MetricsInterceptor
 from ner_gateway.transport.servicer import NerServicer
 
 

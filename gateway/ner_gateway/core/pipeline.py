@@ -154,7 +154,7 @@ class RecognitionPipeline:
             )
             if self.metrics is not None:
                 stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
-                self.metrics.observe_recognition(result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
+                observe_recognition(self.metrics, result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
             return result
 
     @staticmethod
@@ -231,3 +231,17 @@ class RecognitionPipeline:
         for call, where in zip(calls, state, strict=True):
             if where != "done":
                 self.metrics.abandoned_windows.labels(model, where).inc(len(call))
+
+
+def observe_recognition(metrics: GatewayMetrics, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
+    """The per-request histograms and the label mix of one answered request."""
+    model = result.model
+    for stage, value in seconds.items():
+        metrics.stage_duration.labels(stage, model).observe(value)
+    metrics.texts.labels(model).observe(len(result.documents))
+    metrics.tokens.labels(model).observe(tokens)
+    metrics.windows.labels(model).observe(sum(d.windows for d in result.documents))
+    entities = [e for d in result.documents for e in d.entities]
+    metrics.entities.labels(model).observe(len(entities))
+    for entity in entities:
+        metrics.entities_by_label.labels(model, entity.label).inc()

@@ -5,19 +5,9 @@ Names are a contract with deploy/ (alert rules, dashboard, autoscaler): change t
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import cast
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from ner_gateway.core.domain import Recognition
-from ner_gateway.transport.interceptors import Guard, GuardInterceptor
-from ner_gateway.transport.rpc_types import Context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -69,66 +59,3 @@ class GatewayMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
-
-    def observe_recognition(self, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
-        model = result.model
-        for stage, value in seconds.items():
-            self.stage_duration.labels(stage, model).observe(value)
-        self.texts.labels(model).observe(len(result.documents))
-        self.tokens.labels(model).observe(tokens)
-        self.windows.labels(model).observe(sum(d.windows for d in result.documents))
-        entities = [e for d in result.documents for e in d.entities]
-        self.entities.labels(model).observe(len(entities))
-        for entity in entities:
-            self.entities_by_label.labels(model, entity.label).inc()
-
-
-def _code(context: Context) -> grpc.StatusCode | None:
-    """The status set so far; None until one is (the stub types it as always set)."""
-    return cast("grpc.StatusCode | None", context.code())
-
-
-class MetricsInterceptor(GuardInterceptor):
-    """Counts RPCs by method/model/code and times them; runs outside the error interceptor.
-
-    The model label is what the servicer reports through ``label_model`` for the call in flight (the model the
-    request resolved to); a request refused before it names a valid model is counted under "".
-    """
-
-    def __init__(self, metrics: GatewayMetrics, service_prefix: str = "/ner.v1.") -> None:
-        self.metrics = metrics
-        self.service_prefix = service_prefix
-        self._models: dict[Context, str] = {}  # calls in flight -> model label
-
-    def label_model(self, context: Context, model: str) -> None:
-        if context in self._models:
-            self._models[context] = model
-
-    def guard(self, method: str) -> Guard | None:
-        if not method.startswith(self.service_prefix):
-            return None  # health checks and reflection are not traffic
-        name = method.rsplit("/", 1)[-1]
-        metrics = self.metrics
-
-        @asynccontextmanager
-        async def observed(context: Context) -> AsyncIterator[None]:
-            started = time.perf_counter()
-            metrics.inflight.labels(name).inc()
-            self._models[context] = ""
-            code: grpc.StatusCode | None = None
-            try:
-                yield
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = _code(context) or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                final = code or _code(context) or grpc.StatusCode.OK
-                model = self._models.pop(context, "")
-                metrics.requests.labels(name, model, final.name).inc()
-                metrics.request_duration.labels(name, model).observe(time.perf_counter() - started)
-                metrics.inflight.labels(name).dec()
-
-        return observed

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from ner_gateway.core.models import EngineRuntime, ModelRegistry
 from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
 from ner_gateway.core.scheduling import Admission, AdmissionLimits
-from ner_gateway.observability.metrics import GatewayMetrics, MetricsInterceptor
+from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.observability.tracing import Tracing, configure_tracing
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
@@ -25,6 +25,7 @@ from ner_gateway.transport.auth import BearerAuthInterceptor, BearerTokens
 from ner_gateway.transport.background import BackgroundTasks
 from ner_gateway.transport.health import SERVICE_NAME, TritonHealth
 from ner_gateway.transport.interceptors import ErrorInterceptor
+from ner_gateway.transport.rpc_metrics import MetricsInterceptor
 from ner_gateway.transport.servicer import NerServicer
 from ner_gateway.triton.pool import TritonPool
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts

@@ -1,0 +1,66 @@
+"""The RPC-level metrics (ner_requests, ner_request_duration_seconds, ner_inflight_requests) as an interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import cast
+
+import grpc
+
+from ner_gateway.observability.metrics import GatewayMetrics
+from ner_gateway.transport.interceptors import Guard, GuardInterceptor
+from ner_gateway.transport.rpc_types import Context
+
+
+def _code(context: Context) -> grpc.StatusCode | None:
+    """The status set so far; None until one is (the stub types it as always set)."""
+    return cast("grpc.StatusCode | None", context.code())
+
+
+class MetricsInterceptor(GuardInterceptor):
+    """Counts RPCs by method/model/code and times them; runs outside the error interceptor.
+
+    The model label is what the servicer reports through ``label_model`` for the call in flight (the model the
+    request resolved to); a request refused before it names a valid model is counted under "".
+    """
+
+    def __init__(self, metrics: GatewayMetrics, service_prefix: str = "/ner.v1.") -> None:
+        self.metrics = metrics
+        self.service_prefix = service_prefix
+        self._models: dict[Context, str] = {}  # calls in flight -> model label
+
+    def label_model(self, context: Context, model: str) -> None:
+        if context in self._models:
+            self._models[context] = model
+
+    def guard(self, method: str) -> Guard | None:
+        if not method.startswith(self.service_prefix):
+            return None  # health checks and reflection are not traffic
+        name = method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        @asynccontextmanager
+        async def observed(context: Context) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            metrics.inflight.labels(name).inc()
+            self._models[context] = ""
+            code: grpc.StatusCode | None = None
+            try:
+                yield
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = _code(context) or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                final = code or _code(context) or grpc.StatusCode.OK
+                model = self._models.pop(context, "")
+                metrics.requests.labels(name, model, final.name).inc()
+                metrics.request_duration.labels(name, model).observe(time.perf_counter() - started)
+                metrics.inflight.labels(name).dec()
+
+        return observed
