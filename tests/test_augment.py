@@ -19,9 +19,10 @@ from ner_builder.augment import (
     shuffle_segments,
 )
 from ner_builder.datasets import NerDataset, head, load_dataset, sort_labels
-from ner_builder.spans import SCHEMES, Span, spans_to_bio, spans_to_tags, tags_to_spans
+from ner_builder.spans import Span, spans_to_bio, spans_to_tags, tags_to_spans
+from ner_gateway.spec.schemes import TaggingScheme
 
-BIO, BMES, BIOES = SCHEMES["BIO"], SCHEMES["BMES"], SCHEMES["BIOES"]
+BIO, BMES, BIOES = TaggingScheme.BIO, TaggingScheme.BMES, TaggingScheme.BIOES
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def msra() -> NerDataset:
     return head(load_dataset("msra"), 3000)
 
 
-def _dataset(sentences: list[list[str]], tags: list[list[str]], scheme: str) -> NerDataset:
+def _dataset(sentences: list[list[str]], tags: list[list[str]], scheme: TaggingScheme) -> NerDataset:
     return NerDataset("tiny", sentences, tags, sort_labels(tags, scheme), scheme)
 
 
@@ -45,7 +46,7 @@ def tiny_bio() -> NerDataset:
          ["the", "United", "Nations", "met", "Bob", "Lee", "Jr"]],
         [["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC"], ["B-PER", "O", "B-LOC", "O"],
          ["O", "B-ORG", "I-ORG", "O", "B-PER", "I-PER", "I-PER"]],
-        "BIO",
+        BIO,
     )
 
 
@@ -55,18 +56,18 @@ def tiny_bmes() -> NerDataset:
         [list("张三在北京"), list("李四去上海市"), list("王在京")],
         [["B-PER", "E-PER", "O", "B-LOC", "E-LOC"], ["B-PER", "E-PER", "O", "B-LOC", "M-LOC", "E-LOC"],
          ["S-PER", "O", "S-LOC"]],
-        "BMES",
+        BMES,
     )
 
 
 def _mentions(dataset: NerDataset) -> set[tuple[str, tuple[str, ...]]]:
     return {(s.label, tuple(words[s.start : s.end]))
             for words, tags in zip(dataset.sentences, dataset.tags, strict=True)
-            for s in tags_to_spans(tags, dataset.tagging)}
+            for s in tags_to_spans(tags, dataset.scheme)}
 
 
 def _assert_well_formed(tokens: list[str], tags: list[str], dataset: NerDataset) -> None:
-    scheme = dataset.tagging
+    scheme = dataset.scheme
     assert len(tokens) == len(tags)
     assert spans_to_tags(tags_to_spans(tags, scheme), len(tags), scheme) == tags
     assert set(tags) <= set(dataset.labels)
@@ -131,9 +132,9 @@ def test_wnut16_uses_every_operation(wnut16: NerDataset) -> None:
 
 
 def test_unchangeable_sentences_give_fewer_with_warning(caplog: pytest.LogCaptureFixture) -> None:
-    changeable = _dataset([["a"], ["b"]], [["O"], ["O"]], "BIO")  # token replacement can swap "a" and "b"
+    changeable = _dataset([["a"], ["b"]], [["O"], ["O"]], BIO)  # token replacement can swap "a" and "b"
     assert len(generate(changeable, 2, seed=0, probability=1.0)) == 2
-    frozen = _dataset([["a"], ["a"]], [["O"], ["O"]], "BIO")  # nothing to draw but the same token
+    frozen = _dataset([["a"], ["a"]], [["O"], ["O"]], BIO)  # nothing to draw but the same token
     with caplog.at_level("WARNING", logger="ner_builder.augment"):
         out = augment(frozen, 1.0, seed=0, probability=1.0)
     assert out is frozen
@@ -141,7 +142,7 @@ def test_unchangeable_sentences_give_fewer_with_warning(caplog: pytest.LogCaptur
 
 
 def test_ill_formed_source_tags_come_out_canonical() -> None:
-    dataset = _dataset([["x", "y", "z"], ["u", "v", "w"]], [["O", "I-PER", "I-PER"], ["B-PER", "O", "O"]], "BIO")
+    dataset = _dataset([["x", "y", "z"], ["u", "v", "w"]], [["O", "I-PER", "I-PER"], ["B-PER", "O", "O"]], BIO)
     for a in generate(dataset, 6, seed=2, probability=1.0):
         _assert_well_formed(a.tokens, a.tags, dataset)
 
@@ -152,7 +153,7 @@ def test_ill_formed_source_tags_come_out_canonical() -> None:
 @pytest.mark.parametrize("name", ["tiny_bio", "tiny_bmes"])
 def test_replace_mentions_keeps_types_and_outside_tokens(name: str, request: pytest.FixtureRequest) -> None:
     dataset: NerDataset = request.getfixturevalue(name)
-    index, rng, scheme = build_index(dataset), random.Random(5), dataset.tagging
+    index, rng, scheme = build_index(dataset), random.Random(5), dataset.scheme
     known = _mentions(dataset)
     lengths: set[int] = set()
     for _ in range(20):
@@ -200,7 +201,7 @@ def test_replace_tokens_draws_same_tag_tokens(name: str, request: pytest.Fixture
 @pytest.mark.parametrize("name", ["tiny_bio", "tiny_bmes"])
 def test_shuffle_keeps_tags_and_segment_tokens(name: str, request: pytest.FixtureRequest) -> None:
     dataset: NerDataset = request.getfixturevalue(name)
-    index, rng, scheme = build_index(dataset), random.Random(4), dataset.tagging
+    index, rng, scheme = build_index(dataset), random.Random(4), dataset.scheme
     changed = False
     for _ in range(10):
         for tokens, tags in zip(dataset.sentences, dataset.tags, strict=True):

@@ -21,14 +21,17 @@ from ner_builder.e5_import import (
     write_tokenizer_files,
 )
 from ner_builder.isolate_cjk import CjkIsolationError, isolate_cjk
-from ner_builder.spans import SCHEMES, Span, spans_to_bio, tags_to_spans, token_tags
+from ner_builder.spans import Span, spans_to_bio, tags_to_spans, token_tags
 from ner_builder.token_alignment import char_tags, encode_chars, gold_tags
 from ner_builder.train import TrainOptions, train_token_classifier
 from ner_gateway.errors import ConfigurationError
 from ner_gateway.spec.cjk import CjkPieces, cjk_pieces
-from ner_gateway.spec.manifest import ModelManifest, TaggingScheme, detect_tagging_scheme, latest_version_dir
+from ner_gateway.spec.manifest import ModelManifest, latest_version_dir
+from ner_gateway.spec.schemes import TaggingScheme, detect_tagging_scheme
 
-BMES = SCHEMES["BMES"]
+from conftest import tiny_token_classifier, torch_entities
+
+BMES = TaggingScheme.BMES
 MSRA_LABELS = ["O", "B-LOC", "M-LOC", "E-LOC", "S-LOC", "B-ORG", "M-ORG", "E-ORG", "S-ORG",
                "B-PER", "M-PER", "E-PER", "S-PER"]
 TINY_MAX_LENGTH = 128
@@ -57,18 +60,8 @@ def xlmr(xlmr_dir: Path):
 @pytest.fixture(scope="module")
 def tiny_bmes_checkpoint(tmp_path_factory: pytest.TempPathFactory, xlmr_dir: Path, xlmr) -> Path:
     """A 2-layer random BertForTokenClassification with the real XLM-R tokenizer and the MSRA labels."""
-    import torch
-    from transformers import BertConfig, BertForTokenClassification
-
     out = tmp_path_factory.mktemp("tiny-bmes")
-    config = BertConfig(
-        vocab_size=len(xlmr), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=TINY_MAX_LENGTH, pad_token_id=xlmr.pad_token_id,
-        id2label=dict(enumerate(MSRA_LABELS)), label2id={label: i for i, label in enumerate(MSRA_LABELS)},
-        architectures=["BertForTokenClassification"],
-    )
-    torch.manual_seed(0)
-    BertForTokenClassification(config).save_pretrained(out)
+    tiny_token_classifier(xlmr, MSRA_LABELS, TINY_MAX_LENGTH, confident=False).save_pretrained(out)
     xlmr.save_pretrained(out)
     return out
 
@@ -107,11 +100,11 @@ def test_char_columns_parse_crlf_and_reject_bad_input() -> None:
 def test_bmes_validation_rejects_foreign_prefixes() -> None:
     from ner_builder.datasets import _validate_tags
 
-    _validate_tags("x", [["B-LOC", "M-LOC", "E-LOC", "S-PER", "O"]], "BMES")
+    _validate_tags("x", [["B-LOC", "M-LOC", "E-LOC", "S-PER", "O"]], BMES)
     with pytest.raises(DatasetError, match="not BMES: I-LOC"):
-        _validate_tags("x", [["B-LOC", "I-LOC"]], "BMES")
+        _validate_tags("x", [["B-LOC", "I-LOC"]], BMES)
     with pytest.raises(DatasetError, match="not BIO: E-LOC"):
-        _validate_tags("x", [["B-LOC", "E-LOC"]], "BIO")
+        _validate_tags("x", [["B-LOC", "E-LOC"]], TaggingScheme.BIO)
 
 
 # --- spans ---------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def test_bmes_decoding_is_lenient_like_seqeval() -> None:
         Span("LOC", 8, 9), Span("PER", 9, 10),  # E- of another type: closes B-LOC, is a one-char entity
         Span("ORG", 10, 11),  # an entity still open at the end
     ]
-    assert tags_to_spans(["B-PER", "I-PER", "I-LOC", "O", "I-PER"], SCHEMES["BIO"]) == [
+    assert tags_to_spans(["B-PER", "I-PER", "I-LOC", "O", "I-PER"], TaggingScheme.BIO) == [
         Span("PER", 0, 2), Span("LOC", 2, 3), Span("PER", 4, 5)]
     assert spans_to_bio([Span("LOC", 1, 3), Span("PER", 2, 4), Span("ORG", 4, 5)], 5) == [
         "O", "B-LOC", "I-LOC", "O", "B-ORG"]  # an overlapping span is dropped
@@ -183,7 +176,7 @@ def test_char_level_evaluation_maps_token_predictions_to_characters(xlmr) -> Non
     row = [label2id[tag] for tag in ["S-PER", "O", "S-LOC", "O", "O", "S-PER"]]  # specials are ignored
     predicted, unseen = char_tags(item, row, len(chars), dict(enumerate(MSRA_LABELS)), BMES)
     assert predicted == ["O", "B-LOC", "I-LOC", "I-LOC", "O", "O", "O"] and unseen == 0
-    gold = NerDataset("g", [chars], [["O", "O", "B-LOC", "E-LOC", "O", "O", "O"]], MSRA_LABELS, "BMES", True)
+    gold = NerDataset("g", [chars], [["O", "O", "B-LOC", "E-LOC", "O", "O", "O"]], MSRA_LABELS, BMES, True)
     assert gold_tags(gold) == [["O", "O", "B-LOC", "I-LOC", "O", "O", "O"]]  # so this is one FP and one FN
 
 
@@ -356,25 +349,19 @@ CHINESE_TEXTS = [
 ]
 
 
-def test_bmes_model_served_and_decoded_end_to_end(tiny_bmes_checkpoint: Path, tmp_path: Path, start_gateway) -> None:
-    import torch
-    from transformers import AutoModelForTokenClassification
-
+def test_bmes_model_served_and_decoded_end_to_end(xlmr, tmp_path: Path, start_gateway) -> None:
     from ner_builder.build import BuildOptions, build_model
-    from ner_gateway.core.decoding import LabelTable, decode
+    from ner_gateway.core.decoding import LabelTable
     from ner_gateway.core.domain import Aggregation
     from ner_gateway.core.tokenization import TextTokenizer
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
-    # A confident random head, so the BMES paths (B/M/E/S, repairs) all get exercised.
+    # tiny_bmes_checkpoint's model with a confident random head, so the BMES paths (B/M/E/S, repairs) all get
+    # exercised.
     checkpoint = tmp_path / "bmes"
-    model = AutoModelForTokenClassification.from_pretrained(tiny_bmes_checkpoint).eval()
-    with torch.no_grad():
-        model.classifier.weight.normal_(0.0, 1.0)
+    model = tiny_token_classifier(xlmr, MSRA_LABELS, TINY_MAX_LENGTH)
     model.save_pretrained(checkpoint)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_bmes_checkpoint / name).exists():
-            (checkpoint / name).write_bytes((tiny_bmes_checkpoint / name).read_bytes())
+    xlmr.save_pretrained(checkpoint)
     repository = tmp_path / "repo"
     result = build_model(checkpoint, repository, "msra", BuildOptions(sample_texts=tuple(CHINESE_TEXTS)))
     assert result.manifest.tagging_scheme is TaggingScheme.BMES
@@ -391,13 +378,7 @@ def test_bmes_model_served_and_decoded_end_to_end(tiny_bmes_checkpoint: Path, tm
     table = LabelTable.from_labels(MSRA_LABELS, TaggingScheme.BMES)
     found = 0
     for text, document in zip(CHINESE_TEXTS, response.documents, strict=True):
-        (tokens,) = tokenizer.tokenize([text])
-        windows = tokenizer.plan_windows([tokens], 8)
-        inputs = {k: torch.from_numpy(v) for k, v in tokenizer.arrays([tokens], windows).items()}
-        with torch.no_grad():
-            logits = model(**inputs).logits.numpy()[0]
-        expected = decode(text, tokenizer.merge(len(tokens), windows, [logits]), tokens.view, table,
-                          Aggregation.SIMPLE)
+        expected = torch_entities(tokenizer, model, text, table, Aggregation.SIMPLE)
         got = [(e.label, e.start, e.end, e.text) for e in document.entities]
         assert got == [(e.label, e.start, e.end, e.text) for e in expected]
         for label, start, end, entity_text in got:
@@ -479,16 +460,10 @@ def labelling_checkpoint(tmp_path_factory: pytest.TempPathFactory, xlmr) -> Path
     pieces these characters never stand alone, with isolated ones they do.
     """
     import torch
-    from transformers import BertConfig, BertForTokenClassification
 
     isolated = isolate_cjk(xlmr)
     label = {name: i for i, name in enumerate(MSRA_LABELS)}
-    config = BertConfig(
-        vocab_size=len(isolated), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=TINY_MAX_LENGTH, pad_token_id=isolated.pad_token_id,
-        id2label=dict(enumerate(MSRA_LABELS)), label2id=label, architectures=["BertForTokenClassification"],
-    )
-    model = BertForTokenClassification(config).eval()
+    model = tiny_token_classifier(isolated, MSRA_LABELS, TINY_MAX_LENGTH, hidden_size=16, layers=1, confident=False)
     features = {"O": 2, "B-LOC": 0, "E-LOC": 1}
     with torch.no_grad():
         for module in (model.bert.embeddings.position_embeddings, model.bert.embeddings.token_type_embeddings,

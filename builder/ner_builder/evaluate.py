@@ -15,18 +15,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
+
+from ner_gateway.core.tokenization import right_pad
 
 if TYPE_CHECKING:
     from ner_builder.checkpoint import Checkpoint
 
 LOGGER = logging.getLogger(__name__)
 
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+Feeds = dict[str, npt.NDArray[np.int64]]  # input name -> INT64 [batch, sequence]
+Logits = npt.NDArray[np.float32]  # [batch, sequence, labels]
+Runner = Callable[[Feeds], Logits]
 
 
 @dataclass(frozen=True)
 class Batch:
-    feeds: dict[str, np.ndarray]  # INT64 [batch, sequence], padded
+    feeds: Feeds  # INT64 [batch, sequence], padded
     word_ids: list[list[int | None]]
     indices: list[int]  # positions of these sentences in the evaluated set
 
@@ -62,7 +67,7 @@ class Reference:
     """The PyTorch checkpoint on an eval set: what every artifact is scored against."""
 
     data: EvalSet
-    logits: list[np.ndarray]
+    logits: list[Logits]
     f1: float | None  # against the gold tags; None on unlabelled sentences
 
 
@@ -76,20 +81,16 @@ def encode(
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encodings[i]["input_ids"]) for i in chunk)
         feeds = {}
         for input_name in input_names:
             pad = tokenizer.pad_token_id if input_name == "input_ids" else 0
-            rows = [list(encodings[i][input_name]) for i in chunk]
-            feeds[input_name] = np.array([row + [pad] * (width - len(row)) for row in rows], dtype=np.int64)
-        feeds.setdefault("attention_mask", np.array(
-            [[1] * len(encodings[i]["input_ids"]) + [0] * (width - len(encodings[i]["input_ids"])) for i in chunk],
-            dtype=np.int64))
+            feeds[input_name] = right_pad([encodings[i][input_name] for i in chunk], value=pad)
+        feeds.setdefault("attention_mask", right_pad([[1] * len(encodings[i]["input_ids"]) for i in chunk]))
         batches.append(Batch(feeds, [encodings[i].word_ids() for i in chunk], chunk))
     return EvalSet(name, sentences, gold, batches)
 
 
-def run(runner: Runner, data: EvalSet, input_names: list[str]) -> list[np.ndarray]:
+def run(runner: Runner, data: EvalSet, input_names: list[str]) -> list[Logits]:
     return [np.asarray(runner({n: b.feeds[n] for n in input_names}), dtype=np.float32) for b in data.batches]
 
 
@@ -102,7 +103,7 @@ def first_subtokens(word_ids: Sequence[int | None]) -> Iterator[tuple[int, int]]
             yield position, word_id
 
 
-def word_tags(data: EvalSet, logits: list[np.ndarray], labels: list[str]) -> list[list[str]]:
+def word_tags(data: EvalSet, logits: list[Logits], labels: list[str]) -> list[list[str]]:
     tags: list[list[str]] = [["O"] * len(words) for words in data.sentences]
     for batch, batch_logits in zip(data.batches, logits, strict=True):
         best = batch_logits.argmax(-1)
@@ -118,17 +119,32 @@ def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> float:
     return float(f1_score(gold, predicted, zero_division=0))
 
 
-def score(data: EvalSet, logits: list[np.ndarray], reference: list[np.ndarray], labels: list[str]) -> Scores:
+@dataclass(frozen=True)
+class Parity:
+    """Logits against the PyTorch checkpoint's, over the real tokens (attention_mask 1) only."""
+
+    tokens: int
+    max_abs_logit_diff: float
+    argmax_agreement: float
+
+
+def parity(masks: Sequence[npt.NDArray[np.int64]], logits: Sequence[Logits], reference: Sequence[Logits]) -> Parity:
+    """``logits`` against ``reference``, batch by batch, each batch with its [batch, sequence] attention mask."""
     diffs, agree, total = [0.0], 0, 0
-    for batch, got, ref in zip(data.batches, logits, reference, strict=True):
-        valid = batch.feeds["attention_mask"].astype(bool)
+    for mask, got, ref in zip(masks, logits, reference, strict=True):
+        valid = mask.astype(bool)
         diffs.append(float(np.abs(got[valid] - ref[valid]).max()))
         agree += int((got[valid].argmax(-1) == ref[valid].argmax(-1)).sum())
         total += int(valid.sum())
+    return Parity(tokens=total, max_abs_logit_diff=max(diffs), argmax_agreement=agree / max(total, 1))
+
+
+def score(data: EvalSet, logits: list[Logits], reference: list[Logits], labels: list[str]) -> Scores:
+    measured = parity([batch.feeds["attention_mask"] for batch in data.batches], logits, reference)
     predicted = word_tags(data, logits, labels)
     return Scores(
-        sentences=len(data.sentences), tokens=total, max_abs_logit_diff=max(diffs),
-        argmax_agreement=agree / max(total, 1),
+        sentences=len(data.sentences), tokens=measured.tokens, max_abs_logit_diff=measured.max_abs_logit_diff,
+        argmax_agreement=measured.argmax_agreement,
         f1=entity_f1(data.gold, predicted) if data.gold is not None else None,
         f1_vs_reference=entity_f1(word_tags(data, reference, labels), predicted),
     )
@@ -137,14 +153,15 @@ def score(data: EvalSet, logits: list[np.ndarray], reference: list[np.ndarray], 
 def torch_runner(model: Any, input_names: list[str]) -> Runner:
     import torch
 
-    def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def infer(feeds: Feeds) -> Logits:
         with torch.inference_mode():
-            return model(**{n: torch.from_numpy(feeds[n]) for n in input_names}).logits.float().numpy()
+            logits: Logits = model(**{n: torch.from_numpy(feeds[n]) for n in input_names}).logits.float().numpy()
+            return logits
 
     return infer
 
 
-def each_row_alone(runner: Runner, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def each_row_alone(runner: Runner, feeds: Feeds) -> Logits:
     """``runner`` on every row of a padded batch alone, cut to its real length (attention_mask), as the
     served model runs a graph whose activation scales span its input (CalibrationInfo.rows_alone)."""
     lengths = feeds["attention_mask"].sum(axis=1)
@@ -164,7 +181,7 @@ def onnx_runner(path: Path, rows_alone: bool = False) -> Runner:
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     output = session.get_outputs()[0].name
 
-    def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def infer(feeds: Feeds) -> Logits:
         (logits,) = session.run([output], feeds)
         return np.asarray(logits, dtype=np.float32)
 

@@ -39,7 +39,8 @@ class _LogitsOnly(torch.nn.Module):
         self.input_names = input_names
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.input_names, tensors, strict=True))).logits
+        logits: torch.Tensor = self.model(**dict(zip(self.input_names, tensors, strict=True))).logits
+        return logits
 
 
 def model_input_names(checkpoint: Checkpoint) -> list[str]:
@@ -71,22 +72,17 @@ def measure_parity(checkpoint: Checkpoint, onnx_path: Path, input_names: list[st
                    rows_alone: bool = False) -> ParityReport:
     """Compare ONNX Runtime with PyTorch (the in-memory model, pruned or not) on ``texts``, the ONNX graph run
     as served (``rows_alone``: each text alone, see CalibrationInfo.rows_alone)."""
-    from ner_builder.evaluate import onnx_runner
+    from ner_builder.evaluate import onnx_runner, parity, torch_runner
 
     batch = checkpoint.tokenizer(texts, padding=True, truncation=True, max_length=checkpoint.max_length,
                                  return_tensors="np")
     feeds = {name: batch[name].astype(np.int64) for name in input_names}
-    onnx_logits = onnx_runner(onnx_path, rows_alone)(feeds)
-    with torch.no_grad():
-        torch_logits = checkpoint.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
-    valid = batch["attention_mask"].astype(bool)
-    onnx_logits = np.asarray(onnx_logits, dtype=np.float32)
-    diff = float(np.abs(onnx_logits[valid] - torch_logits[valid]).max())
-    agreement = float((onnx_logits[valid].argmax(-1) == torch_logits[valid].argmax(-1)).mean())
-    report = ParityReport(texts=len(texts), tokens=int(valid.sum()), max_abs_logit_diff=diff,
-                          argmax_agreement=agreement)
+    measured = parity([batch["attention_mask"]], [onnx_runner(onnx_path, rows_alone)(feeds)],
+                      [torch_runner(checkpoint.model, input_names)(feeds)])
+    report = ParityReport(texts=len(texts), tokens=measured.tokens, max_abs_logit_diff=measured.max_abs_logit_diff,
+                          argmax_agreement=measured.argmax_agreement)
     LOGGER.info("parity of %s on %d texts / %d tokens: max |logit diff| %.2e, argmax agreement %.4f",
-                onnx_path.name, report.texts, report.tokens, diff, agreement)
+                onnx_path.name, report.texts, report.tokens, report.max_abs_logit_diff, report.argmax_agreement)
     return report
 
 

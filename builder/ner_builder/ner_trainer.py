@@ -32,7 +32,7 @@ class NerTrainer(Trainer):
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is not None:
             return self.optimizer
-        opt_model = self.model if model is None else model
+        opt_model: Any = self.model if model is None else model  # a PreTrainedModel, or peft's wrapper of one
         decay = set(self.get_decay_parameter_names(opt_model))
         body = {id(p) for p in unwrapped(opt_model).base_model.parameters()}  # LoRA adapters live in the body
         groups: dict[tuple[bool, bool], list[Any]] = {}

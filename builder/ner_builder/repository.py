@@ -1,8 +1,9 @@
 """Lay out one model entry of a Triton model repository.
 
     REPOSITORY/NAME/config.pbtxt
-    REPOSITORY/NAME/VERSION/{model.onnx, model.py, tokenizer.json, labels.json, manifest.json}   ONNX targets
-    REPOSITORY/NAME/VERSION/{model.plan, model.onnx, tokenizer.json, labels.json, manifest.json}  TensorRT targets
+    REPOSITORY/NAME/VERSION/{the runtime's files, tokenizer.json, labels.json, manifest.json}
+
+where the runtime (``ner_builder.runtimes``) says which files are its own.
 
 A version folder is assembled beside the repository and renamed into place, so a Triton that
 polls the repository never sees a half-written new version. Replacing an existing version (an explicit
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import MANIFEST_FILE, latest_version_dir
+from ner_gateway.spec.manifest import latest_version_dir
 
 LOGGER = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ def next_version(model_dir: Path) -> int:
 def staging_dir(repository: Path) -> Path:
     repository.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".staging-", dir=repository))
-
-
-ONNX_FILES = ("model.onnx", "model.py", MANIFEST_FILE)
-ENGINE_FILES = ("model.plan", "model.onnx", MANIFEST_FILE)
 
 
 def install_version(staged: Path, model_dir: Path, version: int, config_pbtxt: str,

@@ -22,40 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-OUTSIDE = "O"
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """Which prefix a tag carries for each position of an entity."""
-
-    name: str
-    begin: str
-    inside: str
-    end: str
-    single: str
-
-    @property
-    def prefixes(self) -> tuple[str, ...]:
-        """The distinct prefixes, in label order (BIO: B, I; BMES: B, M, E, S)."""
-        return tuple(dict.fromkeys((self.begin, self.inside, self.end, self.single)))
-
-    def prefix(self, starts: bool, ends: bool) -> str:
-        if starts:
-            return self.single if ends else self.begin
-        return self.end if ends else self.inside
-
-    @property
-    def closing(self) -> frozenset[str]:
-        """Prefixes that end an entity (none in BIO, where B and I also play the single and end roles)."""
-        return frozenset({self.end, self.single} - {self.begin, self.inside})
-
-
-SCHEMES: dict[str, Scheme] = {
-    "BIO": Scheme("BIO", begin="B", inside="I", end="I", single="B"),
-    "BMES": Scheme("BMES", begin="B", inside="M", end="E", single="S"),
-    "BIOES": Scheme("BIOES", begin="B", inside="I", end="E", single="S"),
-}
+from ner_gateway.spec.schemes import OUTSIDE, Role, TaggingScheme, split_tag
 
 
 @dataclass(frozen=True)
@@ -67,7 +34,7 @@ class Span:
     end: int
 
 
-def tags_to_spans(tags: Sequence[str], scheme: Scheme) -> list[Span]:
+def tags_to_spans(tags: Sequence[str], scheme: TaggingScheme) -> list[Span]:
     """Entity spans of a tag sequence (lenient decoding, see the module docstring)."""
     spans: list[Span] = []
     current: tuple[str, int] | None = None  # (label, start) of the open entity
@@ -79,34 +46,49 @@ def tags_to_spans(tags: Sequence[str], scheme: Scheme) -> list[Span]:
             current = None
 
     for i, tag in enumerate(tags):
-        if tag == OUTSIDE or "-" not in tag:
+        parts = split_tag(tag)
+        if parts is None:
             close(i)
             continue
-        prefix, label = tag.split("-", 1)
-        if prefix in (scheme.begin, scheme.single) or current is None or current[0] != label:
+        prefix, label = parts
+        role = scheme.roles.get(prefix, Role.INSIDE)  # a prefix foreign to the scheme continues, like I-
+        if role in (Role.BEGIN, Role.SINGLE) or current is None or current[0] != label:
             close(i)
             current = (label, i)
-        if prefix in scheme.closing:
+        if role in (Role.END, Role.SINGLE):
             close(i + 1)
     close(len(tags))
     return spans
 
 
-def spans_to_tags(spans: Sequence[Span], length: int, scheme: Scheme) -> list[str]:
+def spans_to_tags(spans: Sequence[Span], length: int, scheme: TaggingScheme) -> list[str]:
     """Tags over ``length`` positions under `scheme`; a span overlapping an earlier one is dropped."""
-    tags = [OUTSIDE] * length
+    taken = [False] * length
+    kept: list[Span] = []
     for span in spans:
         start, end = max(0, span.start), min(length, span.end)
-        if start >= end or any(tag != OUTSIDE for tag in tags[start:end]):
-            continue
-        for i in range(start, end):
-            tags[i] = f"{scheme.prefix(i == start, i == end - 1)}-{span.label}"
+        if start < end and not any(taken[start:end]):
+            taken[start:end] = [True] * (end - start)
+            kept.append(Span(span.label, start, end))
+    ends = {(span.label, span.end) for span in kept}
+    tags = [OUTSIDE] * length
+    for span in kept:
+        follows = (span.label, span.start) in ends
+        for i in range(span.start, span.end):
+            tags[i] = f"{scheme.prefix(i == span.start, i == span.end - 1, follows)}-{span.label}"
     return tags
 
 
 def spans_to_bio(spans: Sequence[Span], length: int) -> list[str]:
     """BIO tags over ``length`` positions; a span overlapping an earlier one is dropped."""
-    return spans_to_tags(spans, length, SCHEMES["BIO"])
+    return spans_to_tags(spans, length, TaggingScheme.BIO)
+
+
+def as_bio(tags: Sequence[str], scheme: TaggingScheme) -> list[str]:
+    """What seqeval scores: BIO tags as they are, another scheme's as the BIO tags of the spans they decode to."""
+    if scheme is TaggingScheme.BIO:
+        return list(tags)
+    return spans_to_bio(tags_to_spans(tags, scheme), len(tags))
 
 
 def is_marker(offsets: Sequence[tuple[int, int]], index: int) -> bool:
@@ -118,28 +100,32 @@ def is_marker(offsets: Sequence[tuple[int, int]], index: int) -> bool:
     return False
 
 
-def token_tags(offsets: Sequence[tuple[int, int]], spans: Sequence[Span], scheme: Scheme) -> list[str | None]:
+def token_tags(
+    offsets: Sequence[tuple[int, int]], spans: Sequence[Span], scheme: TaggingScheme
+) -> list[str | None]:
     """One tag per token from character-level entity spans; ``None`` for tokens without characters."""
     tags: list[str | None] = []
+    previous: Span | None = None  # the entity the previous token was tagged with
     for index, (start, end) in enumerate(offsets):
         if end <= start:
             tags.append(None)  # special tokens: (0, 0)
-            continue
-        if is_marker(offsets, index):
-            tags.append(OUTSIDE)
+            previous = None
             continue
         best: Span | None = None
-        best_overlap = 0
-        for span in spans:
-            overlap = min(end, span.end) - max(start, span.start)
-            if overlap > best_overlap:
-                best, best_overlap = span, overlap
+        if not is_marker(offsets, index):
+            best_overlap = 0
+            for span in spans:
+                overlap = min(end, span.end) - max(start, span.start)
+                if overlap > best_overlap:
+                    best, best_overlap = span, overlap
         if best is None:
             tags.append(OUTSIDE)
         else:
             starts = start <= best.start < end
             ends = start < best.end <= end
-            tags.append(f"{scheme.prefix(starts, ends)}-{best.label}")
+            follows = previous is not None and previous is not best and previous.label == best.label
+            tags.append(f"{scheme.prefix(starts, ends, follows)}-{best.label}")
+        previous = best
     return tags
 
 

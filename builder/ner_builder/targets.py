@@ -1,22 +1,19 @@
 """Build targets: which graph, which runtime, which model name, and what to fall back to.
 
-``onnx-fp32`` installs as ``NAME`` (as before targets existed); every other target installs as its
-own model ``NAME-<target>`` with its own config.pbtxt and manifest. A target whose accuracy gate
-fails falls back to the next precision of the same runtime, keeping its model name.
+A target is ``<runtime>-<precision>`` for every registered runtime (``ner_builder.runtimes``) and each of its
+precisions. ``onnx-fp32`` installs as ``NAME`` (as before targets existed); every other target installs as its
+own model ``NAME-<target>`` with its own config.pbtxt and manifest. A target whose accuracy gate fails falls
+back to the next precision of the same runtime, keeping its model name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from ner_builder.errors import BuildError
+from ner_builder.runtimes import RUNTIMES
+from ner_builder.runtimes.base import Runtime
 from ner_gateway.spec.manifest import Precision
-
-
-class Runtime(StrEnum):
-    ONNX = "onnx"  # model.onnx run by the Python backend with ONNX Runtime (embedded CPU Triton)
-    TENSORRT = "trt"  # model.plan run by Triton's TensorRT backend (NVIDIA's container on a GPU)
 
 
 @dataclass(frozen=True)
@@ -26,11 +23,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        return f"{self.runtime.value}-{self.precision.value}"
-
-    @property
-    def is_engine(self) -> bool:
-        return self.runtime is Runtime.TENSORRT
+        return f"{self.runtime.name}-{self.precision.value}"
 
     def model_name(self, base: str) -> str:
         return base if self == DEFAULT_TARGET else f"{base}-{self.name}"
@@ -38,15 +31,15 @@ class Target:
     def fallbacks(self) -> list[Target]:
         """Higher precisions of the same runtime, nearest first (int8 -> fp16 -> fp32)."""
         chain = FALLBACK_ORDER[FALLBACK_ORDER.index(self.precision) + 1 :]
-        return [Target(self.runtime, precision) for precision in chain]
+        return [Target(self.runtime, precision) for precision in chain if precision in self.runtime.precisions]
 
     def __str__(self) -> str:
         return self.name
 
 
 FALLBACK_ORDER = [Precision.INT8, Precision.FP16, Precision.FP32]
-DEFAULT_TARGET = Target(Runtime.ONNX, Precision.FP32)
-ALL_TARGETS = [Target(runtime, precision) for runtime in Runtime for precision in reversed(FALLBACK_ORDER)]
+DEFAULT_TARGET = Target(RUNTIMES["onnx"], Precision.FP32)
+ALL_TARGETS = [Target(runtime, precision) for runtime in RUNTIMES.values() for precision in runtime.precisions]
 TARGET_NAMES = [t.name for t in ALL_TARGETS]
 
 

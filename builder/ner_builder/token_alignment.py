@@ -19,7 +19,8 @@ from typing import Any
 
 from ner_builder.datasets import NerDataset
 from ner_builder.evaluate import first_subtokens
-from ner_builder.spans import Scheme, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
+from ner_builder.spans import as_bio, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
+from ner_gateway.spec.schemes import TaggingScheme
 
 LOGGER = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def encode_chars(
     tags: list[str] | None,
     label2id: dict[str, int],
     max_length: int,
-    scheme: Scheme,
+    scheme: TaggingScheme,
 ) -> Encoded:
     """Tokenize the joined text; label each token from the gold character spans it overlaps."""
     enc = tokenizer("".join(chars), truncation=True, max_length=max_length, return_offsets_mapping=True)
@@ -86,7 +87,7 @@ def encode_dataset(
 ) -> list[Encoded]:
     rows = zip(dataset.sentences, dataset.tags if with_labels else [None] * len(dataset), strict=True)
     if dataset.char_level:
-        return [encode_chars(tokenizer, chars, tags, label2id, max_length, dataset.tagging) for chars, tags in rows]
+        return [encode_chars(tokenizer, chars, tags, label2id, max_length, dataset.scheme) for chars, tags in rows]
     return [encode_words(tokenizer, words, tags, label2id, max_length) for words, tags in rows]
 
 
@@ -100,7 +101,7 @@ def word_tags(item: Encoded, row: Sequence[int], n_words: int, id2label: dict[in
 
 
 def char_tags(
-    item: Encoded, row: Sequence[int], n_chars: int, id2label: dict[int, str], scheme: Scheme
+    item: Encoded, row: Sequence[int], n_chars: int, id2label: dict[int, str], scheme: TaggingScheme
 ) -> tuple[list[str], int]:
     """Character-level BIO tags of the entities the token tags decode to, and how many characters no token saw."""
     offsets = item.offsets or []
@@ -113,9 +114,7 @@ def char_tags(
 
 def gold_tags(dataset: NerDataset) -> list[list[str]]:
     """What seqeval scores against: the tags as they are for BIO, else BIO tags of the decoded spans."""
-    if dataset.scheme == "BIO":
-        return dataset.tags
-    return [spans_to_bio(tags_to_spans(tags, dataset.tagging), len(tags)) for tags in dataset.tags]
+    return [as_bio(tags, dataset.scheme) for tags in dataset.tags]
 
 
 def predicted_tags(
@@ -130,11 +129,10 @@ def predicted_tags(
     unseen = 0
     for item, row, sentence in zip(encoded, rows, dataset.sentences, strict=True):
         if dataset.char_level:
-            tags, missed = char_tags(item, row, len(sentence), id2label, dataset.tagging)
+            tags, missed = char_tags(item, row, len(sentence), id2label, dataset.scheme)
         else:
             tags, missed = word_tags(item, row, len(sentence), id2label)
-            if dataset.scheme != "BIO":  # score the decoded spans, as gold_tags does
-                tags = spans_to_bio(tags_to_spans(tags, dataset.tagging), len(sentence))
+            tags = as_bio(tags, dataset.scheme)  # score the decoded spans, as gold_tags does
         unseen += missed
         predictions.append(tags)
     if unseen:

@@ -35,14 +35,14 @@ def _common(name: str, input_names: list[str], output_name: str, num_labels: int
     keep = options.keep_versions
     # Ragged: Triton batches requests of different lengths (the model pads them itself); without it the
     # dynamic batcher groups only requests of identical shape, which sentences of varied length never are.
-    ragged = {"allow_ragged_batch": True} if ragged else {}
+    ragged_input = {"allow_ragged_batch": True} if ragged else {}
     policy = {"version_policy": {"latest": {"num_versions": keep}}} if keep > 1 else {}
     return {
         "name": name,
         **policy,
         "max_batch_size": options.max_batch_size,
         # dims exclude the batch dimension (max_batch_size > 0): [sequence] and [sequence, labels].
-        "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1], **ragged} for n in input_names],
+        "input": [{"name": n, "data_type": "TYPE_INT64", "dims": [-1], **ragged_input} for n in input_names],
         "output": [{"name": output_name, "data_type": "TYPE_FP32", "dims": [-1, num_labels]}],
         "dynamic_batching": {
             "preferred_batch_size": preferred,
@@ -91,7 +91,6 @@ def tensorrt_plan_config(
         "default_model_filename": "model.plan",
     }
     return json_format.ParseDict(as_dict, model_config_pb2.ModelConfig())
-
 
 
 def to_pbtxt(config: model_config_pb2.ModelConfig) -> str:

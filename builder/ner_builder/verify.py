@@ -4,8 +4,9 @@ The artifacts of NAME are the model ``NAME`` (onnx-fp32) and every ``NAME-<targe
 version each). Per artifact: max |logit diff| and argmax agreement against the checkpoint named in the
 manifest (``source_checkpoint``), and entity-level F1 on the labelled held-out split of ``--dataset``
 (the same seeded split ``ner-builder train`` held out), or, with ``--texts``, F1 of its entities against
-the checkpoint's own. ONNX graphs run in ONNX Runtime on CPU. TensorRT engines need a GPU and are
-reported as not run; the ONNX graph each was built from (kept beside it) is scored instead and labelled so.
+the checkpoint's own. ONNX graphs run in ONNX Runtime on CPU. An artifact its runtime cannot run here (an
+engine needing a GPU) is reported as not run; the ONNX graph it was built from (kept beside it) is scored
+instead and labelled so.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ner_builder import evaluate
 from ner_builder.checkpoint import load_checkpoint
 from ner_builder.errors import BuildError
-from ner_builder.targets import TARGET_NAMES
+from ner_builder.gate import load_split
+from ner_builder.runtimes.base import Runtime
+from ner_builder.targets import TARGET_NAMES, parse_target
 from ner_gateway.spec.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir
+
+if TYPE_CHECKING:
+    from ner_builder.build import BuildResult
 
 LOGGER = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ class Row:
     precision: str
     runtime: str
     scores: evaluate.Scores | None  # None: not run here
-    graph_scores: evaluate.Scores | None = None  # engines: the ONNX graph the engine was built from
+    graph_scores: evaluate.Scores | None = None  # not run here: the ONNX graph the artifact was built from
     fallback: str = ""
 
 
@@ -111,7 +117,7 @@ def find_artifacts(model_path: Path) -> list[tuple[Path, ModelManifest]]:
         raise BuildError(f"model repository {repository} does not exist")
     family = sorted(p for p in repository.iterdir() if p.is_dir() and (
         p.name == name or (p.name.startswith(f"{name}-") and p.name[len(name) + 1 :] in TARGET_NAMES)))
-    found = []
+    found: list[tuple[Path, ModelManifest]] = []
     for model_dir in family:
         version_dir = latest_version_dir(model_dir)
         if version_dir is not None and (version_dir / MANIFEST_FILE).is_file():
@@ -121,32 +127,21 @@ def find_artifacts(model_path: Path) -> list[tuple[Path, ModelManifest]]:
     return found
 
 
-def _labelled_split(dataset: str, eval_fraction: float, seed: int) -> tuple[str, list[list[str]], list[list[str]]]:
-    from ner_builder.datasets import DatasetError, held_out_split, load_dataset
-
-    try:
-        data = load_dataset(dataset)
-        _, held_out = held_out_split(data, eval_fraction=eval_fraction, seed=seed)
-    except DatasetError as e:
-        raise BuildError(str(e)) from e
-    if data.char_level:
-        raise BuildError(f"verify scores word-level datasets; {dataset} is character-level")
-    return f"{dataset} held-out split", held_out.sentences, held_out.tags
-
-
 def verify(model_path: Path, *, dataset: str | None = None, texts: list[str] | None = None,
            eval_fraction: float = 0.15, seed: int = 13, checkpoint: Path | None = None) -> Report:
     if (dataset is None) == (texts is None):
         raise BuildError("give exactly one of --dataset or --texts")
+    gold: list[list[str]] | None = None
     if dataset is not None:
-        name, sentences, gold = _labelled_split(dataset, eval_fraction, seed)
+        held_out = load_split(dataset, eval_fraction, seed).labelled_held_out("verify")
+        name, sentences, gold = f"{dataset} held-out split", held_out.sentences, held_out.tags
     else:
-        name, sentences, gold = "texts", [t.split() for t in texts or [] if t.split()], None
+        name, sentences = "texts", [t.split() for t in texts or [] if t.split()]
         if not sentences:
             raise BuildError("no texts to verify on")
     artifacts = find_artifacts(model_path)
     references: dict[str, tuple[list[str], evaluate.Reference]] = {}
-    rows = []
+    rows: list[Row] = []
     for version_dir, manifest in artifacts:
         source = str(checkpoint or manifest.source_checkpoint)
         if source not in references:
@@ -154,15 +149,14 @@ def verify(model_path: Path, *, dataset: str | None = None, texts: list[str] | N
         labels, ref = references[source]
         if labels != manifest.labels:
             raise BuildError(f"{manifest.name}: labels differ from its checkpoint {source}")
-        if manifest.engine is None:
-            scores = evaluate.score_onnx(version_dir / manifest.model_file, ref, labels, manifest.inputs,
-                                         manifest.rows_alone)
-            rows.append(_row(manifest, scores))
-        else:
-            graph = version_dir / manifest.engine.onnx_file
-            LOGGER.info("%s: %s is a TensorRT engine: %s", manifest.name, manifest.model_file, NOT_RUN)
-            graph_scores = evaluate.score_onnx(graph, ref, labels, manifest.inputs) if graph.is_file() else None
-            rows.append(_row(manifest, None, graph_scores))
+        runtime = parse_target(manifest.target).runtime
+        graph = runtime.scored_graph(version_dir, manifest)
+        if not runtime.runs_on_cpu:
+            LOGGER.info("%s: %s (%s): %s", manifest.name, manifest.model_file, runtime.describe(manifest), NOT_RUN)
+        # A missing artifact fails loudly; a missing stand-in graph is only reported as not scored.
+        scored = runtime.runs_on_cpu or graph.is_file()
+        scores = evaluate.score_onnx(graph, ref, labels, manifest.inputs, manifest.rows_alone) if scored else None
+        rows.append(_scored_row(manifest, runtime, scores))
     _, first = next(iter(references.values()))
     return Report(name, len(sentences), gold is not None, first.f1, rows)
 
@@ -175,17 +169,16 @@ def _reference(path: Path, name: str, sentences: list[list[str]], gold: list[lis
     return ckpt.labels, evaluate.reference(ckpt, name, sentences, gold, input_names, ckpt.max_length)
 
 
-def build_report(result: Any, dataset: str) -> Report:
-    """The table of a ``build`` with a dataset: the gate's scores, engines by the graph they were built from."""
-    rows = [_row(a.manifest, None, a.scores) if a.target.is_engine else _row(a.manifest, a.scores)
-            for a in result.artifacts]
+def build_report(result: BuildResult, dataset: str) -> Report:
+    """The table of a ``build`` with a dataset: the gate's scores, of the artifact or the graph it was built from."""
+    rows = [_scored_row(a.manifest, a.target.runtime, a.scores) for a in result.artifacts]
     return Report(f"{dataset} held-out split", result.eval_sentences, True, result.reference_f1, rows)
 
 
-def _row(manifest: ModelManifest, scores: evaluate.Scores | None, graph_scores: evaluate.Scores | None = None) -> Row:
+def _scored_row(manifest: ModelManifest, runtime: Runtime, scores: evaluate.Scores | None) -> Row:
+    """``scores`` are the artifact's when its runtime runs it here, else those of the graph it was built from."""
+    artifact_scores, graph_scores = (scores, None) if runtime.runs_on_cpu else (None, scores)
     fallback = f"fallback from {manifest.fallback.requested_precision}" if manifest.fallback else ""
-    engine = manifest.engine
-    runtime = f"{manifest.model_format} ({engine.library} {engine.version})" if engine else "onnxruntime"
-    return Row(manifest.name, manifest.version, manifest.target, manifest.precision, runtime, scores, graph_scores,
-               fallback)
+    return Row(manifest.name, manifest.version, manifest.target, manifest.precision, runtime.describe(manifest),
+               artifact_scores, graph_scores, fallback)
 

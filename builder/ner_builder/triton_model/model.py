@@ -8,13 +8,15 @@ Triton's Python stub, which imports only what the serving environment has instal
 
 import json
 import os
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
-def length_groups(lengths, call_overhead_tokens):
+def length_groups(lengths: list[int], call_overhead_tokens: float) -> list[list[int]]:
     """Row indices sorted by length and cut into contiguous groups at the least total cost.
 
     One ONNX Runtime call costs about ``call_overhead_tokens + rows x longest row`` (in padded tokens): on a
@@ -32,7 +34,8 @@ def length_groups(lengths, call_overhead_tokens):
             cost = best[start] + call_overhead_tokens + (end - start) * ordered[end - 1]
             if cost < best[end]:
                 best[end], cut[end] = cost, start
-    groups, end = [], len(order)
+    groups: list[list[int]] = []
+    end = len(order)
     while end:
         groups.append(order[cut[end] : end])
         end = cut[end]
@@ -40,7 +43,7 @@ def length_groups(lengths, call_overhead_tokens):
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
@@ -64,18 +67,18 @@ class TritonPythonModel:
         # depends on the batch it came in.
         self.rows_alone = params.get("rows_alone", "false") == "true"
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         # Triton hands over every request of a dynamic batch at once, each with its own sequence length
         # (ragged batching). Rows are sorted by real length (attention_mask) and run in groups padded only
         # to their own longest row (see length_groups); padding has attention_mask 0, so with fixed
         # quantization scales (fp32, fp16, static int8) a row's logits do not depend on its group.
-        rows = []  # (request index, row in request) for every row of the batch
-        tensors = []
+        rows: list[tuple[int, int]] = []  # (request index, row in request) for every row of the batch
+        tensors: list[dict[str, npt.NDArray[np.int64]]] = []
         for index, request in enumerate(requests):
             inputs = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
             tensors.append(inputs)
             rows.extend((index, row) for row in range(inputs[self.input_names[0]].shape[0]))
-        lengths = []
+        lengths: list[int] = []
         for index, row in rows:
             mask = tensors[index].get("attention_mask")
             lengths.append(int(mask[row].sum()) if mask is not None else tensors[index][self.input_names[0]].shape[1])
@@ -86,6 +89,7 @@ class TritonPythonModel:
             groups = length_groups(lengths, self.call_overhead_tokens)
         for group in groups:
             width = max(lengths[i] for i in group)
+            # Padded here rather than by ner_gateway's right_pad: Triton's Python stub has no ner_gateway.
             feeds = {name: np.zeros((len(group), width), dtype=np.int64) for name in self.input_names}
             for position, i in enumerate(group):
                 index, row = rows[i]
@@ -100,5 +104,5 @@ class TritonPythonModel:
         return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
                 for out in outputs]
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.session = None

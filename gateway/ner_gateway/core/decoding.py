@@ -16,31 +16,15 @@ sequence is valid by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ner_gateway.core.domain import Aggregation, Entity
-from ner_gateway.spec.manifest import TaggingScheme
+from ner_gateway.spec.schemes import OUTSIDE, Role, TaggingScheme, split_tag
 
-IGNORE_LABELS = frozenset({"O"})
-
-
-class Role(IntEnum):
-    OUTSIDE = 0
-    BEGIN = 1
-    INSIDE = 2
-    END = 3
-    SINGLE = 4
-
-
-_PREFIX_ROLES = {
-    TaggingScheme.BIO: {"B": Role.BEGIN, "I": Role.INSIDE},
-    TaggingScheme.IOB1: {"B": Role.BEGIN, "I": Role.INSIDE},
-    TaggingScheme.BIOES: {"B": Role.BEGIN, "I": Role.INSIDE, "E": Role.END, "S": Role.SINGLE},
-    TaggingScheme.BILOU: {"B": Role.BEGIN, "I": Role.INSIDE, "L": Role.END, "U": Role.SINGLE},
-    TaggingScheme.BMES: {"B": Role.BEGIN, "M": Role.INSIDE, "E": Role.END, "S": Role.SINGLE},
-}
+IGNORE_LABELS = frozenset({OUTSIDE})
 _OPENS = (Role.BEGIN, Role.INSIDE)  # roles after which the entity is still open
 
 
@@ -50,40 +34,42 @@ class LabelTable:
 
     labels: list[str]
     scheme: TaggingScheme
-    roles: np.ndarray  # int[C]
-    type_ids: np.ndarray  # int[C]: the entity type ("O" is a type of its own)
+    roles: npt.NDArray[np.int8]  # [C]
+    type_ids: npt.NDArray[np.int64]  # [C]: the entity type ("O" is a type of its own)
     entity_labels: list[str]  # label reported for an entity opened by class c (HF: split("-", 1)[-1])
-    allowed: np.ndarray  # bool[C, C]: class j may follow class i
-    allowed_start: np.ndarray  # bool[C]
-    allowed_end: np.ndarray  # bool[C]
+    allowed: npt.NDArray[np.bool_]  # [C, C]: class j may follow class i
+    allowed_start: npt.NDArray[np.bool_]  # [C]
+    allowed_end: npt.NDArray[np.bool_]  # [C]
 
     @classmethod
     def from_labels(cls, labels: list[str], scheme: TaggingScheme = TaggingScheme.BIO) -> LabelTable:
-        prefixes = _PREFIX_ROLES[scheme]
-        roles, types, free = [], [], []
+        roles: list[Role] = []
+        types: list[str] = []
+        free: list[bool] = []
         for label in labels:
-            prefix, sep, kind = label.partition("-")
+            prefix, kind = split_tag(label) or ("", label)
+            role = scheme.roles.get(prefix)
             if label in IGNORE_LABELS:
                 roles.append(Role.OUTSIDE)
                 types.append(label)
-            elif sep and prefix in prefixes:
-                roles.append(prefixes[prefix])
+            elif role is not None:
+                roles.append(role)
                 types.append(kind)
             else:  # HF: a label without a known prefix continues an entity of the same (whole) label
                 roles.append(Role.INSIDE)
                 types.append(label)
-            free.append(label in IGNORE_LABELS or not (sep and prefix in prefixes))
+            free.append(label in IGNORE_LABELS or role is None)
         type_index = {t: i for i, t in enumerate(dict.fromkeys(types))}
         role_array = np.array(roles, dtype=np.int8)
-        type_array = np.array([type_index[t] for t in types])
-        allowed, start, end = _transitions(role_array, type_array, scheme, np.array(free))
+        type_array = np.array([type_index[t] for t in types], dtype=np.int64)
+        allowed, start, end = _transitions(role_array, type_array, scheme, np.array(free, dtype=bool))
         return cls(list(labels), scheme, role_array, type_array, [lb.split("-", 1)[-1] for lb in labels],
                    allowed, start, end)
 
 
 def _transitions(
-    roles: np.ndarray, types: np.ndarray, scheme: TaggingScheme, free: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    roles: npt.NDArray[np.int8], types: npt.NDArray[np.int64], scheme: TaggingScheme, free: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """Allowed label transitions of a scheme; "free" labels ("O", unprefixed) may follow and precede anything
     except that an open (B-/I-) entity of BIOES-like schemes must still be continued."""
     n = len(roles)
@@ -116,19 +102,21 @@ def _transitions(
 class TokenView:
     """What decoding needs to know about one text's tokens (special tokens included)."""
 
-    offsets: np.ndarray  # int[N, 2], code points
-    special: np.ndarray  # bool[N]
-    is_subword: np.ndarray  # bool[N]: continues the previous token's word (HF's rule)
+    offsets: npt.NDArray[np.int64]  # [N, 2], code points
+    special: npt.NDArray[np.bool_]  # [N]
+    is_subword: npt.NDArray[np.bool_]  # [N]: continues the previous token's word (HF's rule)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
     """HF's softmax, in float32, so scores match the pipeline's to the last bits."""
-    logits = logits.astype(np.float32, copy=False)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    values = logits.astype(np.float32, copy=False)
+    shifted = np.exp(values - values.max(axis=-1, keepdims=True))
+    probs: npt.NDArray[np.float32] = shifted / shifted.sum(axis=-1, keepdims=True)
+    return probs
 
 
-def _word_vectors(probs: np.ndarray, is_subword: np.ndarray, aggregation: Aggregation) -> tuple[np.ndarray, np.ndarray]:
+def _word_vectors(probs: npt.NDArray[np.float32], is_subword: npt.NDArray[np.bool_], aggregation: Aggregation
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.intp]]:
     """One score vector per word (HF ``aggregate_word``); returns (vectors, index of each word's first token)."""
     starts = ~is_subword
     starts[0] = True
@@ -147,7 +135,7 @@ def _word_vectors(probs: np.ndarray, is_subword: np.ndarray, aggregation: Aggreg
     return probs[candidates[first_candidate]], first
 
 
-def viterbi(log_probs: np.ndarray, table: LabelTable) -> np.ndarray:
+def viterbi(log_probs: npt.NDArray[np.float32], table: LabelTable) -> npt.NDArray[np.int64]:
     """Most probable label sequence that only uses the scheme's allowed transitions."""
     transition = np.where(table.allowed, 0.0, -np.inf)
     score = np.where(table.allowed_start, log_probs[0], -np.inf)
@@ -165,7 +153,7 @@ def viterbi(log_probs: np.ndarray, table: LabelTable) -> np.ndarray:
 
 def decode(
     text: str,
-    logits: np.ndarray,
+    logits: npt.NDArray[np.floating[Any]],
     tokens: TokenView,
     table: LabelTable,
     aggregation: Aggregation,
@@ -199,8 +187,8 @@ def decode(
     return _group(text, label_ids, scores, starts, ends, table)
 
 
-def _group(text: str, label_ids: np.ndarray, scores: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-           table: LabelTable) -> list[Entity]:
+def _group(text: str, label_ids: npt.NDArray[np.intp], scores: npt.NDArray[np.float32], starts: npt.NDArray[np.int64],
+           ends: npt.NDArray[np.int64], table: LabelTable) -> list[Entity]:
     """Merge consecutive units into entities (HF ``group_entities`` + the repair rule)."""
     roles = table.roles[label_ids]
     types = table.type_ids[label_ids]

@@ -8,10 +8,12 @@ model is a single window, so short texts get exactly the input Hugging Face woul
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
 from ner_gateway.core.decoding import TokenView
@@ -26,6 +28,16 @@ def padded_width(length: int, buckets: tuple[int, ...] = ()) -> int:
     """Width a row of ``length`` tokens (specials included) is padded to: itself, or with ``buckets`` (a TensorRT
     engine's profile lengths) the smallest bucket that holds it."""
     return min((b for b in buckets if b >= length), default=length)
+
+
+def right_pad(rows: Sequence[Sequence[int]], width: int | None = None, value: int = 0) -> npt.NDArray[np.int64]:
+    """The int64 [rows, width] array model inputs are: each row from column 0, then ``value`` up to ``width``
+    (default: the longest row)."""
+    width = max(map(len, rows), default=0) if width is None else width
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return out
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,7 @@ class TextTokenizer:
         return windows
 
     def arrays(self, tokens: list[TextTokens], windows: list[Window], buckets: tuple[int, ...] = ()
-               ) -> dict[str, np.ndarray]:
+               ) -> dict[str, npt.NDArray[np.int64]]:
         """Right-padded [windows, width] int64 model inputs (padding has attention_mask 0).
 
         The one padding rule: ``width`` is the longest window, or with ``buckets`` (a TensorRT engine's
@@ -131,20 +143,16 @@ class TextTokenizer:
         """
         prefix_ids, prefix_types = (list(x) for x in zip(*self._prefix, strict=True)) if self._prefix else ([], [])
         suffix_ids, suffix_types = (list(x) for x in zip(*self._suffix, strict=True)) if self._suffix else ([], [])
-        longest = padded_width(max(w.end - w.start for w in windows) + self.special_tokens, buckets)
-        ids = np.zeros((len(windows), longest), dtype=np.int64)
-        type_ids = np.zeros_like(ids)
-        mask = np.zeros_like(ids)
-        for row, w in enumerate(windows):
-            content = tokens[w.text].encoding.ids[w.start : w.end]
-            sequence = prefix_ids + content + suffix_ids
-            ids[row, : len(sequence)] = sequence
-            type_ids[row, : len(sequence)] = prefix_types + [self._content_type_id] * len(content) + suffix_types
-            mask[row, : len(sequence)] = 1
+        contents = [tokens[w.text].encoding.ids[w.start : w.end] for w in windows]
+        width = padded_width(max(map(len, contents)) + self.special_tokens, buckets)
+        ids = right_pad([prefix_ids + content + suffix_ids for content in contents], width)
+        type_ids = right_pad([prefix_types + [self._content_type_id] * len(c) + suffix_types for c in contents], width)
+        mask = right_pad([[1] * (len(c) + self.special_tokens) for c in contents], width)
         by_field = {"ids": ids, "type_ids": type_ids, "attention_mask": mask}
         return {name: by_field[_INPUT_FIELDS[name]] for name in self.input_names}
 
-    def merge(self, n_tokens: int, windows: list[Window], logits: list[np.ndarray]) -> np.ndarray:
+    def merge(self, n_tokens: int, windows: list[Window], logits: list[npt.NDArray[np.float32]]
+              ) -> npt.NDArray[np.float32]:
         """Content-token logits of one text: each token from the window where it is farthest from a cut edge.
 
         ``logits`` are the windows' outputs with special tokens, in window order. A window edge at the

@@ -14,17 +14,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ner_gateway.spec.cjk import CjkPieces
+from ner_gateway.spec.schemes import TaggingScheme
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-class TaggingScheme(StrEnum):
-    BIO = "BIO"
-    IOB1 = "IOB1"
-    BIOES = "BIOES"
-    BILOU = "BILOU"
-    BMES = "BMES"
 
 
 class Precision(StrEnum):
@@ -177,16 +170,3 @@ def sha256_file(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-def detect_tagging_scheme(labels: list[str]) -> TaggingScheme:
-    """Infer the tagging scheme from the label set (the builder can override it)."""
-    prefixes = {label.split("-", 1)[0] for label in labels if label != "O" and "-" in label}
-    if "M" in prefixes:
-        return TaggingScheme.BMES
-    if prefixes & {"L", "U"}:
-        return TaggingScheme.BILOU
-    if prefixes & {"E", "S"}:
-        return TaggingScheme.BIOES
-    if prefixes == {"I"}:
-        return TaggingScheme.IOB1
-    return TaggingScheme.BIO

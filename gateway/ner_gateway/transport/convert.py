@@ -6,7 +6,8 @@ from ner_gateway.core.domain import Aggregation, OffsetUnit, Recognition, Recogn
 from ner_gateway.core.models import NerModel
 from ner_gateway.errors import InvalidRequest
 from ner_gateway.pb.ner.v1 import ner_pb2
-from ner_gateway.spec.manifest import Precision, TaggingScheme
+from ner_gateway.spec.manifest import Precision
+from ner_gateway.spec.schemes import TaggingScheme
 
 _AGGREGATIONS = {
     ner_pb2.AGGREGATION_STRATEGY_UNSPECIFIED: Aggregation.SIMPLE,
@@ -22,8 +23,11 @@ _OFFSET_UNITS = {
     ner_pb2.OFFSET_UNIT_UTF8_BYTE: OffsetUnit.UTF8_BYTE,
     ner_pb2.OFFSET_UNIT_UTF16_CODE_UNIT: OffsetUnit.UTF16_CODE_UNIT,
 }
-_SCHEMES = {scheme: ner_pb2.TaggingScheme.Value(f"TAGGING_SCHEME_{scheme.name}") for scheme in TaggingScheme}
-_PRECISIONS = {precision: ner_pb2.Precision.Value(f"PRECISION_{precision.name}") for precision in Precision}
+# The proto's enum values are named after the Python enums' members (TAGGING_SCHEME_BIO, PRECISION_FP32).
+_SCHEMES: dict[TaggingScheme, ner_pb2.TaggingScheme] = {
+    scheme: getattr(ner_pb2, f"TAGGING_SCHEME_{scheme.name}") for scheme in TaggingScheme}
+_PRECISIONS: dict[Precision, ner_pb2.Precision] = {
+    precision: getattr(ner_pb2, f"PRECISION_{precision.name}") for precision in Precision}
 
 
 def request_from_pb(message: ner_pb2.RecognizeRequest) -> RecognizeRequest:
