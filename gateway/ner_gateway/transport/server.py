@@ -20,7 +20,7 @@ from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.observability.tracing import Tracing, configure_tracing
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.transport import tls as transport_security
+from ner_gateway.transport import tls
 from ner_gateway.transport.auth import BearerAuthInterceptor, BearerTokens
 from ner_gateway.transport.background import BackgroundTasks
 from ner_gateway.transport.health import SERVICE_NAME, TritonHealth
@@ -62,7 +62,7 @@ class Gateway:
                     trace_endpoint=self._triton_trace_endpoint(), on_state_change=self._on_triton_state,
                 )
                 await self.triton.start()
-            # One endpoint (the embedded Triton) or several; see triton_pool for how they are balanced.
+            # One endpoint (the embedded Triton) or several; see triton/pool.py for how they are balanced.
             self.backend = TritonPool(s.triton_url or self.triton.grpc_url,  # type: ignore[union-attr]
                                       refresh_interval_s=s.health_check_interval_s)
             await self.backend.wait_ready(s.triton_ready_timeout_s)
@@ -88,7 +88,7 @@ class Gateway:
                 [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME], self.server,
             )
-            self.port = transport_security.add_port(self.server, s)  # TLS when configured
+            self.port = tls.add_port(self.server, s)  # TLS when configured
             await self.health.set_serving(self.backend.ready)
             self.health.start()
             if s.metrics_port is not None:
