@@ -1,17 +1,23 @@
-"""Several Tritons behind one gateway: balanced over the ready ones; one killed mid-load costs no call."""
+"""Several Tritons behind one gateway: balanced over the ready ones; one killed mid-load costs no call; one too
+busy to answer a poll stays in rotation, one that never answers is taken out."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from ner_gateway.core.domain import RecognizeRequest
+from ner_gateway.core.models import read_manifests
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.server import Gateway
-from ner_gateway.triton.pool import resolve
+from ner_gateway.triton.pool import TritonPool, resolve
 from ner_gateway.triton.process import EmbeddedTriton
 
 
@@ -78,3 +84,56 @@ async def test_two_tritons_balanced_and_one_killed_mid_load(tiny_repository: Pat
         await gateway.stop()
         for triton in tritons:
             await triton.stop()
+
+
+async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_several(
+        tiny_repository: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Under load a poll can go unanswered within its interval (Triton, or the gateway's own event loop, busy).
+    Taking the only Triton out for that turned a flood into UNAVAILABLE for every call; only a Triton that leaves
+    ``unanswered_polls_down`` polls in a row unanswered (hung: here, stopped with SIGSTOP) is taken out."""
+    caplog.set_level(logging.INFO, logger="ner_gateway.triton.pool")
+    triton = EmbeddedTriton(tiny_repository)
+    await triton.start()
+    pool = TritonPool(triton.grpc_url, refresh_interval_s=0.25, unanswered_polls_down=4)
+    _, manifest = read_manifests(tiny_repository)[0]
+
+    def polls_unanswered() -> int:
+        return sum("did not answer a poll" in r.getMessage() for r in caplog.records)
+
+    async def until(condition, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+
+    try:
+        await pool.wait_ready(30)
+        model = await pool.check_model(manifest)
+        pool.watch(model)
+        pool.start()
+        await asyncio.sleep(0.6)
+        assert pool.model_ready(model.name) and polls_unanswered() == 0
+        assert triton.pid is not None
+        os.killpg(triton.pid, signal.SIGSTOP)  # no answer at all, the connection stays open
+        try:
+            # Polls go unanswered; the endpoint and its model stay in rotation meanwhile.
+            states, deadline = [], time.monotonic() + 20
+            while polls_unanswered() < 2 and time.monotonic() < deadline:
+                states.append((pool.ready, pool.model_ready(model.name)))
+                await asyncio.sleep(0.02)
+            assert set(states) == {(True, True)} and polls_unanswered() == 2, (set(states), polls_unanswered())
+            # Still no answer: taken out at the fourth poll in a row.
+            await until(lambda: not pool.ready)
+            assert polls_unanswered() == 3 and not pool.model_ready(model.name)
+            assert pool.ready_endpoints == []
+            assert any("left 4 polls in a row unanswered" in r.getMessage() for r in caplog.records)
+        finally:
+            os.killpg(triton.pid, signal.SIGCONT)
+        # Back in rotation once it answers, and serving.
+        await until(lambda: pool.model_ready(model.name))
+        logits = await pool.infer(model, {name: np.ones((1, 8), dtype=np.int64) for name in manifest.inputs},
+                                  manifest.output, timeout_s=30)
+        assert logits.shape == (1, 8, len(manifest.labels))
+    finally:
+        await pool.close()
+        await triton.stop()

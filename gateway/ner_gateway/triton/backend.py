@@ -6,6 +6,7 @@ tritonclient errors are translated here, by gRPC status code, into the gateway's
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import grpc
@@ -51,6 +52,14 @@ def translate(error: InferenceServerException, what: str) -> Exception:
     return InferenceFailed("inference failed")
 
 
+async def _probe(answer: Awaitable[bool], what: str) -> bool | None:
+    try:
+        return bool(await answer)
+    except InferenceServerException as e:
+        LOGGER.debug("%s: %s", what, e.message())
+        return None if e.status() == _DEADLINE else False
+
+
 class TritonBackend:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -59,26 +68,21 @@ class TritonBackend:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self, timeout_s: float = 1.0) -> bool:
-        try:
-            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
-        except InferenceServerException:
-            return False
+    # The probes answer True/False as Triton does (False also when it cannot be reached or fails), and None
+    # when no answer came within the timeout: a busy Triton, or this gateway's own busy event loop, under load.
+    # That is not evidence of a server down, and the pool does not treat it as one.
 
-    async def is_live(self, timeout_s: float = 1.0) -> bool:
+    async def is_ready(self, timeout_s: float = 1.0) -> bool | None:
+        return await _probe(self._client.is_server_ready(client_timeout=timeout_s), "readiness")
+
+    async def is_live(self, timeout_s: float = 1.0) -> bool | None:
         """Triton is up and answering, whatever its models' states (``is_ready`` also needs every model it
         has loaded to be ready, under Triton's default strict readiness)."""
-        try:
-            return bool(await self._client.is_server_live(client_timeout=timeout_s))
-        except InferenceServerException:
-            return False
+        return await _probe(self._client.is_server_live(client_timeout=timeout_s), "liveness")
 
-    async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
-        try:
-            return bool(await self._client.is_model_ready(name, version, client_timeout=timeout_s))
-        except InferenceServerException as e:
-            LOGGER.debug("readiness of %s version %s: %s", name, version, e.message())
-            return False
+    async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool | None:
+        return await _probe(self._client.is_model_ready(name, version, client_timeout=timeout_s),
+                            f"readiness of {name} version {version}")
 
     async def check_model(self, manifest: ModelManifest) -> ServedModel:
         """Check that Triton serves the manifest's model version with the tensors the gateway sends."""

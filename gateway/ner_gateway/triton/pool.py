@@ -6,7 +6,9 @@ pod. ``NER_TRITON_URL`` therefore takes a comma-separated list of ``host:port`` 
 pods that come and go are picked up. A background refresh polls each endpoint (is Triton up?) and, per
 served model, whether that model is ready there; inference for a model goes round-robin over the endpoints
 where it is ready and, when one turns out to be unavailable, is retried on the next (Triton inference is
-idempotent) within the caller's deadline.
+idempotent) within the caller's deadline. A poll that gets no answer in time is no verdict (under load a busy
+Triton, or this gateway's busy event loop, misses the interval): the endpoint keeps its state until it leaves
+``unanswered_polls_down`` polls in a row unanswered.
 
 Readiness is per model: one model unloaded or failing (on one endpoint or all) takes only that model out,
 never the endpoint or the other models. A model ready nowhere fails its own calls fast with UNAVAILABLE
@@ -59,10 +61,17 @@ def resolve(spec: str) -> list[str]:
 class TritonPool:
     """The TritonBackend interface over every endpoint of ``spec``."""
 
-    def __init__(self, spec: str, refresh_interval_s: float = 1.0, max_attempts: int = 3) -> None:
+    def __init__(self, spec: str, refresh_interval_s: float = 1.0, max_attempts: int = 3,
+                 unanswered_polls_down: int = 3) -> None:
         self.url = spec
         self.refresh_interval_s = refresh_interval_s
         self.max_attempts = max_attempts
+        # A poll that gets no answer in time keeps an endpoint's last state: under load Triton, or this gateway's
+        # own event loop, can be too busy to answer within the interval, and taking the only Triton out then
+        # turned an overload into UNAVAILABLE for every call. This many unanswered polls in a row (a hung
+        # Triton) do take it out.
+        self.unanswered_polls_down = unanswered_polls_down
+        self._unanswered: dict[str, int] = {}  # endpoint -> unanswered polls in a row
         self._backends: dict[str, TritonBackend] = {}
         self._ready: list[str] = []  # endpoints that are up
         self._served: list[ServedModel] = []
@@ -84,10 +93,11 @@ class TritonPool:
             endpoints = list(self._backends)  # DNS hiccup: keep what we had rather than drop everything
         for gone in set(self._backends) - set(endpoints):
             await self._backends.pop(gone).close()
+            self._unanswered.pop(gone, None)
         for endpoint in endpoints:
             if endpoint not in self._backends:
                 self._backends[endpoint] = TritonBackend(endpoint)
-        states = await asyncio.gather(*(self._endpoint_state(b) for b in self._backends.values()))
+        states = await asyncio.gather(*(self._endpoint_state(e, b) for e, b in self._backends.items()))
 
         def fresh(endpoint: str, model: str = "") -> bool:
             """A poll that began before an inference saw it fail is stale: do not put it back yet."""
@@ -102,20 +112,39 @@ class TritonPool:
             self._set_serving(model.name, [e for e, models in up.items() if model.name in models
                                            and fresh(e, model.name)])
 
-    async def _endpoint_state(self, backend: TritonBackend) -> set[str] | None:
+    async def _endpoint_state(self, endpoint: str, backend: TritonBackend) -> set[str] | None:
         """None: the endpoint is down; else the served models that are ready on it.
 
         Before any model is served (startup), "up" is Triton's own readiness: with its default strict
         readiness, every model it loads is loaded. Afterwards it is liveness, because a strict Triton reports
-        not ready as soon as any one of its models is unloaded, and that must not take down the others.
+        not ready as soon as any one of its models is unloaded, and that must not take down the others. A probe
+        without an answer in time keeps what the last poll found, up to ``unanswered_polls_down`` polls in a row.
         """
         timeout = self.refresh_interval_s
         if not self._served:
             return set() if await backend.is_ready(timeout) else None
-        if not await backend.is_live(timeout):
+        live = await backend.is_live(timeout)
+        answers = list(await asyncio.gather(*(backend.is_model_ready(m.name, m.version, timeout)
+                                              for m in self._served))) if live else []
+        if live is not None and None not in answers:
+            self._unanswered.pop(endpoint, None)
+            return {m.name for m, ready in zip(self._served, answers, strict=True) if ready} if live else None
+        return self._without_answer(endpoint, answers or [None] * len(self._served))
+
+    def _without_answer(self, endpoint: str, answers: list[bool | None]) -> set[str] | None:
+        """The state of an endpoint whose poll went (partly) unanswered: as the last poll found it, where this one
+        has no answer, until ``unanswered_polls_down`` polls in a row go unanswered."""
+        unanswered = self._unanswered[endpoint] = self._unanswered.get(endpoint, 0) + 1
+        if endpoint not in self._ready:
             return None
-        states = await asyncio.gather(*(backend.is_model_ready(m.name, m.version, timeout) for m in self._served))
-        return {m.name for m, ready in zip(self._served, states, strict=True) if ready}
+        if unanswered >= self.unanswered_polls_down:
+            LOGGER.warning("Triton %s left %d polls in a row unanswered (%.1f s each); taking it out", endpoint,
+                           unanswered, self.refresh_interval_s)
+            return None
+        LOGGER.info("Triton %s did not answer a poll within %.1f s (busy?); keeping its last state", endpoint,
+                    self.refresh_interval_s)
+        return {m.name for m, ready in zip(self._served, answers, strict=True)
+                if ready or (ready is None and endpoint in self._serving.get(m.name, []))}
 
     def _set_serving(self, name: str, endpoints: list[str]) -> None:
         if bool(endpoints) != bool(self._serving.get(name)):
@@ -169,7 +198,7 @@ class TritonPool:
 
     async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool:
         states = [await self._backends[e].is_model_ready(name, version, timeout_s) for e in self._ready]
-        return bool(states) and all(states)
+        return bool(states) and all(state is True for state in states)
 
     async def check_model(self, manifest: ModelManifest) -> ServedModel:
         """The tensor checks on every ready endpoint; all must agree (one repository behind them all)."""
@@ -213,6 +242,10 @@ class TritonPool:
         timeout = max(0.1, min(self.refresh_interval_s, time_left_s))
         live, model_ready = await asyncio.gather(backend.is_live(timeout),
                                                  backend.is_model_ready(model.name, model.version, timeout))
+        if live is None or (live and model_ready is None):
+            # No answer in time is no verdict (a busy Triton or event loop): this call fails or moves on, the
+            # endpoint stays, and the refresh takes out a Triton that keeps not answering.
+            return error
         if not live:
             LOGGER.warning("Triton %s unavailable; taking it out of rotation and retrying elsewhere", endpoint)
             self._ready = [e for e in self._ready if e != endpoint]
