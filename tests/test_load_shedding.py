@@ -18,10 +18,11 @@ from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from conftest import metric_sum, scrape
 
 SENTENCE = "Angela Merkel met Emmanuel Macron in Berlin on Monday."
-# Short for the load: 256 callers of one sentence with 0.5 s deadlines are more than the gateway and Triton can
-# answer in time on 2 cores. (With 0.1 s, few calls even reach the gateway's handler before their deadline: the
-# callers and the gateway's event loop share the two cores; bench/flood.py measures that case.)
-FLOOD_DEADLINE = 0.5
+# Short for the load: 256 callers of one sentence with 1 s deadlines are more than the gateway and Triton can
+# answer in time on 2 cores, so calls are both refused at the door and timed out. (With 0.5 s and one busy loop
+# beside the tests, too few calls reached the gateway's handler before their deadline to fill its 4 places; with
+# 0.1 s almost none do: the callers and the gateway's event loop share the two cores. bench/flood.py measures it.)
+FLOOD_DEADLINE = 1.0
 LARGE = " ".join([SENTENCE] * 1800)  # ~100,000 characters: ~540 windows of the tiny model's 64 tokens
 
 
@@ -57,14 +58,18 @@ async def test_a_sentence_overtakes_a_large_request_whose_windows_wait_in_the_ga
             await asyncio.sleep(0.005)
         for _ in range(20):  # Triton's queue while it runs: one call of the large request at most
             pending.append(total(ports["triton"], "nv_inference_pending_request_count"))
+        done_when_small_sent = total(ports["triton"], "nv_inference_count_total") - before
         answer = await recognize(channel, SENTENCE, 30)
         done_when_small_returned = total(ports["triton"], "nv_inference_count_total") - before
         response = await large
     windows = response.documents[0].windows
     assert windows > 400 and answer.documents[0].entities
     assert max(pending) <= 1, pending
-    # The sentence did not wait behind the large request's ~70 calls: most of its windows were still to run.
-    assert done_when_small_returned < windows / 2, (done_when_small_returned, windows)
+    # The sentence did not wait behind the large request's ~70 calls: while it was answered, fewer than half of
+    # the large request's windows ran (counted from when it was sent: the scrapes above take a loaded machine a
+    # while, and the large request runs meanwhile).
+    ran_meanwhile = done_when_small_returned - done_when_small_sent
+    assert ran_meanwhile < windows / 2, (done_when_small_sent, done_when_small_returned, windows)
 
 
 async def test_a_flood_is_shed_with_a_retry_hint_and_triton_runs_nothing_given_up(shedding_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -102,31 +107,55 @@ async def test_a_flood_is_shed_with_a_retry_hint_and_triton_runs_nothing_given_u
     assert details[grpc.StatusCode.RESOURCE_EXHAUSTED] == {
         "the gateway is at capacity (requests: limit N); retry in N ms or on another replica"}, details
     # Triton's work went to answers: refused calls and calls out of time before their turn never reach it; what
-    # it ran beyond the answers is calls whose answer came back late (the +1 is this test's last call). The
-    # unprotected gateway ran 71 windows per answer in the same flood (issue 9).
-    assert rows_run <= 1.5 * codes.get(grpc.StatusCode.OK, 0) + 1, (rows_run, codes)
+    # it ran beyond the answers is calls whose answer came back late (the +1 is this test's last call): up to
+    # ~0.55 per answer measured on a loaded machine. The unprotected gateway ran 71 windows per answer in the same
+    # flood (issue 9).
+    assert rows_run <= 2 * codes.get(grpc.StatusCode.OK, 0) + 1, (rows_run, codes)
     assert total(ports["gateway"], "ner_refused_requests_total") >= refused
+
+
+async def send_past_its_deadline(stub: ner_pb2_grpc.NerServiceStub, ports: dict[str, int], texts: list[str],
+                                  deadline_s: float) -> tuple[int, int] | None:
+    """Send ``texts`` with ``deadline_s``; None if the answer came in time, else (windows Triton ran for the call,
+    windows the gateway counted as abandoned), once nothing more runs for it."""
+    before = total(ports["triton"], "nv_inference_count_total")
+    abandoned_before = total(ports["gateway"], "ner_abandoned_windows_total")
+    try:
+        await stub.Recognize(ner_pb2.RecognizeRequest(texts=texts), timeout=deadline_s)
+        return None
+    except grpc.aio.AioRpcError as e:
+        assert e.code() is grpc.StatusCode.DEADLINE_EXCEEDED, (e.code(), e.details())
+    await asyncio.sleep(0.3)  # the call in Triton when the deadline passed ends
+    settled = total(ports["triton"], "nv_inference_count_total")
+    await asyncio.sleep(1.0)
+    assert total(ports["triton"], "nv_inference_count_total") == settled  # nothing more runs for it
+    return int(settled - before), int(total(ports["gateway"], "ner_abandoned_windows_total") - abandoned_before)
 
 
 async def test_the_work_of_a_request_whose_deadline_passed_stops(shedding_gateway) -> None:  # type: ignore[no-untyped-def]
     gateway, ports = shedding_gateway
+    texts = [LARGE] * 4
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         stub = ner_pb2_grpc.NerServiceStub(channel)
         started = time.monotonic()
         windows = 4 * (await stub.Recognize(ner_pb2.RecognizeRequest(texts=[LARGE]), timeout=60)).documents[0].windows
-        # A deadline of half the work, measured here: how long a text takes depends on the machine's load.
+        # The deadline must pass while the request is in Triton. Where that is depends on the machine's load
+        # (all of the request's CPU work comes first: on a loaded CI machine half the work once passed before any
+        # Triton call), so it is searched for, starting from half the work measured here.
+        low, high = 0.0, None
         deadline_s = 2 * (time.monotonic() - started)
-        before = total(ports["triton"], "nv_inference_count_total")
-        abandoned_before = total(ports["gateway"], "ner_abandoned_windows_total")
-        with pytest.raises(grpc.aio.AioRpcError) as failed:  # twice the deadline's worth of work
-            await stub.Recognize(ner_pb2.RecognizeRequest(texts=[LARGE] * 4), timeout=deadline_s)
-        assert failed.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.3)  # the call in Triton when the deadline passed ends
-        settled = total(ports["triton"], "nv_inference_count_total")
-        await asyncio.sleep(1.0)
-        assert total(ports["triton"], "nv_inference_count_total") == settled  # nothing more runs for it
-    ran = settled - before
-    abandoned = total(ports["gateway"], "ner_abandoned_windows_total") - abandoned_before
-    assert 0 < ran < windows, (ran, windows)
+        tries = []
+        for _ in range(5):
+            outcome = await send_past_its_deadline(stub, ports, texts, deadline_s)
+            tries.append((round(deadline_s, 2), outcome))
+            if outcome is None or outcome[0] >= windows:  # answered, or passed after Triton's part: shorter
+                high = deadline_s
+            elif outcome[0] == 0:  # passed before Triton's first call: a longer one
+                low = deadline_s
+            else:
+                break
+            deadline_s = (low + high) / 2 if high is not None else 2 * low
+    assert outcome is not None and 0 < outcome[0] < windows, (tries, windows)
+    ran, abandoned = outcome
     # Every window Triton did not run is counted as abandoned (never sent, or cancelled in Triton).
     assert ran + abandoned >= windows, (ran, abandoned, windows)
