@@ -3,6 +3,7 @@ tokenizer), the gateway's path with PyTorch in place of Triton, real gateway pro
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,6 +187,14 @@ class GatewayProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` on the running loop until it holds; fail the test after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 def secure_or_insecure_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:

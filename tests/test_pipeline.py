@@ -18,7 +18,7 @@ from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.server import Gateway
 from ner_gateway.triton.process import EmbeddedTriton
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -132,26 +132,14 @@ async def test_external_triton_down_then_back(tiny_repository: Path) -> None:
         await first.stop()
         with pytest.raises(TritonUnavailable):
             await service.pipeline.recognize(request)
-        assert await wait_for(lambda: service.health.serving is False)
+        await wait_for(lambda: service.health.serving is False, 20, "health NOT_SERVING")
         second = EmbeddedTriton(tiny_repository, ports=first.ports)  # same address, as after a pod restart
         await second.start()
         try:
-            assert await wait_for(lambda: service.health.serving is True)
+            await wait_for(lambda: service.health.serving is True, 20, "health SERVING again")
             assert len((await service.pipeline.recognize(request)).documents) == 1
         finally:
             await second.stop()
     finally:
         await service.stop()
         await first.stop()
-
-
-async def wait_for(condition, timeout_s: float = 20.0) -> bool:
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True

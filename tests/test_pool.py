@@ -20,6 +20,8 @@ from ner_gateway.transport.server import Gateway
 from ner_gateway.triton.pool import TritonPool, resolve
 from ner_gateway.triton.process import EmbeddedTriton
 
+from conftest import wait_for
+
 
 def test_resolve_lists_and_dns_entries() -> None:
     assert resolve("a:1, b:2,a:1") == ["a:1", "b:2"]
@@ -100,12 +102,6 @@ async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_severa
     def polls_unanswered() -> int:
         return sum("did not answer a poll" in r.getMessage() for r in caplog.records)
 
-    async def until(condition, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, "timed out"
-            await asyncio.sleep(0.02)
-
     try:
         await pool.wait_ready(30)
         model = await pool.check_model(manifest)
@@ -123,14 +119,14 @@ async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_severa
                 await asyncio.sleep(0.02)
             assert set(states) == {(True, True)} and polls_unanswered() == 2, (set(states), polls_unanswered())
             # Still no answer: taken out at the fourth poll in a row.
-            await until(lambda: not pool.ready)
+            await wait_for(lambda: not pool.ready, 20, "the pool to take the stopped Triton out")
             assert polls_unanswered() == 3 and not pool.model_ready(model.name)
             assert pool.ready_endpoints == []
             assert any("left 4 polls in a row unanswered" in r.getMessage() for r in caplog.records)
         finally:
             os.killpg(triton.pid, signal.SIGCONT)
         # Back in rotation once it answers, and serving.
-        await until(lambda: pool.model_ready(model.name))
+        await wait_for(lambda: pool.model_ready(model.name), 20, "the resumed Triton back in rotation")
         logits = await pool.infer(model, {name: np.ones((1, 8), dtype=np.int64) for name in manifest.inputs},
                                   manifest.output, timeout_s=30)
         assert logits.shape == (1, 8, len(manifest.labels))

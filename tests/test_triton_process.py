@@ -26,7 +26,7 @@ from ner_gateway.spec.manifest import ModelManifest
 from ner_gateway.transport.server import Gateway
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, wait_for
 
 KILLS = 3  # before the fix, a busy stub outlived a SIGKILLed Triton in 4 of 5 tries
 _CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
@@ -86,13 +86,6 @@ async def busy(triton: EmbeddedTriton, repository: Path, clients: int = 4) -> As
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
-
-
-async def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_killed_or_stopped_triton_leaves_no_process_or_shared_memory(tiny_repository: Path) -> None:
