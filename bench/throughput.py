@@ -47,7 +47,7 @@ def wnut_texts(limit: int) -> list[str]:
 # --- client processes ---------------------------------------------------------------------------------
 
 async def _gateway_calls(address: str, model: str, texts: list[str], concurrency: int, duration_s: float,
-                         offset: int) -> dict[str, list[float]]:
+                         offset: int, texts_per_call: int = 1) -> dict[str, list[float]]:
     import grpc
 
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
@@ -58,23 +58,24 @@ async def _gateway_calls(address: str, model: str, texts: list[str], concurrency
         end = time.perf_counter() + duration_s
 
         async def client(k: int) -> None:
-            i = offset + k
+            i = (offset + k) * texts_per_call
             while time.perf_counter() < end:
+                batch = [texts[(i + j) % len(texts)] for j in range(texts_per_call)]
                 start = time.perf_counter()
-                reply = await stub.Recognize(ner_pb2.RecognizeRequest(texts=[texts[i % len(texts)]], model=model),
-                                             timeout=60)
+                reply = await stub.Recognize(ner_pb2.RecognizeRequest(texts=batch, model=model), timeout=60)
                 out["latency"].append(time.perf_counter() - start)
                 out["tokenize"].append(reply.timings.tokenize_us / 1e6)
                 out["infer"].append(reply.timings.infer_us / 1e6)
                 out["decode"].append(reply.timings.decode_us / 1e6)
-                i += concurrency
+                i += concurrency * texts_per_call
 
         await asyncio.gather(*(client(k) for k in range(concurrency)))
+    out["sentences"] = [len(out["latency"]) * texts_per_call]
     return out
 
 
 async def _triton_calls(url: str, model: str, feeds: list[dict[str, np.ndarray]], concurrency: int,
-                        duration_s: float, offset: int) -> dict[str, list[float]]:
+                        duration_s: float, offset: int, texts_per_call: int = 1) -> dict[str, list[float]]:
     import tritonclient.grpc.aio as triton_aio
 
     out: dict[str, list[float]] = {"latency": []}
@@ -98,23 +99,26 @@ async def _triton_calls(url: str, model: str, feeds: list[dict[str, np.ndarray]]
         await asyncio.gather(*(one(k) for k in range(concurrency)))
     finally:
         await client.close()
+    out["sentences"] = [len(out["latency"])]
     return out
 
 
 def client_process(kind: str, target: str, model: str, payload: list[Any], concurrency: int, duration_s: float,
-                   offset: int) -> dict[str, list[float]]:
+                   offset: int, texts_per_call: int = 1) -> dict[str, list[float]]:
     calls = _gateway_calls if kind == "gateway" else _triton_calls
     cpu = time.process_time()
-    out = asyncio.run(calls(target, model, payload, concurrency, duration_s, offset))
+    out = asyncio.run(calls(target, model, payload, concurrency, duration_s, offset, texts_per_call))
     out["cpu_s"] = [time.process_time() - cpu]
     return out
 
 
 def load(pool: ProcessPoolExecutor, processes: int, kind: str, target: str, model: str, payload: list[Any],
-         clients: int, duration_s: float) -> dict[str, list[float]]:
-    """``clients`` concurrent callers spread over ``processes`` client processes for ``duration_s``."""
+         clients: int, duration_s: float, texts_per_call: int = 1) -> dict[str, list[float]]:
+    """``clients`` concurrent callers spread over ``processes`` client processes for ``duration_s``; the gateway's
+    callers send ``texts_per_call`` texts in each call (Triton's, one tokenized text)."""
     shares = [clients // processes + (1 if p < clients % processes else 0) for p in range(processes)]
-    futures = [pool.submit(client_process, kind, target, model, payload, n, duration_s, sum(shares[:p]))
+    futures = [pool.submit(client_process, kind, target, model, payload, n, duration_s, sum(shares[:p]),
+                           texts_per_call)
                for p, n in enumerate(shares) if n]
     merged: dict[str, list[float]] = {}
     for future in futures:
@@ -276,8 +280,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", type=int, default=512, help="WNUT texts used")
     parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--texts-per-call", type=int, default=1,
+                        help="texts in each gateway call (Triton's direct path always sends one)")
+    parser.add_argument("--paths", default="gateway,triton", help="served paths measured: gateway and/or triton")
+    parser.add_argument("--near-free", action="store_true",
+                        help="build and serve bench/near_free.py's model (random, 2 x 64) in a temporary repository "
+                             "instead of --repository/--models: the served path's own ceiling")
     parser.add_argument("--json-out", type=Path, default=Path("bench/results/throughput.json"))
     args = parser.parse_args()
+    if args.near_free:
+        import tempfile
+
+        from near_free import NAME, build_near_free
+
+        args.repository = build_near_free(Path(tempfile.mkdtemp(prefix="near-free-")) / "repository")
+        args.models = NAME
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
 
     from ner_gateway.core.models import load_tokenizer
     from ner_gateway.core.tokenization import Window
@@ -320,27 +338,29 @@ def main() -> None:
     try:
         gateway, address = start_gateway(args.repository, triton.grpc_url)
         for model in models:  # warm-up (and the client processes' imports)
-            load(pool, args.client_processes, "gateway", address, model, texts, 4, 1.0)
+            load(pool, args.client_processes, "gateway", address, model, texts, 4, 1.0, args.texts_per_call)
         for _ in range(args.rounds):
             for clients in sweep_clients:
                 for model in models:
                     for kind, target, payload in (("gateway", address, texts),
                                                   ("triton", triton.grpc_url, feeds[model])):
+                        if kind not in paths:
+                            continue
                         before = triton_counts(triton.grpc_url, model)
                         cpu_before = server_cpu_s(gateway.pid, triton_pid)
                         started = time.perf_counter()
                         samples = load(pool, args.client_processes, kind, target, model, payload, clients,
-                                       args.duration)
+                                       args.duration, args.texts_per_call if kind == "gateway" else 1)
                         elapsed = time.perf_counter() - started
                         cpu_after = server_cpu_s(gateway.pid, triton_pid)
                         after = triton_counts(triton.grpc_url, model)
                         executions = max(after[1] - before[1], 1)
-                        sentences = max(len(samples["latency"]), 1)
+                        sentences = max(sum(samples["sentences"]), 1)
                         cpu = {"clients": sum(samples["cpu_s"]),
                                **{role: cpu_after[role] - cpu_before[role] for role in cpu_after}}
                         if kind == "triton":
                             del cpu["gateway"]
-                        cell = {"sentences_per_s": len(samples["latency"]) / elapsed,
+                        cell = {"sentences_per_s": sum(samples["sentences"]) / elapsed,
                                 **percentiles(samples["latency"]),
                                 "triton_avg_batch": (after[0] - before[0]) / executions,
                                 **{f"cpu_ms_per_sentence_{role}": 1000 * value / sentences
@@ -380,8 +400,9 @@ def main() -> None:
         limit = base[f"ort-sorted:{model}"]
         ratios[f"gateway:{model} / ort-sorted"] = round(served / limit, 2)
         ratios[f"gateway:{model} / ort-as-they-come"] = round(served / base[f"ort-as-they-come:{model}"], 2)
-        ratios[f"gateway:{model} / triton"] = round(served / sweep[f"triton:{model}"][reference_clients]
-                                                    ["sentences_per_s"], 2)
+        if f"triton:{model}" in sweep:
+            ratios[f"gateway:{model} / triton"] = round(served / sweep[f"triton:{model}"][reference_clients]
+                                                        ["sentences_per_s"], 2)
         if f"ort-rows:{model}" in base:
             ratios[f"gateway:{model} / ort-rows"] = round(served / base[f"ort-rows:{model}"], 2)
         if "hf-pipeline" in base:
@@ -392,7 +413,8 @@ def main() -> None:
                 sweep[f"gateway:{model}"][1]["p50_ms"] / single[f"ort-single-ms:{model}"], 2)
         cell = sweep[f"gateway:{model}"][reference_clients]
         ratios[f"gateway:{model} p99 / p50"] = round(cell["p99_ms"] / cell["p50_ms"], 2)
-    result = {"setup": {"models": models, "clients": sweep_clients, "duration_s": args.duration,
+    result = {"setup": {"models": models, "clients": sweep_clients, "texts_per_call": args.texts_per_call,
+                        "near_free": args.near_free, "duration_s": args.duration,
                         "rounds": args.rounds, "texts": len(texts), "client_processes": args.client_processes,
                         "ratios_at_clients": reference_clients},
               "sweep": sweep, "baselines_sentences_per_s": base, "single_sentence_latency_ms": single,

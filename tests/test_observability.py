@@ -84,7 +84,7 @@ def test_one_trace_spans_client_gateway_stages_and_triton(traced_gateway, sink: 
 
     def complete(spans) -> bool:  # type: ignore[no-untyped-def]
         traces = by_trace(spans).values()
-        return (all(len([1 for svc, _ in t if svc == "ner-gateway"]) >= 5 for t in traces)
+        return (all(len([1 for svc, _ in t if svc == "ner-gateway"]) >= 6 for t in traces)
                 and sum(any(svc == "triton" for svc, _ in t) for t in traces) >= TRITON_JOINED_AT_LEAST)
 
     joined = 0
@@ -98,10 +98,17 @@ def test_one_trace_spans_client_gateway_stages_and_triton(traced_gateway, sink: 
         assert attributes["ner.tokens"].int_value == 5 and attributes["ner.windows"].int_value == 1
         all_values = str([a.value for _, span in spans for a in span.attributes])
         assert "Merkel" not in all_values  # never the raw text
+        # The coalesced Triton call that served the request: under its (first) request's triton.infer span, and
+        # linked both ways, so that a request that shared a call led by another still finds it.
+        infer, call = gateway_spans["triton.infer"], gateway_spans["triton.call"]
+        assert call.parent_span_id == infer.span_id
+        assert [link.span_id for link in infer.links] == [call.span_id]
+        assert [link.span_id for link in call.links] == [infer.span_id]
+        assert {a.key: a.value.int_value for a in call.attributes if a.key in ("ner.rows", "ner.requests")} == {
+            "ner.rows": 1, "ner.requests": 1}
         triton_spans = [span for service, span in spans if service == "triton"]
-        if triton_spans:  # Triton joined via traceparent: under the gateway's triton.infer span
-            infer_span = gateway_spans["triton.infer"].span_id
-            assert any(span.parent_span_id == infer_span for span in triton_spans)
+        if triton_spans:  # Triton joined via traceparent: under the gateway's call span
+            assert any(span.parent_span_id == call.span_id for span in triton_spans)
             joined += 1
     assert joined >= TRITON_JOINED_AT_LEAST
     assert not any("Health" in span.name for _, span in sink.spans)  # health checks are not traced

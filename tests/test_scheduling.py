@@ -1,25 +1,20 @@
-"""Admission and fair shares of Triton (gateway/ner_gateway/core/scheduling.py), on the event loop alone."""
+"""Admission (core/scheduling.py) and the coalescing batcher (core/batching.py), on the event loop alone: the
+backend is an in-process implementation of the core's port that holds each call until the test releases it (the
+same properties on a real Triton: test_load_shedding.py, test_batching.py)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 
 import grpc
+import numpy as np
 import pytest
 
-from ner_gateway.core.scheduling import Admission, AdmissionLimits, FairScheduler, plan_calls
-from ner_gateway.errors import DeadlineExceeded, Overloaded
-
-
-@pytest.mark.parametrize(("lengths", "rows", "tokens", "expected"), [
-    ([5, 3, 9, 4], 32, 1000, [[1, 3, 0, 2]]),  # sorted by length, one call
-    ([5, 3, 9, 4], 2, 1000, [[1, 3], [0, 2]]),  # max rows
-    ([512] * 5, 32, 2048, [[0, 1, 2, 3], [4]]),  # 4 x 512 = 2048 tokens per call
-    ([10, 10, 600], 32, 512, [[0, 1], [2]]),  # a window longer than the share still goes, alone
-    ([], 32, 512, []),
-])
-def test_plan_calls(lengths: list[int], rows: int, tokens: int, expected: list[list[int]]) -> None:
-    assert plan_calls(lengths, rows, tokens) == expected
+from ner_gateway.core.batching import Batcher, BatchLimits
+from ner_gateway.core.ports import ServedModel
+from ner_gateway.core.scheduling import Admission, AdmissionLimits
+from ner_gateway.errors import DeadlineExceeded, InferenceFailed, Overloaded
 
 
 def test_admission_refuses_past_its_limits_with_a_retry_hint() -> None:
@@ -40,73 +35,201 @@ def test_admission_refuses_past_its_limits_with_a_retry_hint() -> None:
     assert admission.requests == 0 and admission.windows == 0
 
 
+class HeldBackend:
+    """The inference port: each call waits until released; its logits echo the input ids (class 0) and the row's
+    position in the call (class 1), so each request can check it got its own rows back."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[np.ndarray, asyncio.Future[None]]] = []
+        self.cancelled = 0
+
+    async def infer(self, model: ServedModel, inputs: Mapping[str, np.ndarray], output: str, timeout_s: float,
+                    request_id: str = "") -> np.ndarray:
+        ids = inputs["input_ids"]
+        release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls.append((ids, release))
+        try:
+            await release
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        position = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+        return np.stack([ids, position], axis=-1).astype(np.float32)
+
+    def model_ready(self, name: str) -> bool:
+        return True
+
+    def release(self, call: int, error: Exception | None = None) -> None:
+        future = self.calls[call][1]
+        future.set_exception(error) if error else future.set_result(None)
+
+
+def encode(rows: Sequence[Sequence[int]], width: int) -> dict[str, np.ndarray]:
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = row
+    return {"input_ids": ids}
+
+
+class Observed:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.gone: dict[str, int] = {}
+
+    def call_formed(self, rows: int, tokens: int, waited_s: Sequence[float]) -> None:
+        self.calls.append(rows)
+
+    def abandoned(self, stage: str, windows: int) -> None:
+        self.gone[stage] = self.gone.get(stage, 0) + windows
+
+
+def batcher(backend: HeldBackend, observed: Observed | None = None, *, max_rows: int = 32, call_tokens: int = 1000,
+            request_tokens: int = 1000, max_calls: int = 1, buckets: tuple[int, ...] = ()) -> Batcher:
+    limits = BatchLimits(max_rows=max_rows, call_tokens=call_tokens, request_tokens=request_tokens,
+                         max_calls=max_calls, buckets=buckets)
+    return Batcher(backend, ServedModel("m", "1", max_rows), "logits", encode, limits, observed)
+
+
 async def settle() -> None:
-    """Let every task that can run, run (a grant wakes its waiter a few loop turns later)."""
-    await asyncio.sleep(0.01)
+    """Let every callback and task that can run, run."""
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
-async def _hold(scheduler: FairScheduler, owner: object, tokens: int, release: asyncio.Event, log: list[str],
-                name: str, timeout_s: float = 10.0) -> None:
+def send(batcher: Batcher, rows: list[list[int]], timeout_s: float = 10.0) -> asyncio.Task[list[np.ndarray]]:
     deadline = asyncio.get_running_loop().time() + timeout_s
-    async with scheduler.call(owner, tokens, deadline):
-        log.append(name)
-        await release.wait()
+    lengths = [len(row) for row in rows]
+    return asyncio.ensure_future(batcher.infer(rows, lengths, lengths, deadline))
 
 
-async def test_a_large_request_holds_one_share_and_small_calls_overtake_it() -> None:
-    scheduler = FairScheduler(capacity_tokens=4096, request_tokens=2048)
-    large, small = object(), object()
-    release = {name: asyncio.Event() for name in ("L1", "L2", "L3", "S")}
-    log: list[str] = []
-    tasks = [asyncio.create_task(_hold(scheduler, large, 2048, release[n], log, n)) for n in ("L1", "L2", "L3")]
+async def test_requests_that_wait_for_a_call_leave_together_and_each_gets_its_own_rows() -> None:
+    backend = HeldBackend()
+    queue = batcher(backend)
+    first = send(queue, [[1, 2, 3]])
     await settle()
-    assert log == ["L1"] and scheduler.waiting_calls == 2  # the large request's next calls wait for its own
-    tasks.append(asyncio.create_task(_hold(scheduler, small, 40, release["S"], log, "S")))
+    assert len(backend.calls) == 1  # Triton idle: the first request leaves at once, alone
+    others = [send(queue, [[10 * k + 1] * (k + 1), [10 * k + 2]]) for k in range(1, 5)]
     await settle()
-    assert log == ["L1", "S"]  # a small call passes the large request's waiting ones at once
-    release["L1"].set()
+    assert len(backend.calls) == 1  # the model's one call is in flight: the others wait in the queue
+    backend.release(0)
     await settle()
-    assert log == ["L1", "S", "L2"] and scheduler.inflight == 2048 + 40
-    for event in release.values():
-        event.set()
-    await asyncio.gather(*tasks)
-    assert log == ["L1", "S", "L2", "L3"] and scheduler.inflight == 0 and scheduler.waiting_calls == 0
+    assert len(backend.calls) == 2 and backend.calls[1][0].shape == (8, 5)  # 4 requests x 2 windows, one call
+    backend.release(1)
+    assert [row[:, 0].tolist() for row in await first] == [[1, 2, 3]]
+    for k, task in enumerate(others, start=1):
+        answer = await task
+        assert [row[:, 0].tolist() for row in answer] == [[10 * k + 1] * (k + 1), [10 * k + 2]]
 
 
-async def test_the_least_served_request_goes_first_when_triton_is_full() -> None:
-    scheduler = FairScheduler(capacity_tokens=100, request_tokens=100)
-    a, b, c = object(), object(), object()
-    release = {name: asyncio.Event() for name in ("a1", "a2", "b1", "c1")}
-    log: list[str] = []
-    tasks = [asyncio.create_task(_hold(scheduler, a, 60, release["a1"], log, "a1"))]
+async def test_a_sentence_overtakes_the_queued_windows_of_a_large_request() -> None:
+    backend, observed = HeldBackend(), Observed()
+    queue = batcher(backend, observed, max_rows=4, request_tokens=8, max_calls=2)
+    large = send(queue, [[7] * 4 for _ in range(6)])  # 6 windows of 4 tokens; its share: 2 windows in flight
     await settle()
-    tasks += [asyncio.create_task(_hold(scheduler, owner, 60, release[name], log, name))
-              for owner, name in ((a, "a2"), (b, "b1"), (c, "c1"))]
+    assert [ids.shape for ids, _ in backend.calls] == [(2, 4)]  # its share, though the call had room for 4
+    small = send(queue, [[9, 9]])
     await settle()
-    assert log == ["a1"]  # full: everyone waits
-    release["a1"].set()
-    await settle()
-    assert log == ["a1", "b1"]  # a2 came first, but b has had nothing yet
-    for event in release.values():
-        event.set()
-    await asyncio.gather(*tasks)
-    assert log == ["a1", "b1", "c1", "a2"]  # c has had nothing yet, a has had 60 tokens
-    assert scheduler.inflight == 0
+    assert [ids.shape for ids, _ in backend.calls] == [(2, 4), (1, 2)]  # the second call goes to the sentence
+    backend.release(1)
+    assert [row[:, 0].tolist() for row in await small] == [[9, 9]]
+    assert not backend.calls[0][1].done()  # answered while the large request's first call was still in flight
+    await release_all(backend, [large])
+    assert len(await large) == 6 and [ids.shape[0] for ids, _ in backend.calls] == [2, 1, 2, 2]
+    assert observed.gone == {}
 
 
-async def test_a_call_whose_deadline_passes_while_waiting_is_never_granted() -> None:
-    scheduler = FairScheduler(capacity_tokens=100, request_tokens=100)
-    release, log = asyncio.Event(), []
-    holder = asyncio.create_task(_hold(scheduler, object(), 100, release, log, "holder"))
+async def release_all(backend: HeldBackend, tasks: list[asyncio.Future]) -> None:  # type: ignore[type-arg]
+    """Answer every call, those that the answers let leave included, until ``tasks`` are done."""
+    while not all(task.done() for task in tasks):
+        for _, future in backend.calls:
+            if not future.done():
+                future.set_result(None)
+        await settle()
+
+
+async def test_the_least_served_request_goes_first() -> None:
+    backend = HeldBackend()
+    queue = batcher(backend, max_rows=1)  # one row per call: the order of the rows is the order of the calls
+    a = send(queue, [[1], [1]])
+    await settle()
+    b, c = send(queue, [[2]]), send(queue, [[3]])
+    await settle()
+    for call in range(4):
+        backend.release(call)
+        await settle()
+    await asyncio.gather(a, b, c)
+    # a's second window came first, but b and c had had nothing yet.
+    assert [int(ids[0, 0]) for ids, _ in backend.calls] == [1, 2, 3, 1]
+
+
+async def test_a_request_whose_deadline_passes_in_the_queue_is_never_sent() -> None:
+    backend, observed = HeldBackend(), Observed()
+    queue = batcher(backend, observed)
+    holder = send(queue, [[1]])
     await settle()
     with pytest.raises(DeadlineExceeded, match="waiting for the inference server"):
-        await _hold(scheduler, object(), 10, asyncio.Event(), log, "late", timeout_s=0.05)
-    assert scheduler.waiting_calls == 0
-    cancelled = asyncio.create_task(_hold(scheduler, object(), 10, asyncio.Event(), log, "cancelled"))
+        await send(queue, [[2], [2]], timeout_s=0.05)
+    cancelled = send(queue, [[3]])
     await settle()
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
-    release.set()
+    backend.release(0)
     await holder
-    assert log == ["holder"] and scheduler.inflight == 0 and scheduler.waiting_calls == 0
+    await settle()
+    assert len(backend.calls) == 1 and queue.queued_requests == 0 and queue.calls_in_flight == 0
+    assert observed.gone == {"queued": 3}
+
+
+async def test_a_shared_call_is_cancelled_only_when_none_of_its_requests_wants_it() -> None:
+    backend, observed = HeldBackend(), Observed()
+    queue = batcher(backend, observed)
+    holder = send(queue, [[1]])
+    await settle()
+    a, b = send(queue, [[2]]), send(queue, [[3], [3]])
+    await settle()
+    backend.release(0)
+    await holder
+    await settle()
+    assert backend.calls[1][0].shape == (3, 1)  # a and b share the call
+    a.cancel()
+    await settle()
+    assert backend.cancelled == 0  # b still wants it
+    b.cancel()
+    await settle()
+    assert backend.cancelled == 1 and queue.calls_in_flight == 0
+    assert observed.gone == {"in_triton": 3}
+
+
+async def test_a_failed_call_fails_every_request_in_it_and_the_queue_goes_on() -> None:
+    backend = HeldBackend()
+    queue = batcher(backend)
+    holder = send(queue, [[1]])
+    await settle()
+    a, b = send(queue, [[2]]), send(queue, [[3]])
+    await settle()
+    backend.release(0)
+    await holder
+    await settle()
+    backend.release(1, InferenceFailed("inference failed"))
+    for task in (a, b):
+        with pytest.raises(InferenceFailed):
+            await task
+    after = send(queue, [[4]])
+    await settle()
+    backend.release(2)
+    assert [row[:, 0].tolist() for row in await after] == [[4]]
+
+
+async def test_with_sequence_buckets_a_call_holds_one_width() -> None:
+    backend = HeldBackend()
+    queue = batcher(backend, max_calls=1, buckets=(8, 16))
+    deadline = asyncio.get_running_loop().time() + 10
+    holder = asyncio.ensure_future(queue.infer([[1]], [1], [8], deadline))
+    await settle()
+    tasks = [asyncio.ensure_future(queue.infer([[5] * n], [n], [8 if n <= 8 else 16], deadline))
+             for n in (3, 12, 5, 14)]
+    await settle()
+    await release_all(backend, [holder, *tasks])
+    # 3 and 5 tokens in one call of width 8, 12 and 14 in one of 16 (the holder went alone).
+    assert [ids.shape for ids, _ in backend.calls] == [(1, 8), (2, 8), (2, 16)]

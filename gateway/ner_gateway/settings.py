@@ -58,8 +58,12 @@ class GatewaySettings(BaseSettings):
     fair order, where deadlines and cancellation apply before any work is done. Big enough for Triton's
     dynamic batcher to form full batches of sentences (32 x ~40 tokens per instance)."""
     request_inflight_tokens: int = Field(2048, ge=1)
-    """Most padded tokens one request has in Triton at once (and the size of its calls): a long document runs
-    one bounded call after another and leaves Triton's other instances to everyone else (4 windows of 512)."""
+    """Most padded tokens one request has in Triton at once: a long document runs one bounded share after
+    another and leaves the rest of each call, and Triton's other instances, to everyone else (4 windows of 512)."""
+    triton_calls_per_instance: int = Field(1, ge=1)
+    """Calls the gateway has in flight per model instance (Triton's instance_group counts). Windows of all
+    requests wait in the gateway's queue while the model's calls are in flight and leave together in the next
+    call (up to max_batch_size rows and triton_inflight_tokens / calls in flight padded tokens each)."""
     triton_ready_timeout_s: float = Field(120.0, gt=0)
     """How long to wait at startup for Triton and its models to become ready."""
     health_check_interval_s: float = Field(1.0, gt=0)

@@ -40,6 +40,8 @@ class LabelTable:
     allowed: npt.NDArray[np.bool_]  # [C, C]: class j may follow class i
     allowed_start: npt.NDArray[np.bool_]  # [C]
     allowed_end: npt.NDArray[np.bool_]  # [C]
+    opens_entity: npt.NDArray[np.bool_]  # [C]: B-/S- (and U-): always starts a new entity
+    closes_entity: npt.NDArray[np.bool_]  # [C]: E-/S- (and L-/U-): whatever follows starts a new one
 
     @classmethod
     def from_labels(cls, labels: list[str], scheme: TaggingScheme = TaggingScheme.BIO) -> LabelTable:
@@ -64,7 +66,8 @@ class LabelTable:
         type_array = np.array([type_index[t] for t in types], dtype=np.int64)
         allowed, start, end = _transitions(role_array, type_array, scheme, np.array(free, dtype=bool))
         return cls(list(labels), scheme, role_array, type_array, [lb.split("-", 1)[-1] for lb in labels],
-                   allowed, start, end)
+                   allowed, start, end, np.isin(role_array, (Role.BEGIN, Role.SINGLE)),
+                   np.isin(role_array, (Role.END, Role.SINGLE)))
 
 
 def _transitions(
@@ -160,15 +163,18 @@ def decode(
     constrained: bool = False,
 ) -> list[Entity]:
     """Entities of one text from its ``logits`` [tokens, classes], sorted and non-overlapping."""
-    keep = ~tokens.special
-    probs = softmax(logits[keep])
+    if tokens.special.any():
+        keep = ~tokens.special
+        logits, offsets, is_subword = logits[keep], tokens.offsets[keep], tokens.is_subword[keep]
+    else:  # the gateway tokenizes without special tokens: nothing to drop
+        offsets, is_subword = tokens.offsets, tokens.is_subword
+    probs = softmax(logits)
     if len(probs) == 0:
         return []
-    offsets = tokens.offsets[keep]
     if aggregation in (Aggregation.NONE, Aggregation.SIMPLE):
         vectors, starts, ends = probs, offsets[:, 0], offsets[:, 1]
     else:
-        vectors, first = _word_vectors(probs, tokens.is_subword[keep].copy(), aggregation)
+        vectors, first = _word_vectors(probs, is_subword.copy(), aggregation)
         starts = offsets[first, 0]
         ends = offsets[np.append(first[1:], len(probs)) - 1, 1]
     if constrained:
@@ -190,13 +196,12 @@ def decode(
 def _group(text: str, label_ids: npt.NDArray[np.intp], scores: npt.NDArray[np.float32], starts: npt.NDArray[np.int64],
            ends: npt.NDArray[np.int64], table: LabelTable) -> list[Entity]:
     """Merge consecutive units into entities (HF ``group_entities`` + the repair rule)."""
-    roles = table.roles[label_ids]
     types = table.type_ids[label_ids]
     opens = np.ones(len(label_ids), dtype=bool)
     opens[1:] = (
         (types[1:] != types[:-1])
-        | np.isin(roles[1:], (Role.BEGIN, Role.SINGLE))
-        | np.isin(roles[:-1], (Role.END, Role.SINGLE))
+        | table.opens_entity[label_ids[1:]]
+        | table.closes_entity[label_ids[:-1]]
     )
     first = np.flatnonzero(opens)
     last = np.append(first[1:], len(label_ids)) - 1

@@ -11,12 +11,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ner_gateway.core.decoding import LabelTable
+from ner_gateway.core.ports import ModelSource, ServedModel
 from ner_gateway.core.tokenization import TextTokenizer
 from ner_gateway.errors import ConfigurationError, ModelNotFound, echo
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.spec.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir, sha256_file
-from ner_gateway.triton.backend import ServedModel
-from ner_gateway.triton.pool import TritonPool
 
 LOGGER = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class ModelRegistry:
                                      f"(found: {', '.join(sorted(self._models))})")
 
     @classmethod
-    async def load(cls, repository: Path, backend: TritonPool, default_model: str | None,
+    async def load(cls, repository: Path, backend: ModelSource, default_model: str | None,
                    stride: int | None = None, engines: EngineRuntime | None = None) -> ModelRegistry:
         """Models Triton has READY; others are skipped with a log line (e.g. TensorRT engines on a CPU Triton).
 

@@ -9,26 +9,29 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
 
+from ner_gateway.core.batching import Batcher, BatchLimits
 from ner_gateway.core.decoding import decode
 from ner_gateway.core.domain import Document, Recognition, RecognizeRequest, StageTimings
 from ner_gateway.core.models import ModelRegistry, NerModel
 from ner_gateway.core.offsets import convert_entities
-from ner_gateway.core.scheduling import Admission, FairScheduler, plan_calls
+from ner_gateway.core.ports import InferenceBackend
+from ner_gateway.core.scheduling import Admission
 from ner_gateway.core.tokenization import TextTokens, Window, padded_width
 from ner_gateway.errors import InvalidRequest, Overloaded, TooLate, TritonUnavailable
-from ner_gateway.observability.metrics import GatewayMetrics
+from ner_gateway.observability.metrics import GatewayMetrics, ModelMetrics
 from ner_gateway.observability.tracing import TRACER
-from ner_gateway.triton.pool import TritonPool
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+_UNTRACED: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,13 @@ class CpuStage(Protocol):
 
 @dataclass(frozen=True)
 class TritonShares:
-    """How much of Triton a model's calls may hold at once: overall and per request (see scheduling)."""
+    """How much of Triton a model's calls may hold (see core/batching.py): ``capacity_tokens`` padded tokens in
+    all its calls in flight, ``request_tokens`` of one request, ``calls_per_instance`` calls in flight per model
+    instance."""
 
     capacity_tokens: int
     request_tokens: int
+    calls_per_instance: int = 1
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class CpuOffload:
 
 class RecognitionPipeline:
     def __init__(
-        self, registry: ModelRegistry, backend: TritonPool, limits: Limits,
+        self, registry: ModelRegistry, backend: InferenceBackend, limits: Limits,
         on_triton_unavailable: Callable[[], None] = lambda: None, metrics: GatewayMetrics | None = None,
         offload: CpuOffload | None = None, admission: Admission | None = None,
         shares: TritonShares | None = None,
@@ -76,24 +82,49 @@ class RecognitionPipeline:
         self.offload = offload
         self.admission = admission
         self.shares = shares or TritonShares(capacity_tokens=1 << 30, request_tokens=1 << 30)
-        self._schedulers: dict[str, FairScheduler] = {}
+        self._batchers: dict[str, Batcher] = {}
+        self._model_metrics: dict[str, ModelMetrics] = {}
 
     def validate(self, request: RecognizeRequest) -> NerModel:
         limits = self.limits
-        if not request.texts:
+        texts = request.texts
+        if not texts:
             raise InvalidRequest("texts must hold at least one text")
-        if len(request.texts) > limits.max_texts_per_request:
-            raise InvalidRequest(f"{len(request.texts)} texts in one request; the limit is "
+        if len(texts) > limits.max_texts_per_request:
+            raise InvalidRequest(f"{len(texts)} texts in one request; the limit is "
                                  f"{limits.max_texts_per_request}")
-        for index, text in enumerate(request.texts):
+        total = 0
+        for index, text in enumerate(texts):
             if len(text) > limits.max_text_chars:
                 raise InvalidRequest(f"texts[{index}] has {len(text)} characters; the limit is "
                                      f"{limits.max_text_chars}")
-        total = sum(map(len, request.texts))
+            total += len(text)
         if total > limits.max_request_chars:
             raise InvalidRequest(f"the texts hold {total} characters in all; the limit per request is "
                                  f"{limits.max_request_chars}")
         return self.registry.get(request.model)
+
+    def batcher(self, model: NerModel) -> Batcher:
+        """The model's queue and calls (core/batching.py), made on its first request."""
+        batcher = self._batchers.get(model.name)
+        if batcher is None:
+            served, shares = model.served, self.shares
+            max_calls = max(1, served.instances * shares.calls_per_instance)
+            limits = BatchLimits(max_rows=served.max_batch_size, max_calls=max_calls,
+                                 call_tokens=max(1, shares.capacity_tokens // max_calls),
+                                 request_tokens=shares.request_tokens, buckets=model.sequence_buckets)
+            batcher = self._batchers[model.name] = Batcher(
+                self.backend, served, model.manifest.output, model.tokenizer.encode_rows, limits,
+                self._metrics_of(model.name))
+        return batcher
+
+    def _metrics_of(self, model: str) -> ModelMetrics | None:
+        if self.metrics is None:
+            return None
+        bound = self._model_metrics.get(model)
+        if bound is None:
+            bound = self._model_metrics[model] = ModelMetrics(self.metrics, model)
+        return bound
 
     async def recognize(self, request: RecognizeRequest, timeout_s: float | None = None,
                         on_model: Callable[[str], None] | None = None) -> Recognition:
@@ -102,7 +133,7 @@ class RecognitionPipeline:
         Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all the work it may,
         and with TooLate (DEADLINE_EXCEEDED) when less time is left than a Triton call takes now."""
         try:
-            with self.admission.request() if self.admission else contextlib.nullcontext():
+            with self.admission.request() if self.admission else _UNTRACED:
                 return await self._recognize(request, timeout_s, on_model)
         except (Overloaded, TooLate) as e:
             if self.metrics is not None:
@@ -113,48 +144,58 @@ class RecognitionPipeline:
                          on_model: Callable[[str], None] | None) -> Recognition:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s if timeout_s is not None else self.limits.default_timeout_s)
-        # Spans carry sizes and names, never the raw text.
+        # Spans only when this request is traced (the RPC's span records); they carry sizes and names, never text.
+        traced = trace.get_current_span().is_recording()
         t_start = time.perf_counter_ns()
-        with TRACER.start_as_current_span("validate") as span:
-            span.set_attribute("ner.texts", len(request.texts))
+        with _span("validate", traced) as span:
             model = self.validate(request)
-            span.set_attribute("ner.model", model.name)
+            if span is not None:
+                span.set_attributes({"ner.texts": len(request.texts), "ner.model": model.name})
         if on_model is not None:
             on_model(model.name)
+        batcher = self.batcher(model)
         if self.admission is not None:
-            self.admission.check_time(deadline - loop.time(), self._scheduler(model.name).typical_call_s)
+            self.admission.check_time(deadline - loop.time(), batcher.typical_call_s)
         request_id = request.request_id or uuid.uuid4().hex
-        offload = self.offload if self.offload and sum(map(len, request.texts)) >= self.offload.min_chars else None
+        texts = request.texts
+        offload = self.offload if self.offload and sum(map(len, texts)) >= self.offload.min_chars else None
 
         async def cpu_stage(work: Callable[[], T]) -> T:
             """A CPU stage: inline for small requests, in the worker pool for large ones (the loop stays free)."""
             return work() if offload is None else await loop.run_in_executor(offload.executor, work)
 
         t0 = time.perf_counter_ns()
-        with TRACER.start_as_current_span("tokenize") as span:
-            tokens, windows = await cpu_stage(lambda: self._tokenize(model, request.texts))
+        with _span("tokenize", traced) as span:
+            tokens, windows = await cpu_stage(lambda: self._tokenize(model, texts)) if offload else \
+                self._tokenize(model, texts)
             n_tokens = sum(map(len, tokens))
-            span.set_attributes({"ner.tokens": n_tokens, "ner.windows": len(windows), "ner.offloaded": bool(offload)})
+            if span is not None:
+                span.set_attributes({"ner.tokens": n_tokens, "ner.windows": len(windows),
+                                     "ner.offloaded": bool(offload)})
         # The windows count against the admission limit from here to the answer.
-        with self.admission.windows_of(len(windows)) if self.admission else contextlib.nullcontext():
+        with self.admission.windows_of(len(windows)) if self.admission else _UNTRACED:
             t1 = time.perf_counter_ns()
-            with TRACER.start_as_current_span("triton.infer") as span:
-                span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
-                                     "ner.windows": len(windows), "ner.request_id": request_id})
-                window_logits = await self._infer(model, tokens, windows, deadline, request_id, cpu_stage)
+            with _span("triton.infer", traced) as span:
+                if span is not None:
+                    span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
+                                         "ner.windows": len(windows), "ner.request_id": request_id})
+                window_logits = await self._infer(batcher, model, tokens, windows, deadline, request_id)
             t2 = time.perf_counter_ns()
-            with TRACER.start_as_current_span("decode") as span:
-                documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits))
-                span.set_attributes({"ner.aggregation": request.aggregation.value,
-                                     "ner.entities": sum(len(d.entities) for d in documents)})
+            with _span("decode", traced) as span:
+                documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits)) \
+                    if offload else self._decode(model, request, tokens, windows, window_logits)
+                if span is not None:
+                    span.set_attributes({"ner.aggregation": request.aggregation.value,
+                                         "ner.entities": sum(len(d.entities) for d in documents)})
             t3 = time.perf_counter_ns()
             result = Recognition(
                 documents=documents, model=model.name, model_version=model.served.version, request_id=request_id,
                 timings=StageTimings((t1 - t0) // 1000, (t2 - t1) // 1000, (t3 - t2) // 1000),
             )
-            if self.metrics is not None:
+            bound = self._metrics_of(model.name)
+            if bound is not None:
                 stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
-                observe_recognition(self.metrics, result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
+                observe_recognition(bound, result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
             return result
 
     @staticmethod
@@ -166,82 +207,49 @@ class RecognitionPipeline:
     def _decode(model: NerModel, request: RecognizeRequest, tokens: list[TextTokens], windows: list[Window],
                 window_logits: list[npt.NDArray[np.float32]]) -> list[Document]:
         documents = []
-        by_text = groupby(zip(windows, window_logits, strict=True), key=lambda pair: pair[0].text)
-        for (_, pairs), text, text_tokens in zip(by_text, request.texts, tokens, strict=True):
-            text_windows, logits = zip(*pairs, strict=True)
-            merged = model.tokenizer.merge(len(text_tokens), list(text_windows), list(logits))
-            entities = decode(text, merged, text_tokens.view, model.labels, request.aggregation, request.constrained)
-            documents.append(Document(convert_entities(text, entities, request.offset_unit), len(text_windows)))
+        merge, labels = model.tokenizer.merge, model.labels
+        first = 0
+        for text, text_tokens in zip(request.texts, tokens, strict=True):
+            last = first + 1
+            while last < len(windows) and windows[last].text == windows[first].text:
+                last += 1
+            merged = merge(len(text_tokens), windows[first:last], window_logits[first:last])
+            entities = decode(text, merged, text_tokens.view, labels, request.aggregation, request.constrained)
+            documents.append(Document(convert_entities(text, entities, request.offset_unit), last - first))
+            first = last
         return documents
 
-    def _scheduler(self, model: str) -> FairScheduler:
-        if model not in self._schedulers:
-            self._schedulers[model] = FairScheduler(self.shares.capacity_tokens, self.shares.request_tokens)
-        return self._schedulers[model]
-
-    async def _infer(self, model: NerModel, tokens: list[TextTokens], windows: list[Window], deadline: float,
-                     request_id: str, cpu_stage: CpuStage) -> list[npt.NDArray[np.float32]]:
-        """Logits per window ([its tokens with specials, classes]). The windows of all texts go to Triton in
-        calls of at most max_batch_size rows and the request's share of tokens, as the model's scheduler grants
-        them; ``cpu_stage`` builds their arrays. Calls not yet sent when the request fails, runs out of time or
-        is cancelled are never sent; those in Triton are cancelled."""
-        loop = asyncio.get_running_loop()
+    async def _infer(self, batcher: Batcher, model: NerModel, tokens: list[TextTokens], windows: list[Window],
+                     deadline: float, request_id: str) -> list[npt.NDArray[np.float32]]:
+        """Logits per window ([its tokens with specials, classes]), from the model's batcher: its windows share
+        Triton calls with other requests' (core/batching.py). A failed call fails the request; one that found
+        Triton unavailable also tells the health service."""
         specials = model.tokenizer.special_tokens
         buckets = model.sequence_buckets
-        lengths = [w.end - w.start + specials for w in windows]
-        padded = [padded_width(n, buckets) for n in lengths]
-        # Sorted by length, so each call pads (for engines: picks its bucket) for windows of similar length.
-        calls = plan_calls(padded, model.served.max_batch_size, self.shares.request_tokens)
-        inputs = await cpu_stage(lambda: [model.tokenizer.arrays(tokens, [windows[i] for i in call], buckets)
-                                          for call in calls])
-        scheduler, owner = self._scheduler(model.name), object()
-        state = ["queued"] * len(calls)  # -> "in_triton" -> "done"
-
-        async def run(number: int, arrays: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
-            async with scheduler.call(owner, next(iter(arrays.values())).size, deadline):
-                state[number] = "in_triton"
-                result = await self.backend.infer(model.served, arrays, model.manifest.output,
-                                                  deadline - loop.time(), request_id)
-                state[number] = "done"
-                return result
-
+        rows = [tokens[w.text].ids[w.start : w.end] for w in windows]
+        lengths = [len(row) + specials for row in rows]
+        widths = [padded_width(n, buckets) for n in lengths] if buckets else lengths
         try:
-            async with asyncio.TaskGroup() as group:  # the first failure cancels the other calls
-                tasks = [group.create_task(run(n, arrays)) for n, arrays in enumerate(inputs)]
-        except BaseExceptionGroup as failed:
-            self._count_abandoned(model.name, calls, state)
-            error = failed.exceptions[0]
-            if isinstance(error, TritonUnavailable):
-                self.on_triton_unavailable()
-            raise error from None
-        except asyncio.CancelledError:  # the client cancelled, or its deadline passed in gRPC
-            self._count_abandoned(model.name, calls, state)
+            return await batcher.infer(rows, lengths, widths, deadline, request_id)
+        except TritonUnavailable:
+            self.on_triton_unavailable()
             raise
-        logits: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(windows)
-        for call, task in zip(calls, tasks, strict=True):
-            result = task.result()
-            for row, index in enumerate(call):
-                logits[index] = result[row, : lengths[index]]
-        return logits
-
-    def _count_abandoned(self, model: str, calls: list[list[int]], state: list[str]) -> None:
-        """Windows of a failed request that Triton never ran (queued) or may not finish (in_triton, cancelled)."""
-        if self.metrics is None:
-            return
-        for call, where in zip(calls, state, strict=True):
-            if where != "done":
-                self.metrics.abandoned_windows.labels(model, where).inc(len(call))
 
 
-def observe_recognition(metrics: GatewayMetrics, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
+def _span(name: str, traced: bool) -> AbstractContextManager[trace.Span | None]:
+    return TRACER.start_as_current_span(name) if traced else _UNTRACED
+
+
+def observe_recognition(metrics: ModelMetrics, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
     """The per-request histograms and the label mix of one answered request."""
-    model = result.model
     for stage, value in seconds.items():
-        metrics.stage_duration.labels(stage, model).observe(value)
-    metrics.texts.labels(model).observe(len(result.documents))
-    metrics.tokens.labels(model).observe(tokens)
-    metrics.windows.labels(model).observe(sum(d.windows for d in result.documents))
-    entities = [e for d in result.documents for e in d.entities]
-    metrics.entities.labels(model).observe(len(entities))
-    for entity in entities:
-        metrics.entities_by_label.labels(model, entity.label).inc()
+        metrics.stage_duration[stage].observe(value)
+    metrics.texts.observe(len(result.documents))
+    metrics.tokens.observe(tokens)
+    metrics.windows.observe(sum(d.windows for d in result.documents))
+    count = 0
+    for document in result.documents:
+        count += len(document.entities)
+        for entity in document.entities:
+            metrics.entity(entity.label).inc()
+    metrics.entities.observe(count)

@@ -40,15 +40,17 @@ def right_pad(rows: Sequence[Sequence[int]], width: int | None = None, value: in
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TextTokens:
-    """One text's tokens (no special tokens) and what decoding needs to know about them."""
+    """One text's tokens (no special tokens) and what decoding needs to know about them, read from the
+    ``Encoding`` once (each of its properties builds a new Python list on every access)."""
 
-    encoding: Encoding
+    ids: list[int]
     view: TokenView
+    encoding: Encoding
 
     def __len__(self) -> int:
-        return len(self.encoding.ids)
+        return len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ class TextTokenizer:
         self.max_length = max_length
         self.input_names = input_names
         self._prefix, self._suffix, self._content_type_id = self._special_template()
+        self._prefix_ids = [i for i, _ in self._prefix]
+        self._suffix_ids = [i for i, _ in self._suffix]
+        self._prefix_types = [t for _, t in self._prefix]
+        self._suffix_types = [t for _, t in self._suffix]
+        self._needs_type_ids = "token_type_ids" in input_names
         self.window_capacity = max_length - len(self._prefix) - len(self._suffix)
         if self.window_capacity < 1:
             raise ConfigurationError(f"max length {max_length} leaves no room besides the special tokens")
@@ -97,11 +104,15 @@ class TextTokenizer:
         return pairs[: content[0]], pairs[content[-1] + 1 :], probe.type_ids[content[0]]
 
     def tokenize(self, texts: list[str]) -> list[TextTokens]:
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [TextTokens(e, self._view(text, e)) for text, e in zip(texts, encodings, strict=True)]
+        if len(texts) == 1:  # one text: no hop into the tokenizer's thread pool, which costs more than it saves
+            encodings = [self._tokenizer.encode(texts[0], add_special_tokens=False)]
+        else:
+            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [self._text_tokens(text, e) for text, e in zip(texts, encodings, strict=True)]
 
-    def _view(self, text: str, encoding: Encoding) -> TokenView:
-        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    def _text_tokens(self, text: str, encoding: Encoding) -> TextTokens:
+        ids = encoding.ids
+        offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         if self._word_aware:
             # HF: a token is a subword when its string ("##ing") is longer than the text it covers ("ing").
             token_lengths = np.fromiter(map(len, encoding.tokens), dtype=np.int64, count=len(offsets))
@@ -113,9 +124,11 @@ class TextTokenizer:
             starts = offsets[:, 0]
             is_subword = (starts > 0) & ~is_space[np.maximum(starts - 1, 0)] & ~is_space[starts]
         if self._unk_id is not None:
-            is_subword &= np.asarray(encoding.ids) != self._unk_id
-        special = np.asarray(encoding.special_tokens_mask, dtype=bool)
-        return TokenView(offsets=offsets, special=special, is_subword=is_subword)
+            is_subword &= np.array(ids) != self._unk_id
+        # Tokenized without special tokens: none is special, unless the tokenizer adds some of its own.
+        mask = encoding.special_tokens_mask
+        special = np.array(mask, dtype=bool) if any(mask) else np.zeros(len(ids), dtype=bool)
+        return TextTokens(ids, TokenView(offsets=offsets, special=special, is_subword=is_subword), encoding)
 
     def plan_windows(self, tokens: list[TextTokens], stride: int) -> list[Window]:
         """Overlapping windows of at most ``window_capacity`` content tokens, ``stride`` tokens shared."""
@@ -134,22 +147,35 @@ class TextTokenizer:
 
     def arrays(self, tokens: list[TextTokens], windows: list[Window], buckets: tuple[int, ...] = ()
                ) -> dict[str, npt.NDArray[np.int64]]:
-        """Right-padded [windows, width] int64 model inputs (padding has attention_mask 0).
+        """Right-padded [windows, width] int64 model inputs of ``windows`` (see ``encode_rows``)."""
+        contents = [tokens[w.text].ids[w.start : w.end] for w in windows]
+        return self.encode_rows(contents, padded_width(max(map(len, contents)) + self.special_tokens, buckets))
 
-        The one padding rule: ``width`` is the longest window, or with ``buckets`` (a TensorRT engine's
-        profile lengths, which take no ragged input) the smallest bucket that holds it, so that requests
-        of one bucket share a shape and Triton batches them. Without buckets Triton batches ragged
-        requests and the model pads each length group itself.
+    def encode_rows(self, contents: Sequence[Sequence[int]], width: int) -> dict[str, npt.NDArray[np.int64]]:
+        """Right-padded [rows, width] int64 model inputs: each row's content token ids wrapped in the special
+        tokens, padding with attention_mask 0.
+
+        The one padding rule: ``width`` is the longest row, or with sequence buckets (a TensorRT engine's
+        profile lengths, which take no ragged input) the smallest bucket that holds it (``padded_width``), so
+        that calls of one bucket share a shape. Without buckets the model pads each length group itself.
         """
-        prefix_ids, prefix_types = (list(x) for x in zip(*self._prefix, strict=True)) if self._prefix else ([], [])
-        suffix_ids, suffix_types = (list(x) for x in zip(*self._suffix, strict=True)) if self._suffix else ([], [])
-        contents = [tokens[w.text].encoding.ids[w.start : w.end] for w in windows]
-        width = padded_width(max(map(len, contents)) + self.special_tokens, buckets)
-        ids = right_pad([prefix_ids + content + suffix_ids for content in contents], width)
-        type_ids = right_pad([prefix_types + [self._content_type_id] * len(c) + suffix_types for c in contents], width)
-        mask = right_pad([[1] * (len(c) + self.special_tokens) for c in contents], width)
+        rows = len(contents)
+        ids = np.zeros((rows, width), dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        type_ids = np.zeros((rows, width), dtype=np.int64) if self._needs_type_ids else None
+        prefix, suffix = self._prefix_ids, self._suffix_ids
+        for row, content in enumerate(contents):
+            end = len(prefix) + len(content)
+            ids[row, : len(prefix)] = prefix
+            ids[row, len(prefix) : end] = content
+            ids[row, end : end + len(suffix)] = suffix
+            mask[row, : end + len(suffix)] = 1
+            if type_ids is not None:
+                type_ids[row, : len(prefix)] = self._prefix_types
+                type_ids[row, len(prefix) : end] = self._content_type_id
+                type_ids[row, end : end + len(suffix)] = self._suffix_types
         by_field = {"ids": ids, "type_ids": type_ids, "attention_mask": mask}
-        return {name: by_field[_INPUT_FIELDS[name]] for name in self.input_names}
+        return {name: by_field[_INPUT_FIELDS[name]] for name in self.input_names}  # type: ignore[misc]
 
     def merge(self, n_tokens: int, windows: list[Window], logits: list[npt.NDArray[np.float32]]
               ) -> npt.NDArray[np.float32]:
@@ -158,10 +184,12 @@ class TextTokenizer:
         ``logits`` are the windows' outputs with special tokens, in window order. A window edge at the
         text's own start or end is not a cut (the token has its full context there).
         """
+        prefix = len(self._prefix)
+        if len(windows) == 1:  # the whole text in one window: its logits, without the special tokens
+            return logits[0][prefix : prefix + n_tokens]
         first = logits[0]
         merged = np.zeros((n_tokens, first.shape[-1]), dtype=first.dtype)
         best = np.full(n_tokens, -1.0)
-        prefix = len(self._prefix)
         for window, window_logits in zip(windows, logits, strict=True):
             positions = np.arange(window.start, window.end)
             left = positions - window.start if window.start > 0 else np.full(len(positions), np.inf)

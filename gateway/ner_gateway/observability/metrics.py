@@ -6,6 +6,7 @@ Names are a contract with deploy/ (alert rules, dashboard, autoscaler): change t
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -43,6 +44,12 @@ class GatewayMetrics:
         self.abandoned_windows = Counter(
             "ner_abandoned_windows", "Windows of requests that failed, timed out or were cancelled before their "
             "answer: never sent to Triton (queued) or cancelled there (in_triton)", ["model", "stage"], registry=r)
+        self.call_rows = Histogram("ner_triton_call_rows", "Rows (windows, of any requests) per coalesced Triton call",
+                                   ["model"], buckets=COUNT_BUCKETS, registry=r)
+        self.call_tokens = Histogram("ner_triton_call_tokens", "Padded tokens (rows x width) per coalesced Triton "
+                                     "call", ["model"], buckets=COUNT_BUCKETS, registry=r)
+        self.queue_wait = Histogram("ner_queue_wait_seconds", "Time a window waited in the gateway's queue before "
+                                    "its Triton call left", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.auth_failures = Counter("ner_auth_failures", "RPCs refused for their bearer token, by reason "
                                      "(missing, malformed, rejected)", ["reason"], registry=r)
 
@@ -59,3 +66,41 @@ class GatewayMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+STAGES = ("validate", "tokenize", "infer", "decode")
+
+
+class ModelMetrics:
+    """One model's children of the per-request instruments, bound once (a ``labels()`` lookup per observation
+    costs more than the observation)."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self.model = model
+        self.stage_duration = {stage: metrics.stage_duration.labels(stage, model) for stage in STAGES}
+        self.texts = metrics.texts.labels(model)
+        self.tokens = metrics.tokens.labels(model)
+        self.windows = metrics.windows.labels(model)
+        self.entities = metrics.entities.labels(model)
+        self._entities_by_label = metrics.entities_by_label
+        self._by_label: dict[str, Counter] = {}
+        self.call_rows = metrics.call_rows.labels(model)
+        self.call_tokens = metrics.call_tokens.labels(model)
+        self.queue_wait = metrics.queue_wait.labels(model)
+        self._abandoned = {stage: metrics.abandoned_windows.labels(model, stage) for stage in ("queued", "in_triton")}
+
+    def entity(self, label: str) -> Counter:
+        child = self._by_label.get(label)
+        if child is None:
+            child = self._by_label[label] = self._entities_by_label.labels(self.model, label)
+        return child
+
+    # The batcher's observer (ner_gateway.core.batching.BatchObserver).
+    def call_formed(self, rows: int, tokens: int, waited_s: Sequence[float]) -> None:
+        self.call_rows.observe(rows)
+        self.call_tokens.observe(tokens)
+        for waited in waited_s:
+            self.queue_wait.observe(waited)
+
+    def abandoned(self, stage: str, windows: int) -> None:
+        self._abandoned[stage].inc(windows)

@@ -6,8 +6,7 @@ tritonclient errors are translated here, by gRPC status code, into the gateway's
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping
 
 import grpc
 import numpy as np
@@ -15,6 +14,7 @@ import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from ner_gateway.core.ports import ServedModel
 from ner_gateway.errors import ConfigurationError, DeadlineExceeded, InferenceFailed, TritonUnavailable
 from ner_gateway.observability.tracing import trace_headers
 from ner_gateway.spec.manifest import ModelManifest
@@ -31,15 +31,6 @@ _CHANNEL_ARGS = [
 ]
 _UNAVAILABLE = {str(grpc.StatusCode.UNAVAILABLE), str(grpc.StatusCode.CANCELLED)}
 _DEADLINE = str(grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What Triton says about a model the gateway serves."""
-
-    name: str
-    version: str
-    max_batch_size: int
 
 
 def translate(error: InferenceServerException, what: str) -> Exception:
@@ -112,10 +103,11 @@ class TritonBackend:
         max_batch_size = int(config.get("max_batch_size", 0))
         if max_batch_size < 1:
             raise ConfigurationError(f"model {name!r} must be configured with max_batch_size >= 1")
-        return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size)
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size, instances=instances)
 
     async def infer(
-        self, model: ServedModel, inputs: dict[str, npt.NDArray[np.int64]], output: str, timeout_s: float,
+        self, model: ServedModel, inputs: Mapping[str, npt.NDArray[np.int64]], output: str, timeout_s: float,
         request_id: str = "",
     ) -> npt.NDArray[np.float32]:
         if timeout_s <= 0:

@@ -23,13 +23,15 @@ import contextlib
 import itertools
 import logging
 import socket
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
 
+from ner_gateway.core.ports import ServedModel
 from ner_gateway.errors import ConfigurationError, ModelUnavailable, NerError, TritonUnavailable
 from ner_gateway.spec.manifest import ModelManifest
-from ner_gateway.triton.backend import ServedModel, TritonBackend
+from ner_gateway.triton.backend import TritonBackend
 
 LOGGER = logging.getLogger(__name__)
 DNS_PREFIX = "dns:///"
@@ -212,7 +214,7 @@ class TritonPool:
         self._served.append(model)
         self._serving[model.name] = list(self._ready)
 
-    async def infer(self, model: ServedModel, inputs: dict[str, npt.NDArray[np.int64]], output: str,
+    async def infer(self, model: ServedModel, inputs: Mapping[str, npt.NDArray[np.int64]], output: str,
                     timeout_s: float, request_id: str = "") -> npt.NDArray[np.float32]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

@@ -1,0 +1,284 @@
+"""Coalesced inference calls: one queue of windows per model, one Triton call for the windows of many requests.
+
+Every request puts its windows (model inputs) in its model's queue and waits. Whenever the model has room (fewer
+than ``max_calls`` calls in flight, sized from its instances), the batcher takes queued windows of any requests,
+up to ``max_rows`` rows and ``call_tokens`` padded tokens, in fair order: the request that has had the fewest
+tokens so far goes first, so a sentence overtakes the next windows of a long document, and no request holds more
+than ``request_tokens`` in the inference server at once. One call carries them all; each request gets its rows
+back. Triton's own queue stays short, so the order, the deadlines and cancellation are decided here, where they
+are exact (the design of text-embeddings-inference's router):
+
+- a request whose deadline passes, whose client cancels or one of whose calls fails leaves the queue at once:
+  its windows not yet sent are never sent (counted as abandoned, "queued"); a call already in flight is
+  cancelled only when none of its requests still wants it (its rows of that request count as "in_triton");
+- results never depend on batch neighbours: each row is padded with attention mask 0, and the model runs rows
+  alone where its numerics need it (dynamic int8);
+- models with sequence buckets (TensorRT engines) get calls of one bucket each, so each call has one shape.
+
+Calls are formed when a request arrives or a call ends, after the callbacks that are ready run (``call_soon``),
+so requests that arrive together go together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span
+
+from ner_gateway.core.ports import Float32Array, InferenceBackend, Int64Array, ServedModel
+from ner_gateway.errors import DeadlineExceeded
+from ner_gateway.observability.tracing import TRACER
+
+CALL_TIME_WEIGHT = 0.05  # of the latest call in typical_call_s: follows a change of load within ~20 calls
+
+# Content token ids of the rows and the width to pad them to -> the model's input arrays.
+RowEncoder = Callable[[Sequence[Sequence[int]], int], dict[str, Int64Array]]
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_rows: int  # the model's max_batch_size
+    call_tokens: int  # padded tokens (rows x widest) per call; one row always fits
+    request_tokens: int  # tokens of one request in flight at once; one row always fits
+    max_calls: int  # calls in flight for the model
+    buckets: tuple[int, ...] = ()  # sequence buckets: a call holds rows of one width
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (metrics: ``observability.metrics.ModelMetrics``)."""
+
+    def call_formed(self, rows: int, tokens: int, waited_s: Sequence[float]) -> None:
+        """A call left with ``rows`` rows and ``tokens`` padded tokens; ``waited_s``: each row's time queued."""
+
+    def abandoned(self, stage: str, windows: int) -> None:
+        """``windows`` of a request that gave up were never sent (queued) or were in flight (in_triton)."""
+
+
+class _Unobserved:
+    def call_formed(self, rows: int, tokens: int, waited_s: Sequence[float]) -> None:
+        pass
+
+    def abandoned(self, stage: str, windows: int) -> None:
+        pass
+
+
+class _Job:
+    """One request's windows: what is left to send, what is in flight, and the answers so far."""
+
+    __slots__ = ("calls", "deadline", "done", "inflight", "lengths", "next", "order", "queued_at", "remaining",
+                 "request_id", "results", "rows", "seq", "served", "span", "widths")
+
+    def __init__(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int], deadline: float,
+                 request_id: str, seq: int, now: float, span: Span | None) -> None:
+        self.rows, self.lengths, self.widths = rows, lengths, widths
+        # Sorted by width, so that the request's rows that share a call have similar lengths.
+        self.order = sorted(range(len(rows)), key=widths.__getitem__) if len(rows) > 1 else [0]
+        self.next = 0
+        self.served = 0  # tokens sent so far (the fair order)
+        self.inflight = 0  # tokens in flight now (the request's share)
+        self.deadline = deadline
+        self.request_id = request_id
+        self.seq = seq
+        self.queued_at = now
+        self.results: list[Float32Array | None] = [None] * len(rows)
+        self.remaining = len(rows)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls: set[_Call] = set()
+        self.span = span  # the request's triton.infer span, when it is recorded
+
+    def key(self) -> tuple[int, int]:
+        return self.served, self.seq
+
+    def __lt__(self, other: _Job) -> bool:
+        return self.key() < other.key()
+
+
+class _Call:
+    __slots__ = ("entries", "task", "tokens", "wanted", "width")
+
+    def __init__(self, entries: list[tuple[_Job, int]], width: int) -> None:
+        self.entries = entries
+        self.width = width
+        self.tokens = len(entries) * width
+        self.wanted: dict[_Job, int] = {}  # the requests still waiting for this call -> their rows in it
+        for job, _ in entries:
+            self.wanted[job] = self.wanted.get(job, 0) + 1
+        self.task: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    """The queue and the calls of one model."""
+
+    def __init__(self, backend: InferenceBackend, model: ServedModel, output: str, encode: RowEncoder,
+                 limits: BatchLimits, observer: BatchObserver | None = None) -> None:
+        self.backend = backend
+        self.model = model
+        self.output = output
+        self.encode = encode
+        self.limits = limits
+        self.observer: BatchObserver = observer or _Unobserved()
+        self._queue: list[_Job] = []  # heap by (tokens served, arrival): requests with windows left to send
+        self._calls: set[_Call] = set()
+        self._seq = itertools.count()
+        self._scheduled = False
+        self.typical_call_s = 0.0  # moving average of a call's time in the inference server (its queue included)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._calls)
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._queue)
+
+    async def infer(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int],
+                    deadline: float, request_id: str = "") -> list[Float32Array]:
+        """Logits of each row ([length, classes]): ``rows`` are content token ids, ``lengths`` the rows' lengths
+        with special tokens, ``widths`` what each is padded to alone. Raises DeadlineExceeded when ``deadline``
+        (loop time) passes first, and the error of a failed call."""
+        loop = asyncio.get_running_loop()
+        span = trace.get_current_span()
+        job = _Job(rows, lengths, widths, deadline, request_id, next(self._seq), loop.time(),
+                   span if span.is_recording() else None)
+        heapq.heappush(self._queue, job)
+        self._schedule()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await job.done
+        except TimeoutError:
+            self._abandon(job)
+            raise DeadlineExceeded("deadline exceeded while waiting for the inference server") from None
+        except BaseException:
+            self._abandon(job)
+            raise
+        return job.results  # type: ignore[return-value]  # every row delivered
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        while len(self._calls) < self.limits.max_calls and self._queue:
+            entries, width = self._next_call()
+            if not entries:
+                return
+            self._launch(entries, width)
+
+    def _next_call(self) -> tuple[list[tuple[_Job, int]], int]:
+        """Rows for one call, least-served request first; requests held back (their share, another bucket, a
+        row too wide for the call) wait for the next call."""
+        limits = self.limits
+        entries: list[tuple[_Job, int]] = []
+        width = 0
+        held: list[_Job] = []
+        queue = self._queue
+        while queue and len(entries) < limits.max_rows:
+            job = heapq.heappop(queue)
+            if job.done.done():  # gave up (its own handler removes it) or failed
+                continue
+            index = job.order[job.next]
+            row_width = job.widths[index]
+            new_width = max(width, row_width)
+            over_share = job.inflight and job.inflight + row_width > limits.request_tokens
+            too_big = entries and ((limits.buckets and row_width != width)
+                                   or (len(entries) + 1) * new_width > limits.call_tokens)
+            if over_share or too_big:
+                held.append(job)  # follows in a later call: when its own calls return, or in a call of its own
+                continue
+            entries.append((job, index))
+            width = new_width
+            job.next += 1
+            job.served += row_width
+            job.inflight += row_width
+            if job.next < len(job.order):
+                heapq.heappush(queue, job)
+        for job in held:
+            heapq.heappush(queue, job)
+        return entries, width
+
+    def _launch(self, entries: list[tuple[_Job, int]], width: int) -> None:
+        call = _Call(entries, width)
+        now = asyncio.get_running_loop().time()
+        for job in call.wanted:
+            job.calls.add(call)
+        self.observer.call_formed(len(entries), call.tokens, [now - job.queued_at for job, _ in entries])
+        self._calls.add(call)
+        call.task = asyncio.get_running_loop().create_task(self._run(call))
+
+    async def _run(self, call: _Call) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            jobs = list(call.wanted)
+            arrays = self.encode([job.rows[index] for job, index in call.entries], call.width)
+            timeout = max(job.deadline for job in jobs) - started
+            with _call_span(jobs, self.model, len(call.entries)):
+                logits = await self.backend.infer(self.model, arrays, self.output, timeout, jobs[0].request_id)
+        except asyncio.CancelledError:
+            pass  # nobody wants it any more (see _abandon)
+        except Exception as e:  # every request in it fails with the call's error
+            for job in call.wanted:
+                if not job.done.done():
+                    job.done.set_exception(e)
+        else:
+            self.typical_call_s += CALL_TIME_WEIGHT * (loop.time() - started - self.typical_call_s)
+            for row, (job, index) in enumerate(call.entries):
+                if job.done.done():
+                    continue
+                job.results[index] = logits[row, : job.lengths[index]]
+                job.remaining -= 1
+                if not job.remaining:
+                    job.done.set_result(None)
+        finally:
+            self._calls.discard(call)
+            for job, index in call.entries:
+                job.inflight -= job.widths[index]
+                job.calls.discard(call)
+            self._schedule()
+
+    def _abandon(self, job: _Job) -> None:
+        """The request gave up: its queued windows are never sent, and its calls in flight are cancelled where no
+        other request still wants them."""
+        if not job.done.done():
+            job.done.cancel()
+        queued = len(job.order) - job.next
+        if queued:
+            self.observer.abandoned("queued", queued)
+            job.next = len(job.order)
+        in_flight = 0
+        for call in list(job.calls):
+            in_flight += call.wanted.pop(job, 0)
+            if not call.wanted and call.task is not None:
+                call.task.cancel()
+        if in_flight:
+            self.observer.abandoned("in_triton", in_flight)
+        job.calls.clear()
+        self._schedule()  # its share and its place in the queue go to others
+
+
+def _call_span(jobs: list[_Job], model: ServedModel, rows: int) -> AbstractContextManager[object]:
+    """The span of one coalesced call: a child of its first (fairest) request's span, linked to every request's,
+    and each request's span linked back to it, so a trace shows the call that served it. Nothing when no request
+    is traced."""
+    spans = [job.span for job in jobs if job.span is not None]
+    if not spans:
+        return contextlib.nullcontext()
+    call = TRACER.start_span(
+        "triton.call", context=trace.set_span_in_context(NonRecordingSpan(spans[0].get_span_context())),
+        links=[Link(span.get_span_context()) for span in spans],
+        attributes={"ner.model": model.name, "ner.model_version": model.version, "ner.rows": rows,
+                    "ner.requests": len(jobs)},
+    )
+    for span in spans:
+        span.add_link(call.get_span_context())
+    return trace.use_span(call, end_on_exit=True)

@@ -1,0 +1,54 @@
+"""The core's ports: what it needs from an inference server, as protocols that ``ner_gateway.triton`` implements.
+
+The core names no implementation: ``server.py`` hands it a ``TritonPool``; tests may hand it any object with
+these methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ner_gateway.spec.manifest import ModelManifest
+
+Int64Array = npt.NDArray[np.int64]
+Float32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the inference server says about a model the gateway serves."""
+
+    name: str
+    version: str
+    max_batch_size: int
+    instances: int = 1  # execution instances (Triton's instance_group counts): calls it runs at once
+
+
+class InferenceBackend(Protocol):
+    """Runs a model on a batch of rows; raises the core's errors (DeadlineExceeded, TritonUnavailable, ...)."""
+
+    async def infer(self, model: ServedModel, inputs: Mapping[str, Int64Array], output: str, timeout_s: float,
+                    request_id: str = "") -> Float32Array:
+        """``output`` for ``inputs`` ([rows, width] each): [rows, width, classes]."""
+        ...
+
+    def model_ready(self, name: str) -> bool:
+        """The model can take calls now (as of the backend's last look; reads no network)."""
+        ...
+
+
+class ModelSource(Protocol):
+    """Where the registry learns which models are served and checks them (at startup)."""
+
+    url: str
+
+    async def is_model_ready(self, name: str, version: str, timeout_s: float = 5.0) -> bool: ...
+
+    async def check_model(self, manifest: ModelManifest) -> ServedModel: ...
+
+    def watch(self, model: ServedModel) -> None: ...
