@@ -60,10 +60,11 @@ class GatewaySettings(BaseSettings):
     request_inflight_tokens: int = Field(2048, ge=1)
     """Most padded tokens one request has in Triton at once: a long document runs one bounded share after
     another and leaves the rest of each call, and Triton's other instances, to everyone else (4 windows of 512)."""
-    triton_calls_per_instance: int = Field(1, ge=1)
-    """Calls the gateway has in flight per model instance (Triton's instance_group counts). Windows of all
-    requests wait in the gateway's queue while the model's calls are in flight and leave together in the next
-    call (up to max_batch_size rows and triton_inflight_tokens / calls in flight padded tokens each)."""
+    triton_calls_in_flight: int | None = Field(None, ge=1)
+    """Calls the gateway has in flight per model. Windows of all requests wait in the gateway's queue while they
+    are, and leave together in the next call (up to max_batch_size rows and triton_inflight_tokens / calls in
+    flight padded tokens each). Unset: the model's instance count in Triton (instance_group), so every instance
+    has a call to run."""
     triton_ready_timeout_s: float = Field(120.0, gt=0)
     """How long to wait at startup for Triton and its models to become ready."""
     health_check_interval_s: float = Field(1.0, gt=0)

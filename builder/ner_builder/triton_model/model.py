@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
@@ -69,40 +68,43 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Triton hands over every request of a dynamic batch at once, each with its own sequence length
-        # (ragged batching). Rows are sorted by real length (attention_mask) and run in groups padded only
-        # to their own longest row (see length_groups); padding has attention_mask 0, so with fixed
-        # quantization scales (fp32, fp16, static int8) a row's logits do not depend on its group.
-        rows: list[tuple[int, int]] = []  # (request index, row in request) for every row of the batch
-        tensors: list[dict[str, npt.NDArray[np.int64]]] = []
-        for index, request in enumerate(requests):
-            inputs = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
-            tensors.append(inputs)
-            rows.extend((index, row) for row in range(inputs[self.input_names[0]].shape[0]))
-        lengths: list[int] = []
-        for index, row in rows:
-            mask = tensors[index].get("attention_mask")
-            lengths.append(int(mask[row].sum()) if mask is not None else tensors[index][self.input_names[0]].shape[1])
-        outputs = [np.zeros((*t[self.input_names[0]].shape, self.num_labels), dtype=np.float32) for t in tensors]
+        # (ragged batching); the gateway sends one request per call with the rows of many of its own requests.
+        # All rows go into one zero-padded [rows, width] array per input, are sorted by real length
+        # (attention_mask) and run in groups padded only to their own longest row (see length_groups); padding
+        # has attention_mask 0, so with fixed quantization scales (fp32, fp16, static int8) a row's logits do
+        # not depend on its group.
+        first = self.input_names[0]
+        tensors = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+                   for request in requests]
+        widths = [t[first].shape[1] for t in tensors]
+        counts = [t[first].shape[0] for t in tensors]
+        width = max(widths)
+        if len(tensors) == 1:
+            stacked = tensors[0]
+        else:  # padded here rather than by ner_gateway's code: Triton's Python stub has no ner_gateway
+            stacked = {name: np.concatenate([np.pad(t[name], ((0, 0), (0, width - t[name].shape[1])))
+                                             for t in tensors]) for name in self.input_names}
+        mask = stacked.get("attention_mask")
+        lengths = (mask.sum(axis=1) if mask is not None else np.full(sum(counts), width)).tolist()
+        logits_all = np.zeros((len(lengths), width, self.num_labels), dtype=np.float32)
         if self.rows_alone:
-            groups = [[i] for i in range(len(rows))]
+            groups = [[i] for i in range(len(lengths))]
         else:
             groups = length_groups(lengths, self.call_overhead_tokens)
         for group in groups:
-            width = max(lengths[i] for i in group)
-            # Padded here rather than by ner_gateway's right_pad: Triton's Python stub has no ner_gateway.
-            feeds = {name: np.zeros((len(group), width), dtype=np.int64) for name in self.input_names}
-            for position, i in enumerate(group):
-                index, row = rows[i]
-                for name, feed in feeds.items():
-                    values = tensors[index][name][row, :width]
-                    feed[position, : len(values)] = values
+            group_width = max(lengths[i] for i in group)
+            rows = np.asarray(group)
+            feeds = {name: array[rows, :group_width] for name, array in stacked.items()}  # fancy indexing: a copy
             (logits,) = self.session.run([self.output_name], feeds)
-            for position, i in enumerate(group):
-                index, row = rows[i]
-                columns = min(width, outputs[index].shape[1])  # the request's own width (its padding stays 0)
-                outputs[index][row, :columns] = logits[position, :columns]
-        return [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
-                for out in outputs]
+            logits_all[rows, :group_width] = logits
+        responses = []
+        start = 0
+        for count, request_width in zip(counts, widths, strict=True):
+            out = logits_all[start : start + count, :request_width]  # the request's own width (its padding: 0)
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(self.output_name, np.ascontiguousarray(out))]))
+            start += count
+        return responses
 
     def finalize(self) -> None:
         self.session = None

@@ -51,12 +51,12 @@ class CpuStage(Protocol):
 @dataclass(frozen=True)
 class TritonShares:
     """How much of Triton a model's calls may hold (see core/batching.py): ``capacity_tokens`` padded tokens in
-    all its calls in flight, ``request_tokens`` of one request, ``calls_per_instance`` calls in flight per model
-    instance."""
+    all its calls in flight, ``request_tokens`` of one request, ``calls_in_flight`` calls (None: one per model
+    instance)."""
 
     capacity_tokens: int
     request_tokens: int
-    calls_per_instance: int = 1
+    calls_in_flight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class RecognitionPipeline:
         batcher = self._batchers.get(model.name)
         if batcher is None:
             served, shares = model.served, self.shares
-            max_calls = max(1, served.instances * shares.calls_per_instance)
+            max_calls = shares.calls_in_flight or max(1, served.instances)
             limits = BatchLimits(max_rows=served.max_batch_size, max_calls=max_calls,
                                  call_tokens=max(1, shares.capacity_tokens // max_calls),
                                  request_tokens=shares.request_tokens, buckets=model.sequence_buckets)

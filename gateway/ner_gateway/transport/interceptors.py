@@ -4,6 +4,7 @@ behaviour (``GuardInterceptor``, ``wrap_rpc``), shared with the metrics intercep
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -150,8 +151,20 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # no such method: grpc answers UNIMPLEMENTED
             return None
         method = handler_call_details.method
+        # Wrapped once per method: the service's handler is the same object on every call (a handler made for one
+        # call, such as an authentication refusal, is wrapped anew).
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None and wrapped[0] is handler:
+            return wrapped[1]
         guard = self.guard(method)
-        return handler if guard is None else wrap_rpc(self.prepare(handler, method), guard)
+        result = handler if guard is None else wrap_rpc(self.prepare(handler, method), guard)
+        self._wrapped[method] = (handler, result)
+        return result
+
+    @functools.cached_property
+    def _wrapped(self) -> dict[str, tuple[Handler, Handler]]:
+        """method -> (the handler it had, that handler wrapped)."""
+        return {}
 
 
 class ErrorInterceptor(GuardInterceptor):

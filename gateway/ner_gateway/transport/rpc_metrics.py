@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import cast
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.transport.interceptors import Guard, GuardInterceptor
@@ -41,11 +42,15 @@ class MetricsInterceptor(GuardInterceptor):
             return None  # health checks and reflection are not traffic
         name = method.rsplit("/", 1)[-1]
         metrics = self.metrics
+        inflight = metrics.inflight.labels(name)
+        # Children bound once per (model, code) and model: a labels() lookup costs more than the observation.
+        counted: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        timed: dict[str, Histogram] = {}
 
         @asynccontextmanager
         async def observed(context: Context) -> AsyncIterator[None]:
             started = time.perf_counter()
-            metrics.inflight.labels(name).inc()
+            inflight.inc()
             self._models[context] = ""
             code: grpc.StatusCode | None = None
             try:
@@ -59,8 +64,14 @@ class MetricsInterceptor(GuardInterceptor):
             finally:
                 final = code or _code(context) or grpc.StatusCode.OK
                 model = self._models.pop(context, "")
-                metrics.requests.labels(name, model, final.name).inc()
-                metrics.request_duration.labels(name, model).observe(time.perf_counter() - started)
-                metrics.inflight.labels(name).dec()
+                counter = counted.get((model, final))
+                if counter is None:
+                    counter = counted[(model, final)] = metrics.requests.labels(name, model, final.name)
+                counter.inc()
+                histogram = timed.get(model)
+                if histogram is None:
+                    histogram = timed[model] = metrics.request_duration.labels(name, model)
+                histogram.observe(time.perf_counter() - started)
+                inflight.dec()
 
         return observed

@@ -78,7 +78,7 @@ class Gateway:
                 offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars),
                 admission=Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows,
                                                     s.retry_after_ms)),
-                shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_per_instance),
+                shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight),
             )
             rpc_metrics = MetricsInterceptor(self.metrics)
             self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics))
