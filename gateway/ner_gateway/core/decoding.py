@@ -42,6 +42,7 @@ class LabelTable:
     allowed_end: npt.NDArray[np.bool_]  # [C]
     opens_entity: npt.NDArray[np.bool_]  # [C]: B-/S- (and U-): always starts a new entity
     closes_entity: npt.NDArray[np.bool_]  # [C]: E-/S- (and L-/U-): whatever follows starts a new one
+    ignored: npt.NDArray[np.bool_]  # [C]: an entity opened by class c is not reported (IGNORE_LABELS)
 
     @classmethod
     def from_labels(cls, labels: list[str], scheme: TaggingScheme = TaggingScheme.BIO) -> LabelTable:
@@ -67,7 +68,8 @@ class LabelTable:
         allowed, start, end = _transitions(role_array, type_array, scheme, np.array(free, dtype=bool))
         return cls(list(labels), scheme, role_array, type_array, [lb.split("-", 1)[-1] for lb in labels],
                    allowed, start, end, np.isin(role_array, (Role.BEGIN, Role.SINGLE)),
-                   np.isin(role_array, (Role.END, Role.SINGLE)))
+                   np.isin(role_array, (Role.END, Role.SINGLE)),
+                   np.array([lb.split("-", 1)[-1] in IGNORE_LABELS for lb in labels], dtype=bool))
 
 
 def _transitions(
@@ -206,11 +208,9 @@ def _group(text: str, label_ids: npt.NDArray[np.intp], scores: npt.NDArray[np.fl
     first = np.flatnonzero(opens)
     last = np.append(first[1:], len(label_ids)) - 1
     means = np.add.reduceat(scores.astype(np.float64), first) / (last - first + 1)
-    entities = []
-    for f, lst, score in zip(first, last, means, strict=True):
-        label = table.entity_labels[label_ids[f]]
-        if label in IGNORE_LABELS:
-            continue
-        start, end = int(starts[f]), int(ends[lst])
-        entities.append(Entity(label, start, end, text[start:end], float(score)))
-    return entities
+    kinds = label_ids[first]
+    kept = ~table.ignored[kinds]
+    labels = table.entity_labels
+    return [Entity(labels[kind], start, end, text[start:end], score) for kind, start, end, score in zip(
+        kinds[kept].tolist(), starts[first[kept]].tolist(), ends[last[kept]].tolist(), means[kept].tolist(),
+        strict=True)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
@@ -156,7 +156,7 @@ class RecognitionPipeline:
         batcher = self.batcher(model)
         if self.admission is not None:
             self.admission.check_time(deadline - loop.time(), batcher.typical_call_s)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or os.urandom(16).hex()
         texts = request.texts
         offload = self.offload if self.offload and sum(map(len, texts)) >= self.offload.min_chars else None
 
@@ -247,9 +247,10 @@ def observe_recognition(metrics: ModelMetrics, result: Recognition, tokens: int,
     metrics.texts.observe(len(result.documents))
     metrics.tokens.observe(tokens)
     metrics.windows.observe(sum(d.windows for d in result.documents))
-    count = 0
+    by_label: dict[str, int] = {}
     for document in result.documents:
-        count += len(document.entities)
         for entity in document.entities:
-            metrics.entity(entity.label).inc()
-    metrics.entities.observe(count)
+            by_label[entity.label] = by_label.get(entity.label, 0) + 1
+    for label, count in by_label.items():
+        metrics.entity(label).inc(count)
+    metrics.entities.observe(sum(by_label.values()))
