@@ -130,6 +130,9 @@ class Batcher:
         self._seq = itertools.count()
         self._scheduled = False
         self.typical_call_s = 0.0  # moving average of a call's time in the inference server (its queue included)
+        # Moving average of a request's wait for its logits (the gateway's queue and its calls): what a request
+        # arriving now can expect, which admission compares with what is left of its deadline.
+        self.typical_wait_s = 0.0
 
     @property
     def calls_in_flight(self) -> int:
@@ -159,6 +162,7 @@ class Batcher:
         except BaseException:
             self._abandon(job)
             raise
+        self.typical_wait_s += CALL_TIME_WEIGHT * (loop.time() - job.queued_at - self.typical_wait_s)
         return job.results  # type: ignore[return-value]  # every row delivered
 
     def _schedule(self) -> None:

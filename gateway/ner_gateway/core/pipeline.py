@@ -155,7 +155,7 @@ class RecognitionPipeline:
             on_model(model.name)
         batcher = self.batcher(model)
         if self.admission is not None:
-            self.admission.check_time(deadline - loop.time(), batcher.typical_call_s)
+            self.admission.check_time(deadline - loop.time(), batcher.typical_wait_s)
         request_id = request.request_id or os.urandom(16).hex()
         texts = request.texts
         offload = self.offload if self.offload and sum(map(len, texts)) >= self.offload.min_chars else None

@@ -35,6 +35,11 @@ class Admission:
                           f"{self.limits.retry_after_ms} ms or on another replica", what,
                           self.limits.retry_after_ms)
 
+    @property
+    def at_capacity(self) -> bool:
+        """A request now would be refused (``request()``)."""
+        return self.requests >= self.limits.max_requests
+
     @contextmanager
     def request(self) -> Iterator[None]:
         if self.requests >= self.limits.max_requests:
@@ -46,14 +51,15 @@ class Admission:
             self.requests -= 1
 
     @staticmethod
-    def check_time(remaining_s: float, typical_call_s: float) -> None:
-        """Refuse (DEADLINE_EXCEEDED, at once) a request whose remaining deadline is shorter than a Triton call
-        takes now: it could only time out, after using Triton for nothing (a flood of short deadlines)."""
+    def check_time(remaining_s: float, typical_wait_s: float) -> None:
+        """Refuse (DEADLINE_EXCEEDED, at once) a request whose remaining deadline is shorter than an inference
+        takes now (the model's queue in the gateway and its Triton call): it could only time out, after using
+        Triton for nothing (a flood of short deadlines)."""
         if remaining_s <= 0:
             raise TooLate("deadline exceeded before the request was read")
-        if remaining_s < typical_call_s:
+        if remaining_s < typical_wait_s:
             raise TooLate(f"the {remaining_s * 1000:.0f} ms left of the deadline are less than an inference takes "
-                          f"now (~{typical_call_s * 1000:.0f} ms): not started")
+                          f"now (~{typical_wait_s * 1000:.0f} ms): not started")
 
     @contextmanager
     def windows_of(self, count: int) -> Iterator[None]:

@@ -151,19 +151,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # no such method: grpc answers UNIMPLEMENTED
             return None
         method = handler_call_details.method
-        # Wrapped once per method: the service's handler is the same object on every call (a handler made for one
-        # call, such as an authentication refusal, is wrapped anew).
-        wrapped = self._wrapped.get(method)
+        # Wrapped once per method and handler: the service's handler is the same object on every call, and so is
+        # the door's refusal (a handler made for one call, such as an authentication refusal, is wrapped anew).
+        key = (method, id(handler))
+        wrapped = self._wrapped.get(key)
         if wrapped is not None and wrapped[0] is handler:
             return wrapped[1]
         guard = self.guard(method)
         result = handler if guard is None else wrap_rpc(self.prepare(handler, method), guard)
-        self._wrapped[method] = (handler, result)
+        if len(self._wrapped) < 64:  # the service's handlers and the door's refusals, not one-off handlers
+            self._wrapped[key] = (handler, result)
         return result
 
     @functools.cached_property
-    def _wrapped(self) -> dict[str, tuple[Handler, Handler]]:
-        """method -> (the handler it had, that handler wrapped)."""
+    def _wrapped(self) -> dict[tuple[str, int], tuple[Handler, Handler]]:
+        """(method, id of the handler it had) -> (that handler, wrapped)."""
         return {}
 
 

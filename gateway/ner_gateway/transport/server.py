@@ -23,6 +23,7 @@ from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport import tls
 from ner_gateway.transport.auth import BearerAuthInterceptor, BearerTokens
 from ner_gateway.transport.background import BackgroundTasks
+from ner_gateway.transport.door import DoorInterceptor
 from ner_gateway.transport.health import SERVICE_NAME, TritonHealth
 from ner_gateway.transport.interceptors import ErrorInterceptor
 from ner_gateway.transport.rpc_metrics import MetricsInterceptor
@@ -71,17 +72,16 @@ class Gateway:
             self.backend.start()
             self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
             self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
+            admission = Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows, s.retry_after_ms))
             self.pipeline = pipeline = RecognitionPipeline(
                 registry, self.backend,
                 Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
                 on_triton_unavailable=self.health.mark_unavailable, metrics=self.metrics,
-                offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars),
-                admission=Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows,
-                                                    s.retry_after_ms)),
+                offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars), admission=admission,
                 shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight),
             )
             rpc_metrics = MetricsInterceptor(self.metrics)
-            self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics))
+            self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics, admission))
             ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline, rpc_metrics.label_model), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
             reflection.enable_server_reflection(
@@ -101,10 +101,11 @@ class Gateway:
                     self.port, self.backend.url, self.backend.ready_endpoints, registry.default_name)
         return self.port
 
-    def _interceptors(self, rpc_metrics: MetricsInterceptor) -> list[grpc.aio.ServerInterceptor]:
+    def _interceptors(self, rpc_metrics: MetricsInterceptor, admission: Admission) -> list[grpc.aio.ServerInterceptor]:
         """Outermost first: the RPC's server span, then authentication (a refused call reaches nothing else),
-        then its metrics, then error mapping."""
-        interceptors: list[grpc.aio.ServerInterceptor] = [rpc_metrics, ErrorInterceptor()]
+        then its metrics, then the door (a call beyond capacity is refused unparsed), then error mapping."""
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            rpc_metrics, DoorInterceptor(admission, self.metrics), ErrorInterceptor()]
         tokens = BearerTokens.from_settings(self.settings)
         if tokens is not None:
             interceptors.insert(0, BearerAuthInterceptor(tokens, self.metrics, self.settings.auth_exempt_reflection))
