@@ -73,7 +73,7 @@ def main() -> None:
             aggregation_strategy=strategy)[2]["aggregation_strategy"])
 
     def our_decode(aggregation: Aggregation) -> list:
-        view = ours._view(text, tokens.encoding)  # word boundaries are part of HF's post-processing too
+        view = ours._text_tokens(text, tokens.encoding).view  # word boundaries are part of HF's post-processing too
         return decode(text, content_logits, view, table, aggregation)
 
     results = {}

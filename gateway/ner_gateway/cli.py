@@ -39,6 +39,7 @@ def main() -> None:
 @click.option("--max-texts-per-request", type=int, help="[NER_MAX_TEXTS_PER_REQUEST]")
 @click.option("--max-text-chars", type=int, help="[NER_MAX_TEXT_CHARS]")
 @click.option("--log-level", type=click.Choice(get_args(LogLevel)), help="[NER_LOG_LEVEL]")
+@click.option("--workers", type=int, help="Gateway processes on the port, in front of one Triton. [NER_WORKERS]")
 def serve(**flags: Any) -> None:
     """Serve ner.v1.NerService (settings: flag > NER_* environment > .env > default)."""
     try:
@@ -47,10 +48,11 @@ def serve(**flags: Any) -> None:
         raise click.ClickException(str(e)) from e
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ner_gateway.transport.server import serve as run_server
+    from ner_gateway.transport.workers import WorkerFailed, serve_workers
 
     try:
-        asyncio.run(run_server(settings))
-    except ConfigurationError as e:
+        asyncio.run(serve_workers(settings) if settings.workers > 1 else run_server(settings))
+    except (ConfigurationError, WorkerFailed) as e:
         raise click.ClickException(str(e)) from e
 
 
@@ -151,3 +153,7 @@ def health(service: str, wait: float, **connection: Any) -> None:
     click.echo(status)
     if status != "SERVING":
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m ner_gateway.cli: how --workers starts its workers
+    main()

@@ -16,6 +16,10 @@ class GatewaySettings(BaseSettings):
         env_prefix="NER_", env_file=".env", extra="forbid", use_attribute_docstrings=True
     )
 
+    workers: int = Field(1, ge=1)
+    """Gateway processes serving ``port`` in front of one Triton (SO_REUSEPORT): one process serves about one
+    core's worth of gRPC, tokenizing and decoding. On a GPU host, about one per core left after Triton; on a
+    CPU host, where the model needs the cores too, 1-2 (see README, Scaling). /metrics sums all of them."""
     host: str = "127.0.0.1"
     """Address the gRPC server binds (0.0.0.0 in a container)."""
     port: int = Field(50051, ge=0, le=65535)

@@ -6,6 +6,7 @@ Names are a contract with deploy/ (alert rules, dashboard, autoscaler): change t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -35,8 +36,11 @@ class GatewayMetrics:
                                   registry=r)
         self.entities_by_label = Counter("ner_entities", "Entities returned, by label (label mix, for drift)",
                                          ["model", "label"], registry=r)
-        self.inflight = Gauge("ner_inflight_requests", "RPCs being served", ["method"], registry=r)
-        self.triton_up = Gauge("ner_triton_up", "1 while Triton reports ready, else 0", registry=r)
+        # With several workers (multiprocess mode) the gauges say how to combine the workers' values.
+        self.inflight = Gauge("ner_inflight_requests", "RPCs being served", ["method"], registry=r,
+                              multiprocess_mode="livesum")
+        self.triton_up = Gauge("ner_triton_up", "1 while Triton reports ready, else 0", registry=r,
+                               multiprocess_mode="livemax")
         self.refused = Counter("ner_refused_requests", "Requests refused at once, before any work (load "
                                "shedding), by reason: requests or windows (at capacity: RESOURCE_EXHAUSTED), "
                                "deadline (less time left than a Triton call takes now: DEADLINE_EXCEEDED)",
@@ -52,6 +56,12 @@ class GatewayMetrics:
                                     "its Triton call left", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.auth_failures = Counter("ner_auth_failures", "RPCs refused for their bearer token, by reason "
                                      "(missing, malformed, rejected)", ["reason"], registry=r)
+
+    @staticmethod
+    def shared() -> bool:
+        """This process is one of several workers (``ner-gateway serve --workers``): its samples go to the shared
+        folder and the supervisor serves /metrics for all of them."""
+        return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""

@@ -91,7 +91,7 @@ class Gateway:
             self.port = tls.add_port(self.server, s)  # TLS when configured
             await self.health.set_serving(self.backend.ready)
             self.health.start()
-            if s.metrics_port is not None:
+            if s.metrics_port is not None and not self.metrics.shared():
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             await self.server.start()
         except BaseException:
