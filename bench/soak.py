@@ -52,24 +52,28 @@ def server_rss_mb(gateway_pid: int, triton_pid: int) -> dict[str, float]:
 
 
 async def callers(address: str, model: str, texts: list[str], clients: int, seconds: float, deadline_s: float,
-                  on_result: Any) -> None:
-    """``clients`` callers sending one text per call, back to back, for ``seconds``."""
+                  on_result: Any, mix_texts: int = 1) -> None:
+    """``clients`` callers sending one text per call, back to back, for ``seconds``; with ``mix_texts`` > 1 every
+    other caller sends that many texts per call. ``model``: comma-separated models, spread over the callers."""
     stop_at = time.monotonic() + seconds
+    models = model.split(",")
     async with grpc.aio.insecure_channel(address) as channel:
         stub = ner_pb2_grpc.NerServiceStub(channel)
 
         async def caller(k: int) -> None:
             i = k
+            count = mix_texts if k % 2 else 1
             while time.monotonic() < stop_at:
+                batch = [texts[(i + j) % len(texts)] for j in range(count)]
                 started = time.monotonic()
                 try:
-                    await stub.Recognize(ner_pb2.RecognizeRequest(texts=[texts[i % len(texts)]], model=model),
+                    await stub.Recognize(ner_pb2.RecognizeRequest(texts=batch, model=models[k // 2 % len(models)]),
                                          timeout=deadline_s)
                     code = "OK"
                 except grpc.aio.AioRpcError as e:
                     code = e.code().name
-                on_result(code, time.monotonic() - started)
-                i += clients
+                on_result(code, time.monotonic() - started, count)
+                i += clients * count
 
         await asyncio.gather(*(caller(k) for k in range(clients)))
 
@@ -81,27 +85,36 @@ def soak(args: argparse.Namespace, address: str, gateway_pid: int, triton_pid: i
         for index in range(max(1, round(args.minutes * 60 / args.slice_s))):
             codes: dict[str, int] = {}
             latencies: list[float] = []
+            by_count: dict[int, list[float]] = {}
 
-            def record(code: str, seconds: float, codes: dict[str, int] = codes,
-                       latencies: list[float] = latencies) -> None:
+            def record(code: str, seconds: float, count: int, codes: dict[str, int] = codes,
+                       latencies: list[float] = latencies, by_count: dict[int, list[float]] = by_count) -> None:
                 codes[code] = codes.get(code, 0) + 1
                 if code == "OK":
                     latencies.append(seconds)
+                    by_count.setdefault(count, []).append(seconds)
 
-            loop.run_until_complete(callers(address, args.model, texts, args.clients, args.slice_s, 30.0, record))
+            loop.run_until_complete(callers(address, args.model, texts, args.clients, args.slice_s, 30.0, record,
+                                            args.mix_texts))
             cell = {"slice": index, "calls": sum(codes.values()), "codes": codes, **percentiles(latencies),
+                    "p50_ms_by_texts_per_call": {n: percentiles(values)["p50_ms"]
+                                                 for n, values in sorted(by_count.items())},
                     "rss_mb": server_rss_mb(gateway_pid, triton_pid)}
             print(json.dumps(cell), flush=True)
             slices.append(cell)
     finally:
         loop.close()
     p50s = [s["p50_ms"] for s in slices[1:] or slices]
+    kinds = sorted({n for s in slices for n in s["p50_ms_by_texts_per_call"]})
+    smaller_first = all(s["p50_ms_by_texts_per_call"][kinds[0]] < s["p50_ms_by_texts_per_call"][kinds[-1]]
+                        for s in slices if len(s["p50_ms_by_texts_per_call"]) == len(kinds)) if len(kinds) > 1 else None
     warm, end = slices[0]["rss_mb"], slices[-1]["rss_mb"]
     return {
         "slices": slices,
         "errors": sum(n for s in slices for code, n in s["codes"].items() if code != "OK"),
         "calls": sum(s["calls"] for s in slices),
         "p50_ms_after_warmup": {"min": min(p50s), "max": max(p50s), "max / min": round(max(p50s) / min(p50s), 2)},
+        "fewer_texts_answered_first_in_every_slice": smaller_first,
         "rss_growth_after_warmup": {k: round(end[k] / warm[k] - 1, 4) for k in warm if warm[k]},
         "rss_total_growth_after_warmup": round(sum(end.values()) / sum(warm.values()) - 1, 4),
     }
@@ -111,7 +124,7 @@ def flood(args: argparse.Namespace, address: str, triton_url: str, texts: list[s
     codes: dict[str, int] = {}
     refused_s: list[float] = []
 
-    def record(code: str, seconds: float) -> None:
+    def record(code: str, seconds: float, count: int) -> None:
         codes[code] = codes.get(code, 0) + 1
         if code == "RESOURCE_EXHAUSTED":
             refused_s.append(seconds)
@@ -140,12 +153,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["soak", "flood"])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--model", default="wnut16")
+    parser.add_argument("--model", default="wnut16", help="comma-separated models, spread over the callers")
     parser.add_argument("--clients", type=int)
     parser.add_argument("--minutes", type=float, default=5.0, help="soak: how long")
     parser.add_argument("--slice-s", type=float, default=30.0, help="soak: seconds per slice")
     parser.add_argument("--seconds", type=float, default=20.0, help="flood: how long")
     parser.add_argument("--deadline-ms", type=float, default=100.0, help="flood: each call's deadline")
+    parser.add_argument("--mix-texts", type=int, default=1,
+                        help="soak: every other caller sends this many texts per call (the others one)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     args.clients = args.clients or (64 if args.mode == "soak" else 256)
@@ -162,7 +177,7 @@ def main() -> None:
         assert triton.pid is not None
         setup = {"mode": args.mode, "model": args.model, "clients": args.clients}
         if args.mode == "soak":
-            result = {"setup": {**setup, "minutes": args.minutes, "slice_s": args.slice_s},
+            result = {"setup": {**setup, "minutes": args.minutes, "slice_s": args.slice_s, "mix_texts": args.mix_texts},
                       **soak(args, address, gateway.pid, triton.pid, texts)}
         else:
             result = {"setup": {**setup, "seconds": args.seconds, "deadline_ms": args.deadline_ms},

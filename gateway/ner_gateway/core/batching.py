@@ -218,37 +218,44 @@ class Batcher:
         self.observer.call_formed(len(entries), call.tokens, [now - job.queued_at for job, _ in entries])
         self._calls.add(call)
         call.task = asyncio.get_running_loop().create_task(self._run(call))
+        # Released by a done callback: it runs even for a task cancelled before it started (its coroutine's
+        # finally would not).
+        call.task.add_done_callback(lambda _: self._release(call))
 
     async def _run(self, call: _Call) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        jobs = list(call.wanted)
+        if not jobs:
+            return
         try:
-            jobs = list(call.wanted)
             arrays = self.encode([job.rows[index] for job, index in call.entries], call.width)
             timeout = max(job.deadline for job in jobs) - started
             with _call_span(jobs, self.model, len(call.entries)):
                 logits = await self.backend.infer(self.model, arrays, self.output, timeout, jobs[0].request_id)
         except asyncio.CancelledError:
-            pass  # nobody wants it any more (see _abandon)
+            return  # nobody wants it any more (see _abandon)
         except Exception as e:  # every request in it fails with the call's error
             for job in call.wanted:
                 if not job.done.done():
                     job.done.set_exception(e)
-        else:
-            self.typical_call_s += CALL_TIME_WEIGHT * (loop.time() - started - self.typical_call_s)
-            for row, (job, index) in enumerate(call.entries):
-                if job.done.done():
-                    continue
-                job.results[index] = logits[row, : job.lengths[index]]
-                job.remaining -= 1
-                if not job.remaining:
-                    job.done.set_result(None)
-        finally:
-            self._calls.discard(call)
-            for job, index in call.entries:
-                job.inflight -= job.widths[index]
-                job.calls.discard(call)
-            self._schedule()
+            return
+        self.typical_call_s += CALL_TIME_WEIGHT * (loop.time() - started - self.typical_call_s)
+        for row, (job, index) in enumerate(call.entries):
+            if job.done.done():
+                continue
+            job.results[index] = logits[row, : job.lengths[index]]
+            job.remaining -= 1
+            if not job.remaining:
+                job.done.set_result(None)
+
+    def _release(self, call: _Call) -> None:
+        """The call ended (answered, failed or cancelled): its place and its requests' shares go back."""
+        self._calls.discard(call)
+        for job, index in call.entries:
+            job.inflight -= job.widths[index]
+            job.calls.discard(call)
+        self._schedule()
 
     def _abandon(self, job: _Job) -> None:
         """The request gave up: its queued windows are never sent, and its calls in flight are cancelled where no
