@@ -160,3 +160,52 @@ def test_engine_inputs_are_padded_to_their_bucket(target_repository: Path) -> No
     assert tokenizer.arrays(tokens, windows[:1], buckets)["input_ids"].shape == (1, 16)
     width = tokenizer.arrays(tokens, windows)["input_ids"].shape[1]
     assert 16 < width <= 32 and tokenizer.arrays(tokens, windows, buckets)["input_ids"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("model", ["tiny-onnx-int8", "tiny"])
+async def test_the_gateway_coalesces_concurrent_requests_into_shared_triton_calls(
+    start_gateway, int8_repository: Path, model: str  # type: ignore[no-untyped-def]
+) -> None:
+    """Served: concurrent one-text calls leave in fewer, larger Triton calls (core/batching.py), and each text's
+    answer is the one it gets alone (dynamic int8: identical; fp32: the same entities, scores within 1e-4)."""
+    import grpc
+
+    from ner_gateway.net import free_port
+    from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
+
+    from conftest import metric_sum, scrape
+
+    ports = {"triton": free_port(), "gateway": free_port()}
+    gateway = start_gateway(int8_repository, env={"NER_TRITON_METRICS_PORT": str(ports["triton"]),
+                                                  "NER_METRICS_PORT": str(ports["gateway"])})
+
+    def counts() -> tuple[float, float, float, float]:
+        triton, ours = scrape(ports["triton"]), scrape(ports["gateway"])
+        return (metric_sum(triton, "nv_inference_request_success_total", model=model),
+                metric_sum(triton, "nv_inference_count_total", model=model),
+                metric_sum(ours, "ner_triton_call_rows_count", model=model),
+                metric_sum(ours, "ner_triton_call_rows_sum", model=model))
+
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = ner_pb2_grpc.NerServiceStub(channel)
+
+        async def recognize(text: str) -> ner_pb2.Document:
+            return (await stub.Recognize(ner_pb2.RecognizeRequest(texts=[text], model=model), timeout=60)).documents[0]
+
+        await recognize(TEXTS[0])  # warm
+        before = counts()
+        together = await asyncio.gather(*(recognize(text) for text in TEXTS))
+        after = counts()
+        alone = [await recognize(text) for text in TEXTS]
+    triton_requests, rows, calls, call_rows = (a - b for a, b in zip(after, before, strict=True))
+    assert rows == call_rows == len(TEXTS)  # every text ran once
+    assert calls == triton_requests  # one Triton request per coalesced call
+    assert triton_requests <= len(TEXTS) / 3, (triton_requests, len(TEXTS))  # ... carrying 3 texts or more each
+    for shared, single in zip(together, alone, strict=True):
+        assert [(e.label, e.start, e.end) for e in shared.entities] == [(e.label, e.start, e.end)
+                                                                          for e in single.entities]
+        scores = np.array([e.score for e in shared.entities]), np.array([e.score for e in single.entities])
+        if model == "tiny-onnx-int8":
+            np.testing.assert_array_equal(*scores)
+        else:
+            np.testing.assert_allclose(*scores, atol=1e-4)

@@ -159,3 +159,36 @@ async def test_the_work_of_a_request_whose_deadline_passed_stops(shedding_gatewa
     ran, abandoned = outcome
     # Every window Triton did not run is counted as abandoned (never sent, or cancelled in Triton).
     assert ran + abandoned >= windows, (ran, abandoned, windows)
+
+
+async def test_at_capacity_a_call_is_refused_before_its_request_is_parsed(shedding_gateway) -> None:  # type: ignore[no-untyped-def]
+    """The door (transport/door.py): at the request limit, even bytes that are no RecognizeRequest get
+    RESOURCE_EXHAUSTED with the retry hint, so nothing was parsed; with room, the same bytes are INVALID_ARGUMENT.
+    Health checks are answered meanwhile."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    gateway, ports = shedding_gateway
+    garbage = b"\xff\xff\xff\xff"
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        raw = channel.unary_unary("/ner.v1.NerService/Recognize")
+        # Four long requests (~300 windows each: under the windows limit together) hold the 4 places.
+        long_text = " ".join([SENTENCE] * 1000)
+        holders = [asyncio.ensure_future(recognize(channel, long_text, 120)) for _ in range(4)]
+        try:
+            while total(ports["gateway"], "ner_inflight_requests") < 4:  # the gateway's 4 places are taken
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await raw(garbage, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            assert ("grpc-retry-pushback-ms", "250") in tuple(refused.value.trailing_metadata() or ())
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for holder in holders:
+                holder.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        while total(ports["gateway"], "ner_inflight_requests") > 0:
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await raw(garbage, timeout=10)
+    assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT

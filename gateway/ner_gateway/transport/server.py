@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,6 +27,7 @@ from ner_gateway.transport.health import SERVICE_NAME, TritonHealth
 from ner_gateway.transport.interceptors import ErrorInterceptor
 from ner_gateway.transport.rpc_metrics import MetricsInterceptor
 from ner_gateway.transport.servicer import NerServicer
+from ner_gateway.transport.signals import shutdown_events
 from ner_gateway.triton.pool import TritonPool
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
 
@@ -184,14 +184,7 @@ async def serve(settings: GatewaySettings) -> None:
     """Run until SIGTERM/SIGINT, then shut down readiness first: ``drain`` (a second signal cuts it short),
     then ``stop``."""
     gateway = Gateway(settings, configure_tracing())
-    stop, hurry = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        (hurry if stop.is_set() else stop).set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    stop, hurry = shutdown_events()
     try:
         await gateway.start()
         await stop.wait()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ner_gateway.net import free_port
 from ner_gateway.settings import GatewaySettings
+from ner_gateway.transport.signals import shutdown_events
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
 
 LOGGER = logging.getLogger(__name__)
@@ -172,12 +173,5 @@ class Workers:
 
 async def serve_workers(settings: GatewaySettings) -> None:
     """Run the supervisor until SIGTERM/SIGINT (a second signal hurries the workers' drains)."""
-    stop, hurry = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        (hurry if stop.is_set() else stop).set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    stop, hurry = shutdown_events()
     await Workers(settings).run(stop, hurry)
