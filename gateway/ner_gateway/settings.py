@@ -19,7 +19,7 @@ class GatewaySettings(BaseSettings):
     workers: int = Field(1, ge=1)
     """Gateway processes serving ``port`` in front of one Triton (SO_REUSEPORT): one process serves about one
     core's worth of gRPC, tokenizing and decoding. On a GPU host, about one per core left after Triton; on a
-    CPU host, where the model needs the cores too, 1-2 (see README, Scaling). /metrics sums all of them."""
+    CPU host, where the model needs the cores too, 1 (README, "Several gateway workers"). /metrics sums them."""
     host: str = "127.0.0.1"
     """Address the gRPC server binds (0.0.0.0 in a container)."""
     port: int = Field(50051, ge=0, le=65535)

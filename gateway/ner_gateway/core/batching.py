@@ -37,7 +37,7 @@ from ner_gateway.core.ports import Float32Array, InferenceBackend, Int64Array, S
 from ner_gateway.errors import DeadlineExceeded
 from ner_gateway.observability.tracing import TRACER
 
-CALL_TIME_WEIGHT = 0.05  # of the latest call in typical_call_s: follows a change of load within ~20 calls
+WAIT_WEIGHT = 0.05  # of the latest request in typical_wait_s: follows a change of load within ~20 requests
 
 # Content token ids of the rows and the width to pad them to -> the model's input arrays.
 RowEncoder = Callable[[Sequence[Sequence[int]], int], dict[str, Int64Array]]
@@ -129,7 +129,6 @@ class Batcher:
         self._calls: set[_Call] = set()
         self._seq = itertools.count()
         self._scheduled = False
-        self.typical_call_s = 0.0  # moving average of a call's time in the inference server (its queue included)
         # Moving average of a request's wait for its logits (the gateway's queue and its calls): what a request
         # arriving now can expect, which admission compares with what is left of its deadline.
         self.typical_wait_s = 0.0
@@ -162,7 +161,7 @@ class Batcher:
         except BaseException:
             self._abandon(job)
             raise
-        self.typical_wait_s += CALL_TIME_WEIGHT * (loop.time() - job.queued_at - self.typical_wait_s)
+        self.typical_wait_s += WAIT_WEIGHT * (loop.time() - job.queued_at - self.typical_wait_s)
         return job.results  # type: ignore[return-value]  # every row delivered
 
     def _schedule(self) -> None:
@@ -240,7 +239,6 @@ class Batcher:
                 if not job.done.done():
                     job.done.set_exception(e)
             return
-        self.typical_call_s += CALL_TIME_WEIGHT * (loop.time() - started - self.typical_call_s)
         for row, (job, index) in enumerate(call.entries):
             if job.done.done():
                 continue

@@ -7,11 +7,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +31,7 @@ from ner_gateway.observability.tracing import TRACER
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
-_UNTRACED: AbstractContextManager[None] = contextlib.nullcontext()
+_NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,6 @@ class Limits:
     max_text_chars: int
     max_request_chars: int
     default_timeout_s: float
-
-
-class CpuStage(Protocol):
-    """Runs one CPU stage of a request: inline, or in the offload pool for large requests."""
-
-    def __call__(self, work: Callable[[], T]) -> Awaitable[T]: ...
 
 
 @dataclass(frozen=True)
@@ -131,9 +125,9 @@ class RecognitionPipeline:
         """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default);
         ``on_model`` hears the model the request resolved to as soon as it is known (the RPC metrics' label).
         Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all the work it may,
-        and with TooLate (DEADLINE_EXCEEDED) when less time is left than a Triton call takes now."""
+        and with TooLate (DEADLINE_EXCEEDED) when less time is left than an inference takes now."""
         try:
-            with self.admission.request() if self.admission else _UNTRACED:
+            with self.admission.request() if self.admission else _NOTHING:
                 return await self._recognize(request, timeout_s, on_model)
         except (Overloaded, TooLate) as e:
             if self.metrics is not None:
@@ -166,14 +160,13 @@ class RecognitionPipeline:
 
         t0 = time.perf_counter_ns()
         with _span("tokenize", traced) as span:
-            tokens, windows = await cpu_stage(lambda: self._tokenize(model, texts)) if offload else \
-                self._tokenize(model, texts)
+            tokens, windows = await cpu_stage(lambda: self._tokenize(model, texts))
             n_tokens = sum(map(len, tokens))
             if span is not None:
                 span.set_attributes({"ner.tokens": n_tokens, "ner.windows": len(windows),
                                      "ner.offloaded": bool(offload)})
         # The windows count against the admission limit from here to the answer.
-        with self.admission.windows_of(len(windows)) if self.admission else _UNTRACED:
+        with self.admission.windows_of(len(windows)) if self.admission else _NOTHING:
             t1 = time.perf_counter_ns()
             with _span("triton.infer", traced) as span:
                 if span is not None:
@@ -182,8 +175,7 @@ class RecognitionPipeline:
                 window_logits = await self._infer(batcher, model, tokens, windows, deadline, request_id)
             t2 = time.perf_counter_ns()
             with _span("decode", traced) as span:
-                documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits)) \
-                    if offload else self._decode(model, request, tokens, windows, window_logits)
+                documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits))
                 if span is not None:
                     span.set_attributes({"ner.aggregation": request.aggregation.value,
                                          "ner.entities": sum(len(d.entities) for d in documents)})
@@ -237,7 +229,7 @@ class RecognitionPipeline:
 
 
 def _span(name: str, traced: bool) -> AbstractContextManager[trace.Span | None]:
-    return TRACER.start_as_current_span(name) if traced else _UNTRACED
+    return TRACER.start_as_current_span(name) if traced else _NOTHING
 
 
 def observe_recognition(metrics: ModelMetrics, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:

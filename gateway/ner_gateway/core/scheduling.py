@@ -2,8 +2,8 @@
 
 ``Admission`` bounds the requests and windows being served; past it a call is refused at once with
 RESOURCE_EXHAUSTED and a retry hint, instead of queueing work that would only time out. A request whose deadline
-is shorter than a Triton call takes now is refused at once with DEADLINE_EXCEEDED. What is admitted waits for
-Triton in the model's queue (core/batching.py), in fair order.
+is shorter than an inference takes now (queue and call) is refused at once with DEADLINE_EXCEEDED. What is
+admitted waits for Triton in the model's queue (core/batching.py), in fair order.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class Admission:
         self.requests = 0
         self.windows = 0
 
-    def _refuse(self, what: str, limit: int) -> Overloaded:
+    def refusal(self, what: str) -> Overloaded:
+        """The error a request refused at ``what``'s limit (requests or windows) gets."""
+        limit = self.limits.max_requests if what == "requests" else self.limits.max_windows
         return Overloaded(f"the gateway is at capacity ({what}: limit {limit}); retry in "
                           f"{self.limits.retry_after_ms} ms or on another replica", what,
                           self.limits.retry_after_ms)
@@ -43,7 +45,7 @@ class Admission:
     @contextmanager
     def request(self) -> Iterator[None]:
         if self.requests >= self.limits.max_requests:
-            raise self._refuse("requests", self.limits.max_requests)
+            raise self.refusal("requests")
         self.requests += 1
         try:
             yield
@@ -65,7 +67,7 @@ class Admission:
     def windows_of(self, count: int) -> Iterator[None]:
         """Hold ``count`` windows; a request bigger than the limit alone is still served when nothing else is."""
         if self.windows and self.windows + count > self.limits.max_windows:
-            raise self._refuse("windows", self.limits.max_windows)
+            raise self.refusal("windows")
         self.windows += count
         try:
             yield

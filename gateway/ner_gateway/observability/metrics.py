@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LOGGER = logging.getLogger(__name__)
+# prometheus_client's multiprocess mode: the folder where the workers of `ner-gateway serve --workers` write.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
@@ -61,7 +63,7 @@ class GatewayMetrics:
     def shared() -> bool:
         """This process is one of several workers (``ner-gateway serve --workers``): its samples go to the shared
         folder and the supervisor serves /metrics for all of them."""
-        return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        return bool(os.environ.get(MULTIPROC_ENV))
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics in a background thread; returns the bound port (port 0 picks a free one)."""

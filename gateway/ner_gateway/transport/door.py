@@ -14,6 +14,7 @@ import grpc
 
 from ner_gateway.core.scheduling import Admission
 from ner_gateway.observability.metrics import GatewayMetrics
+from ner_gateway.transport.interceptors import set_status
 from ner_gateway.transport.rpc_types import Context, Continuation, Handler
 
 RECOGNIZE = "/ner.v1.NerService/Recognize"
@@ -26,15 +27,10 @@ class DoorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, admission: Admission, metrics: GatewayMetrics) -> None:
         self.admission = admission
         self._refused = metrics.refused.labels("requests")
-        limits = admission.limits
-        details = (f"the gateway is at capacity (requests: limit {limits.max_requests}); retry in "
-                   f"{limits.retry_after_ms} ms or on another replica")
-        pushback = (("grpc-retry-pushback-ms", str(limits.retry_after_ms)),)
+        error = admission.refusal("requests")  # the very answer the pipeline's own check gives
 
         async def refuse(request: Any, context: Context) -> None:
-            context.set_trailing_metadata(pushback)
-            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_details(details)
+            set_status(context, error, RECOGNIZE)
 
         # No request deserializer: the bytes are not parsed.
         self._refusal: Handler = grpc.unary_unary_rpc_method_handler(refuse)

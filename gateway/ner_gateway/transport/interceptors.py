@@ -112,7 +112,7 @@ async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _decoded(request)
 
 
-def _set_status(context: Context, error: Exception, method: str) -> None:
+def set_status(context: Context, error: Exception, method: str) -> None:
     """Set the RPC's final status instead of ``context.abort``: abort sends the status at once, before the
     outer interceptors (metrics) have unwound, so a client could see the error before it is counted.
     A status set here goes out when the handler returns, after every interceptor has finished."""
@@ -183,6 +183,6 @@ class ErrorInterceptor(GuardInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as e:  # mapped, or reported as INTERNAL; the RPC then ends with that status
-                _set_status(context, e, method)
+                set_status(context, e, method)
 
         return mapped_errors

@@ -30,12 +30,12 @@ import tempfile
 from pathlib import Path
 
 from ner_gateway.net import free_port
+from ner_gateway.observability.metrics import MULTIPROC_ENV
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.signals import shutdown_events
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
 
 LOGGER = logging.getLogger(__name__)
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_BACKOFF_S = 1.0
 # A worker that exits with an error this soon after it started was refused its start (settings, repository,
 # Triton's models): restarting it would fail the same way, so the supervisor stops, as a single gateway would.
