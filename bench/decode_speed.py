@@ -22,7 +22,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer, pipelin
 
 from ner_gateway.core.decoding import LabelTable, decode
 from ner_gateway.core.domain import Aggregation
-from ner_gateway.core.tokenization import TextTokenizer
+from ner_gateway.core.tokenizing import TextTokenizer
 
 WORDS = ("Barack Obama met Angela Merkel in Berlin before flying to New York with executives from Microsoft , "
          "Google and Apple ; the unbelievably long summit ended on Tuesday #politics @reuters 2024 .").split()
@@ -59,7 +59,7 @@ def main() -> None:
     n_tokens = logits.shape[1]
 
     tokenizer_json = Path(args.checkpoint / "tokenizer.json") if args.checkpoint.is_dir() else source / "tokenizer.json"
-    ours = TextTokenizer(tokenizer_json, n_tokens, ["input_ids", "attention_mask"])
+    ours = TextTokenizer(tokenizer_json, n_tokens)
     table = LabelTable.from_labels(labels)
     (tokens,) = ours.tokenize([text])
     content_logits = logits[0, 1:-1].numpy()  # ours decodes content tokens; specials are merged away

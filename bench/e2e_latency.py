@@ -24,10 +24,12 @@ import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as triton_grpc
 
-from ner_gateway.core.models import load_tokenizer, window_stride
+from ner_gateway.artifact.manifest import ModelManifest, latest_version_dir
+from ner_gateway.core.batching import InputEncoder
+from ner_gateway.core.compatibility import load_tokenizer, window_stride
+from ner_gateway.core.windowing import plan_windows
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.spec.manifest import ModelManifest, latest_version_dir
 from ner_gateway.triton.process import EmbeddedTriton
 
 SENTENCES = [
@@ -58,11 +60,12 @@ def main() -> None:
     # The gateway's own tokenizer path (checksum-checked, windows planned as it plans them).
     tokenizer = load_tokenizer(version_dir, manifest)
     stride = window_stride(tokenizer, None, manifest.name)
+    encoder = InputEncoder(tokenizer.special, manifest.inputs)
     texts = [[SENTENCES[(i + j) % len(SENTENCES)] for j in range(args.batch)] for i in range(len(SENTENCES))]
     feeds = []
     for batch in texts:
         tokens = tokenizer.tokenize(batch)
-        feeds.append(tokenizer.arrays(tokens, tokenizer.plan_windows(tokens, stride)))
+        feeds.append(encoder.windows(tokens, plan_windows(tokens, tokenizer.window_capacity, stride)))
 
     session = ort.InferenceSession(str(version_dir / manifest.model_file), providers=["CPUExecutionProvider"])
     triton = EmbeddedTriton(args.repository)

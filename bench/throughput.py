@@ -297,9 +297,10 @@ def main() -> None:
         args.models = NAME
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
 
-    from ner_gateway.core.models import load_tokenizer
-    from ner_gateway.core.tokenization import Window
-    from ner_gateway.spec.manifest import ModelManifest, latest_version_dir
+    from ner_gateway.artifact.manifest import ModelManifest, latest_version_dir
+    from ner_gateway.core.batching import InputEncoder
+    from ner_gateway.core.compatibility import load_tokenizer
+    from ner_gateway.core.windowing import Window
     from ner_gateway.triton.process import EmbeddedTriton
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -313,7 +314,8 @@ def main() -> None:
         manifest = ModelManifest.read(version_dir)
         tokenizer = load_tokenizer(version_dir, manifest)
         tokens = tokenizer.tokenize(texts)
-        feeds[model] = [tokenizer.arrays([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
+        encoder = InputEncoder(tokenizer.special, manifest.inputs)
+        feeds[model] = [encoder.windows([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
                         for t in tokens]
         sessions[model] = ort_session(version_dir / manifest.model_file)
         rows_alone[model] = manifest.rows_alone

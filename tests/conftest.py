@@ -23,13 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 if TYPE_CHECKING:
     from ner_gateway.core.decoding import LabelTable
     from ner_gateway.core.domain import Aggregation, Entity
-    from ner_gateway.core.tokenization import TextTokenizer
+    from ner_gateway.core.tokenizing import TextTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 TINY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 TINY_MAX_LENGTH = 64
+BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @pytest.fixture(scope="session")
@@ -84,20 +85,23 @@ def tiny_token_classifier(  # type: ignore[no-untyped-def]
 
 
 def torch_entities(tokenizer: TextTokenizer, model, text: str, table: LabelTable,  # type: ignore[no-untyped-def]
-                   aggregation: Aggregation) -> list[Entity]:
+                   aggregation: Aggregation, inputs: Sequence[str] = BERT_INPUTS) -> list[Entity]:
     """The gateway's own path without transport (TextTokenizer -> window -> model inputs -> merge -> decode),
     the PyTorch ``model`` standing in for Triton. ``text`` must fit one window."""
     import torch
 
-    from ner_gateway.core.decoding import decode
+    from ner_gateway.core.batching import InputEncoder
+    from ner_gateway.core.decoding import decode, merge
+    from ner_gateway.core.windowing import plan_windows
 
     (tokens,) = tokenizer.tokenize([text])
-    windows = tokenizer.plan_windows([tokens], stride=8)
+    windows = plan_windows([tokens], tokenizer.window_capacity, stride=8)
     assert len(windows) == 1
-    inputs = {k: torch.from_numpy(v) for k, v in tokenizer.arrays([tokens], windows).items()}
+    arrays = InputEncoder(tokenizer.special, inputs).windows([tokens], windows)
     with torch.no_grad():
-        logits = model(**inputs).logits.numpy()
-    return decode(text, tokenizer.merge(len(tokens), windows, [logits[0]]), tokens.view, table, aggregation)
+        logits = model(**{k: torch.from_numpy(v) for k, v in arrays.items()}).logits.numpy()
+    merged = merge(len(tokens), windows, [logits[0]], tokenizer.special.prefix)
+    return decode(text, merged, tokens.view, table, aggregation)
 
 
 # --- real servers -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ner_builder.augment import (
 )
 from ner_builder.datasets import NerDataset, head, load_dataset, sort_labels
 from ner_builder.spans import Span, spans_to_bio, spans_to_tags, tags_to_spans
-from ner_gateway.spec.schemes import TaggingScheme
+from ner_gateway.artifact.schemes import TaggingScheme
 
 BIO, BMES, BIOES = TaggingScheme.BIO, TaggingScheme.BMES, TaggingScheme.BIOES
 

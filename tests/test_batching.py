@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,11 @@ from tritonclient.grpc import model_config_pb2
 
 from ner_builder.repository import PYTHON_MODEL_SOURCE
 from ner_builder.triton_config import ServingOptions, python_onnx_config
-from ner_gateway.core.models import load_tokenizer
-from ner_gateway.core.tokenization import TextTokenizer, Window
-from ner_gateway.spec.manifest import ModelManifest
+from ner_gateway.artifact.manifest import ModelManifest
+from ner_gateway.core.batching import InputEncoder
+from ner_gateway.core.compatibility import load_tokenizer
+from ner_gateway.core.tokenizing import TextTokenizer, TextTokens
+from ner_gateway.core.windowing import Window
 from ner_gateway.triton.process import EmbeddedTriton
 
 WORDS = ("Ada Lovelace met Charles Babbage in London and Paris while Google hired engineers at the "
@@ -35,10 +39,26 @@ async def triton(int8_repository: Path):
     await server.stop()
 
 
-def tokenizer_of(repository: Path, model: str) -> tuple[TextTokenizer, ModelManifest]:
+@dataclass(frozen=True)
+class ModelInputs:
+    """A model's tokenizer and input encoder, as the gateway builds its calls."""
+
+    tokenizer: TextTokenizer
+    encoder: InputEncoder
+
+    def tokenize(self, texts: list[str]) -> list[TextTokens]:
+        return self.tokenizer.tokenize(texts)
+
+    def arrays(self, tokens: list[TextTokens], windows: list[Window], buckets: tuple[int, ...] = ()
+               ) -> dict[str, np.ndarray]:
+        return self.encoder.windows(tokens, windows, buckets)
+
+
+def tokenizer_of(repository: Path, model: str) -> tuple[ModelInputs, ModelManifest]:
     version_dir = repository / model / "1"
     manifest = ModelManifest.read(version_dir)
-    return load_tokenizer(version_dir, manifest), manifest
+    tokenizer = load_tokenizer(version_dir, manifest)
+    return ModelInputs(tokenizer, InputEncoder(tokenizer.special, manifest.inputs)), manifest
 
 
 async def infer(client: triton_aio.InferenceServerClient, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -51,7 +71,7 @@ async def infer(client: triton_aio.InferenceServerClient, model: str, inputs: di
     return result.as_numpy("logits")
 
 
-def one_window(tokenizer: TextTokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+def one_window(tokenizer: ModelInputs, texts: list[str]) -> dict[str, np.ndarray]:
     tokens = tokenizer.tokenize(texts)
     return tokenizer.arrays(tokens, [Window(i, 0, len(t)) for i, t in enumerate(tokens)])
 
@@ -192,10 +212,19 @@ async def test_the_gateway_coalesces_concurrent_requests_into_shared_triton_call
         async def recognize(text: str) -> ner_pb2.Document:
             return (await stub.Recognize(ner_pb2.RecognizeRequest(texts=[text], model=model), timeout=60)).documents[0]
 
+        def settled() -> tuple[float, float, float, float]:
+            """The counts once Triton's (updated a moment after it answers) show every row the gateway sent."""
+            for _ in range(100):
+                now = counts()
+                if now[1] == now[3]:
+                    return now
+                time.sleep(0.1)
+            raise AssertionError(f"Triton's counts never caught up with the gateway's: {now}")
+
         await recognize(TEXTS[0])  # warm
-        before = counts()
+        before = settled()
         together = await asyncio.gather(*(recognize(text) for text in TEXTS))
-        after = counts()
+        after = settled()
         alone = [await recognize(text) for text in TEXTS]
     triton_requests, rows, calls, call_rows = (a - b for a, b in zip(after, before, strict=True))
     assert rows == call_rows == len(TEXTS)  # every text ran once

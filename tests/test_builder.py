@@ -14,8 +14,8 @@ from tritonclient.grpc import model_config_pb2
 from ner_builder.build import BuildOptions, BuildResult, build_model
 from ner_builder.cli import main
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import ModelManifest, Precision, sha256_file
-from ner_gateway.spec.schemes import TaggingScheme, detect_tagging_scheme
+from ner_gateway.artifact.manifest import ModelManifest, Precision, sha256_file
+from ner_gateway.artifact.schemes import TaggingScheme, detect_tagging_scheme
 
 from conftest import TINY_LABELS, TINY_MAX_LENGTH
 

@@ -24,10 +24,10 @@ from ner_builder.isolate_cjk import CjkIsolationError, isolate_cjk
 from ner_builder.spans import Span, spans_to_bio, tags_to_spans, token_tags
 from ner_builder.token_alignment import char_tags, encode_chars, gold_tags
 from ner_builder.train import TrainOptions, train_token_classifier
-from ner_gateway.errors import ConfigurationError
-from ner_gateway.spec.cjk import CjkPieces, cjk_pieces
-from ner_gateway.spec.manifest import ModelManifest, latest_version_dir
-from ner_gateway.spec.schemes import TaggingScheme, detect_tagging_scheme
+from ner_gateway.artifact.cjk import CjkPieces, cjk_pieces
+from ner_gateway.artifact.manifest import ModelManifest, latest_version_dir
+from ner_gateway.artifact.schemes import TaggingScheme, detect_tagging_scheme
+from ner_gateway.core.errors import ConfigurationError
 
 from conftest import tiny_token_classifier, torch_entities
 
@@ -353,7 +353,7 @@ def test_bmes_model_served_and_decoded_end_to_end(xlmr, tmp_path: Path, start_ga
     from ner_builder.build import BuildOptions, build_model
     from ner_gateway.core.decoding import LabelTable
     from ner_gateway.core.domain import Aggregation
-    from ner_gateway.core.tokenization import TextTokenizer
+    from ner_gateway.core.tokenizing import TextTokenizer
     from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
     # tiny_bmes_checkpoint's model with a confident random head, so the BMES paths (B/M/E/S, repairs) all get
@@ -373,12 +373,11 @@ def test_bmes_model_served_and_decoded_end_to_end(xlmr, tmp_path: Path, start_ga
     response = stub.Recognize(ner_pb2.RecognizeRequest(texts=CHINESE_TEXTS), timeout=30)
 
     # Reference: the same checkpoint in PyTorch, decoded locally with the BMES table.
-    tokenizer = TextTokenizer(result.version_dir / "tokenizer.json", result.manifest.max_sequence_length,
-                              result.manifest.inputs)
+    tokenizer = TextTokenizer(result.version_dir / "tokenizer.json", result.manifest.max_sequence_length)
     table = LabelTable.from_labels(MSRA_LABELS, TaggingScheme.BMES)
     found = 0
     for text, document in zip(CHINESE_TEXTS, response.documents, strict=True):
-        expected = torch_entities(tokenizer, model, text, table, Aggregation.SIMPLE)
+        expected = torch_entities(tokenizer, model, text, table, Aggregation.SIMPLE, result.manifest.inputs)
         got = [(e.label, e.start, e.end, e.text) for e in document.entities]
         assert got == [(e.label, e.start, e.end, e.text) for e in expected]
         for label, start, end, entity_text in got:
@@ -525,7 +524,7 @@ def test_served_chinese_entities_have_exact_character_spans(labelling_checkpoint
 
 
 def test_gateway_refuses_a_tokenizer_that_cuts_cjk_unlike_the_build(exact_repository: Path) -> None:
-    from ner_gateway.core.models import load_tokenizer
+    from ner_gateway.core.compatibility import load_tokenizer
 
     version_dir = latest_version_dir(exact_repository / "msra-exact")
     manifest = ModelManifest.read(version_dir)

@@ -7,9 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from ner_gateway.core.decoding import LabelTable, TokenView, decode, viterbi
+from ner_gateway.artifact.schemes import TaggingScheme
+from ner_gateway.core.decoding import LabelTable, decode, viterbi
 from ner_gateway.core.domain import Aggregation, Entity
-from ner_gateway.spec.schemes import TaggingScheme
+from ner_gateway.core.tokenizing import TokenView
 
 LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "MISC"]
 TABLE = LabelTable.from_labels(LABELS)

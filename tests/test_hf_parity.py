@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ner_gateway.core.decoding import LabelTable
 from ner_gateway.core.domain import Aggregation
-from ner_gateway.core.tokenization import TextTokenizer
+from ner_gateway.core.tokenizing import TextTokenizer
 
 from conftest import TINY_LABELS, TINY_MAX_LENGTH, tiny_token_classifier, torch_entities
 
@@ -75,7 +75,7 @@ class Reference:
         from transformers import pipeline
 
         self.model = model
-        self.ours = TextTokenizer(tokenizer_file, TINY_MAX_LENGTH, INPUTS)
+        self.ours = TextTokenizer(tokenizer_file, TINY_MAX_LENGTH)
         self.hf_tokenizer = hf_tokenizer
         self.table = LabelTable.from_labels(TINY_LABELS)
         self.pipelines = {s: pipeline("token-classification", model=model, tokenizer=hf_tokenizer,
@@ -170,7 +170,7 @@ def test_word_boundaries_differ_between_tokenizer_families(wordpiece: Reference,
 
 
 def test_the_isolated_family_differs_from_xlmr_only_on_ideographs(unigram: Reference, unigram_cjk: Reference) -> None:
-    from ner_gateway.spec.cjk import is_cjk
+    from ner_gateway.artifact.cjk import is_cjk
 
     for text in CURATED:
         (merged,), (isolated,) = unigram.ours.tokenize([text]), unigram_cjk.ours.tokenize([text])

@@ -11,12 +11,24 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
-from ner_gateway.errors import InferenceFailed, TritonUnavailable
+import ner_gateway.core.errors as domain_errors
+from ner_gateway.core.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    NerError,
+    Overloaded,
+    TooLate,
+    TritonUnavailable,
+)
 from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.transport.interceptors import ErrorInterceptor, Guard, GuardInterceptor
 from ner_gateway.transport.rpc_metrics import MetricsInterceptor
 from ner_gateway.transport.servicer import NerServicer
+from ner_gateway.transport.status import STATUS_OF
 
 
 class FailingPipeline:
@@ -57,7 +69,16 @@ async def server():
         (InferenceFailed("model exploded at layer 3"), grpc.StatusCode.INTERNAL, "internal error"),
         (TritonUnavailable("the inference server is unavailable; retry later"), grpc.StatusCode.UNAVAILABLE,
          "the inference server is unavailable; retry later"),
+        (ModelUnavailable("model 'm' is not ready"), grpc.StatusCode.UNAVAILABLE, "model 'm' is not ready"),
+        (InvalidRequest("texts must hold at least one text"), grpc.StatusCode.INVALID_ARGUMENT,
+         "texts must hold at least one text"),
+        (ModelNotFound("model 'x' not found"), grpc.StatusCode.NOT_FOUND, "model 'x' not found"),
+        (DeadlineExceeded("deadline exceeded before inference"), grpc.StatusCode.DEADLINE_EXCEEDED,
+         "deadline exceeded before inference"),
+        (TooLate("not started"), grpc.StatusCode.DEADLINE_EXCEEDED, "not started"),  # by its base class
+        (Overloaded("at capacity", "requests", 250), grpc.StatusCode.RESOURCE_EXHAUSTED, "at capacity"),
     ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
 )
 async def test_errors_map_to_status_and_internal_details_stay_private(server, error, code, details) -> None:
     pipeline, metrics, stub = server
@@ -73,6 +94,13 @@ async def test_errors_map_to_status_and_internal_details_stay_private(server, er
     for method in ("Recognize", "RecognizeStream"):
         assert sample("ner_requests_total", {"method": method, "model": "", "code": code.name}) == 1
         assert sample("ner_inflight_requests", {"method": method}) == 0
+
+
+def test_every_domain_error_has_its_status_in_the_table() -> None:
+    """A new domain error must be given its code (transport/status.py); one without would answer INTERNAL."""
+    declared = {value for value in vars(domain_errors).values()
+                if isinstance(value, type) and issubclass(value, NerError) and value is not TooLate}
+    assert declared == set(STATUS_OF)  # TooLate answers as its base, DeadlineExceeded (asserted above)
 
 
 class SlowToUnwind(GuardInterceptor):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ner_gateway.core.decoding import LabelTable, decode
 from ner_gateway.core.domain import Aggregation, Entity, OffsetUnit
 from ner_gateway.core.offsets import convert_entities, unit_prefix
-from ner_gateway.core.tokenization import TextTokenizer
+from ner_gateway.core.tokenizing import TextTokenizer
 
 from conftest import TINY_LABELS
 
@@ -95,7 +95,7 @@ TOKEN_LOGITS = np.random.default_rng(0).normal(size=(40_000, len(TINY_LABELS))).
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint: Path) -> TextTokenizer:
-    return TextTokenizer(tiny_checkpoint / "tokenizer.json", 64, ["input_ids", "attention_mask", "token_type_ids"])
+    return TextTokenizer(tiny_checkpoint / "tokenizer.json", 64)
 
 
 def test_entities_slice_exactly_in_every_unit(tokenizer: TextTokenizer) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,8 +14,8 @@ import grpc
 import pytest
 
 from ner_gateway.core.domain import RecognizeRequest
+from ner_gateway.core.errors import ConfigurationError, DeadlineExceeded, TooLate, TritonUnavailable
 from ner_gateway.core.pipeline import CpuOffload, RecognitionPipeline
-from ner_gateway.errors import ConfigurationError, DeadlineExceeded, TritonUnavailable
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.server import Gateway
@@ -50,13 +53,33 @@ async def test_aio_client_against_external_triton(gateway: Gateway) -> None:
     assert response.model == TINY_MODEL and len(response.documents) == 1
 
 
-async def test_deadline_is_enforced_inside_the_pipeline(gateway: Gateway) -> None:
+async def test_deadline_is_enforced_inside_the_pipeline(gateway: Gateway, triton: EmbeddedTriton) -> None:
+    """Each stage enforces the request's one deadline: spent before the request is read, it is refused before any
+    work (TooLate); passing while Triton holds the call (here hung with SIGSTOP), the request ends at its deadline,
+    not Triton's answer, and its rows in the call count as abandoned in Triton."""
     request = RecognizeRequest(texts=["Angela Merkel visited Paris"] * 8)
-    with pytest.raises(DeadlineExceeded):
-        await gateway.pipeline.recognize(request, timeout_s=0.0)
-    with pytest.raises(DeadlineExceeded):
-        await gateway.pipeline.recognize(request, timeout_s=1e-4)  # expires inside the Triton call
-    assert len((await gateway.pipeline.recognize(request, timeout_s=10)).documents) == 8
+    pipeline = gateway.pipeline
+    with pytest.raises(TooLate, match="before the request was read"):
+        await pipeline.recognize(request, timeout_s=0.0)
+
+    def abandoned_in_triton() -> float:
+        return gateway.metrics.abandoned_windows.labels(TINY_MODEL, "in_triton")._value.get()
+
+    before = abandoned_in_triton()
+    assert triton.pid is not None
+    os.killpg(triton.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="while waiting for the inference server") as raised:
+            await pipeline.recognize(request, timeout_s=0.4)
+        waited = time.monotonic() - started
+    finally:
+        os.killpg(triton.pid, signal.SIGCONT)
+    assert not isinstance(raised.value, TooLate)  # admitted: it expired inside the call
+    assert 0.4 <= waited < 2.0, waited
+    assert abandoned_in_triton() - before == 8  # its 8 rows were in Triton when the deadline passed
+    await wait_for(lambda: gateway.backend.model_ready(TINY_MODEL), 20, "the resumed Triton in rotation")
+    assert len((await pipeline.recognize(request, timeout_s=10)).documents) == 8
 
 
 class CountingPool(ThreadPoolExecutor):

@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ner_gateway.core.deadline import Deadline
+from ner_gateway.core.discovery import read_manifests
 from ner_gateway.core.domain import RecognizeRequest
-from ner_gateway.core.models import read_manifests
 from ner_gateway.settings import GatewaySettings
+from ner_gateway.transport.health import serving
 from ner_gateway.transport.server import Gateway
-from ner_gateway.triton.pool import TritonPool, resolve
+from ner_gateway.triton.endpoints import resolve
+from ner_gateway.triton.pool import TritonPool
 from ner_gateway.triton.process import EmbeddedTriton
+from ner_gateway.triton.routing import TritonRouter
 
 from conftest import wait_for
 
@@ -64,8 +68,10 @@ async def test_two_tritons_balanced_and_one_killed_mid_load(tiny_repository: Pat
         served_before_kill: list[int] = []
 
         async def killer() -> None:
-            await asyncio.sleep(1.5)
-            served_before_kill.append(await inference_counts(tritons[0]))
+            # Until traffic has reached the first Triton (and leaving time to serve after the kill).
+            while (served := await inference_counts(tritons[0])) <= 5 and time.monotonic() < stop_at - 2.5:
+                await asyncio.sleep(0.05)
+            served_before_kill.append(served)
             killed_at.append(time.monotonic())
             os.killpg(tritons[0].pid, signal.SIGKILL)  # like a node loss: no drain
 
@@ -78,10 +84,8 @@ async def test_two_tritons_balanced_and_one_killed_mid_load(tiny_repository: Pat
         assert served_before_kill[0] > 5 and await inference_counts(tritons[1]) > 10
         assert gateway.health.serving is True
         # The killed Triton's supervisor restarts it on the same port; the pool takes it back in rotation.
-        deadline = time.monotonic() + 30
-        while gateway.backend.ready_endpoints != [t.grpc_url for t in tritons] and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert gateway.backend.ready_endpoints == [t.grpc_url for t in tritons]
+        await wait_for(lambda: gateway.backend.ready_endpoints == [t.grpc_url for t in tritons], 30,
+                       "the restarted Triton back in rotation")
     finally:
         await gateway.stop()
         for triton in tritons:
@@ -107,7 +111,7 @@ async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_severa
         model = await pool.check_model(manifest)
         pool.watch(model)
         pool.start()
-        await asyncio.sleep(0.6)
+        await pool.refresh()
         assert pool.model_ready(model.name) and polls_unanswered() == 0
         assert triton.pid is not None
         os.killpg(triton.pid, signal.SIGSTOP)  # no answer at all, the connection stays open
@@ -115,11 +119,11 @@ async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_severa
             # Polls go unanswered; the endpoint and its model stay in rotation meanwhile.
             states, deadline = [], time.monotonic() + 20
             while polls_unanswered() < 2 and time.monotonic() < deadline:
-                states.append((pool.ready, pool.model_ready(model.name)))
+                states.append((serving(pool), pool.model_ready(model.name)))
                 await asyncio.sleep(0.02)
             assert set(states) == {(True, True)} and polls_unanswered() == 2, (set(states), polls_unanswered())
             # Still no answer: taken out at the fourth poll in a row.
-            await wait_for(lambda: not pool.ready, 20, "the pool to take the stopped Triton out")
+            await wait_for(lambda: not serving(pool), 20, "the pool to take the stopped Triton out")
             assert polls_unanswered() == 3 and not pool.model_ready(model.name)
             assert pool.ready_endpoints == []
             assert any("left 4 polls in a row unanswered" in r.getMessage() for r in caplog.records)
@@ -127,8 +131,9 @@ async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_severa
             os.killpg(triton.pid, signal.SIGCONT)
         # Back in rotation once it answers, and serving.
         await wait_for(lambda: pool.model_ready(model.name), 20, "the resumed Triton back in rotation")
-        logits = await pool.infer(model, {name: np.ones((1, 8), dtype=np.int64) for name in manifest.inputs},
-                                  manifest.output, timeout_s=30)
+        logits = await TritonRouter(pool).infer(
+            model, {name: np.ones((1, 8), dtype=np.int64) for name in manifest.inputs}, manifest.output,
+            Deadline.after(30))
         assert logits.shape == (1, 8, len(manifest.labels))
     finally:
         await pool.close()

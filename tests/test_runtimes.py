@@ -14,7 +14,7 @@ from ner_builder.runtimes import RUNTIMES
 from ner_builder.runtimes.base import Int8Graph, Runtime
 from ner_builder.targets import ALL_TARGETS, DEFAULT_TARGET, TARGET_NAMES, Target, parse_target
 from ner_builder.triton_config import ServingOptions, to_pbtxt
-from ner_gateway.spec.manifest import MANIFEST_FILE, ModelManifest, Precision
+from ner_gateway.artifact.manifest import MANIFEST_FILE, ModelManifest, Precision
 from ner_gateway.triton.process import loadable_models
 
 DECLARED = ("name", "precisions", "model_format", "model_file", "required_files", "embedded_triton", "runs_on_cpu",

@@ -1,4 +1,4 @@
-"""Admission (core/scheduling.py) and the coalescing batcher (core/batching.py), on the event loop alone: the
+"""Admission (core/admission.py) and the coalescing batcher (core/batching.py), on the event loop alone: the
 backend is an in-process implementation of the core's port that holds each call until the test releases it (the
 same properties on a real Triton: test_load_shedding.py, test_batching.py)."""
 
@@ -11,10 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
+from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.batching import Batcher, BatchLimits
+from ner_gateway.core.deadline import Deadline
+from ner_gateway.core.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from ner_gateway.core.ports import ServedModel
-from ner_gateway.core.scheduling import Admission, AdmissionLimits
-from ner_gateway.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from ner_gateway.transport.status import status_of
 
 
 def test_admission_refuses_past_its_limits_with_a_retry_hint() -> None:
@@ -22,7 +24,7 @@ def test_admission_refuses_past_its_limits_with_a_retry_hint() -> None:
     with admission.request(), admission.request():
         with pytest.raises(Overloaded) as refused, admission.request():
             pass
-    assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(refused.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.value.reason == "requests" and refused.value.retry_after_ms == 150
     assert "retry in 150 ms" in str(refused.value)
     with admission.request():  # places come back when requests end
@@ -43,7 +45,7 @@ class HeldBackend:
         self.calls: list[tuple[np.ndarray, asyncio.Future[None]]] = []
         self.cancelled = 0
 
-    async def infer(self, model: ServedModel, inputs: Mapping[str, np.ndarray], output: str, timeout_s: float,
+    async def infer(self, model: ServedModel, inputs: Mapping[str, np.ndarray], output: str, deadline: Deadline,
                     request_id: str = "") -> np.ndarray:
         ids = inputs["input_ids"]
         release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -97,7 +99,7 @@ async def settle() -> None:
 
 
 def send(batcher: Batcher, rows: list[list[int]], timeout_s: float = 10.0) -> asyncio.Task[list[np.ndarray]]:
-    deadline = asyncio.get_running_loop().time() + timeout_s
+    deadline = Deadline.after(timeout_s)
     lengths = [len(row) for row in rows]
     return asyncio.ensure_future(batcher.infer(rows, lengths, lengths, deadline))
 
@@ -224,7 +226,7 @@ async def test_a_failed_call_fails_every_request_in_it_and_the_queue_goes_on() -
 async def test_with_sequence_buckets_a_call_holds_one_width() -> None:
     backend = HeldBackend()
     queue = batcher(backend, max_calls=1, buckets=(8, 16))
-    deadline = asyncio.get_running_loop().time() + 10
+    deadline = Deadline.after(10)
     holder = asyncio.ensure_future(queue.infer([[1]], [1], [8], deadline))
     await settle()
     tasks = [asyncio.ensure_future(queue.infer([[5] * n], [n], [8 if n <= 8 else 16], deadline))

@@ -1,4 +1,4 @@
-"""The one tagging-scheme model (ner_gateway.spec.schemes): prefixes and roles, the prefix written per position,
+"""The one tagging-scheme model (ner_gateway.artifact.schemes): prefixes and roles, the prefix written per position,
 tag parsing, and that the manifest still reads and writes schemes by the same strings."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from ner_builder.spans import Span, spans_to_tags, tags_to_spans, token_tags
-from ner_gateway.spec.manifest import ModelManifest
-from ner_gateway.spec.schemes import Role, TaggingScheme, detect_tagging_scheme, split_tag
+from ner_gateway.artifact.manifest import ModelManifest
+from ner_gateway.artifact.schemes import Role, TaggingScheme, detect_tagging_scheme, split_tag
 
 
 @pytest.mark.parametrize(

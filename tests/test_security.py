@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ner_gateway.client import AsyncNerClient, NerClient, target
-from ner_gateway.errors import ConfigurationError
+from ner_gateway.core.errors import ConfigurationError
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ner_gateway.core.models import EngineRuntime, check_engine
-from ner_gateway.errors import ConfigurationError
+from ner_gateway.artifact.manifest import EngineInfo, ModelManifest
+from ner_gateway.core.compatibility import EngineRuntime, check_engine
+from ner_gateway.core.errors import ConfigurationError
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.spec.manifest import EngineInfo, ModelManifest
 from ner_gateway.triton.process import loadable_models
 
 from conftest import TINY_MODEL

@@ -22,7 +22,7 @@ from ner_builder.engine import EngineOptions, import_library, profile_shapes
 from ner_builder.errors import BuildError
 from ner_builder.targets import parse_targets
 from ner_builder.triton_config import ServingOptions
-from ner_gateway.spec.manifest import ModelManifest, Precision, sha256_file
+from ner_gateway.artifact.manifest import ModelManifest, Precision, sha256_file
 
 from conftest import TINY_LABELS, TINY_MAX_LENGTH, TINY_MODEL
 

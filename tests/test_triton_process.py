@@ -19,10 +19,10 @@ import pytest
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from ner_gateway.artifact.manifest import ModelManifest
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.spec.manifest import ModelManifest
 from ner_gateway.transport.server import Gateway
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
 

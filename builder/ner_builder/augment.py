@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from ner_builder.datasets import NerDataset
 from ner_builder.spans import Span, spans_to_tags, tags_to_spans
-from ner_gateway.spec.schemes import TaggingScheme
+from ner_gateway.artifact.schemes import TaggingScheme
 
 LOGGER = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from tokenizers import Tokenizer
 from ner_builder import calibration, engine, evaluate, export, precision, repository
 from ner_builder.checkpoint import Checkpoint, load_checkpoint
 from ner_builder.errors import BuildError
-from ner_builder.gate import Gate, make_gate
+from ner_builder.gate import Gate, GateRules, make_gate
 from ner_builder.runtimes.base import ArtifactRequest, Built, Int8Graph
 from ner_builder.targets import DEFAULT_TARGET, Target
 from ner_builder.triton_config import ServingOptions, to_pbtxt
-from ner_gateway.spec.cjk import cjk_pieces
-from ner_gateway.spec.manifest import (
+from ner_gateway.artifact.cjk import cjk_pieces
+from ner_gateway.artifact.manifest import (
     TOKENIZER_FILE,
     CalibrationInfo,
     Fallback,
@@ -39,7 +39,7 @@ from ner_gateway.spec.manifest import (
     PruningInfo,
     sha256_file,
 )
-from ner_gateway.spec.schemes import TaggingScheme, detect_tagging_scheme
+from ner_gateway.artifact.schemes import TaggingScheme, detect_tagging_scheme
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ class BuildOptions:
     int8_mode: str = "dynamic"
     prune_heads: int = 0
     engine: engine.EngineOptions = field(default_factory=engine.EngineOptions)
+
+    @property
+    def gate_rules(self) -> GateRules:
+        return GateRules(self.dataset, self.eval_fraction, self.seed, self.max_f1_drop, self.verify,
+                         self.min_reduced_agreement)
 
 
 @dataclass(frozen=True)
@@ -230,7 +235,7 @@ def build_model(checkpoint_path: Path, repository_path: Path, name: str, options
     if max_length > checkpoint.max_length:
         raise BuildError(f"--max-length {max_length} exceeds the model's limit {checkpoint.max_length}")
     input_names = export.model_input_names(checkpoint)
-    gate, train_split = make_gate(checkpoint, input_names, max_length, options)
+    gate, train_split = make_gate(checkpoint, input_names, max_length, options.gate_rules)
     texts = calibration.choose_texts(options.calibration_file, train_split, options.calibration_limit)
     pruning = None
     if options.prune_heads:

@@ -16,7 +16,7 @@ from ner_builder.errors import BuildError
 from ner_builder.lora import ENCODER_LINEAR
 from ner_builder.targets import TARGET_NAMES
 from ner_builder.triton_config import ServingOptions
-from ner_gateway.spec.schemes import TaggingScheme
+from ner_gateway.artifact.schemes import TaggingScheme
 
 
 @click.group()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ner_gateway.spec.schemes import OUTSIDE, TaggingScheme, split_tag
+from ner_gateway.artifact.schemes import OUTSIDE, TaggingScheme, split_tag
 
 LOGGER = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import EngineInfo, OptimizationProfile, sha256_file
+from ner_gateway.artifact.manifest import EngineInfo, OptimizationProfile, sha256_file
 
 LOGGER = logging.getLogger(__name__)
 

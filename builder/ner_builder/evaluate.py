@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ner_gateway.core.tokenization import right_pad
+from ner_gateway.artifact.padding import right_pad
 
 if TYPE_CHECKING:
     from ner_builder.checkpoint import Checkpoint

@@ -10,7 +10,7 @@ import torch
 
 from ner_builder.checkpoint import Checkpoint
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import ParityReport
+from ner_gateway.artifact.manifest import ParityReport
 
 LOGGER = logging.getLogger(__name__)
 

@@ -6,16 +6,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ner_builder import datasets, evaluate
 from ner_builder.checkpoint import Checkpoint
 from ner_builder.datasets import NerDataset
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import AccuracyReport, ParityReport, Precision
-
-if TYPE_CHECKING:
-    from ner_builder.build import BuildOptions
+from ner_gateway.artifact.manifest import AccuracyReport, ParityReport, Precision
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,11 +42,23 @@ def load_split(dataset: str, eval_fraction: float, seed: int) -> Split:
 
 
 @dataclass(frozen=True)
+class GateRules:
+    """What the gate is measured on and how strict it is (``ner-builder build``'s options of the same names)."""
+
+    dataset: str | None = None  # labelled data for the F1 gate (held-out split)
+    eval_fraction: float = 0.15  # same split as `ner-builder train`
+    seed: int = 13
+    max_f1_drop: float = 1.0  # F1 points below the PyTorch checkpoint
+    verify: bool = True  # with a dataset: run the F1 gate (else the dataset only supplies calibration texts)
+    min_reduced_agreement: float = 0.95  # gate for fp16/int8 when there is no dataset: argmax agreement
+
+
+@dataclass(frozen=True)
 class Gate:
     """The PyTorch reference on the held-out split and the rule an artifact must pass."""
 
     ref: evaluate.Reference | None  # None: no --dataset (or --no-verify), so no F1 gate
-    options: BuildOptions
+    options: GateRules
     labels: list[str]
     input_names: list[str]
 
@@ -89,7 +97,7 @@ class Gate:
                               measured_on=measured_on)
 
 
-def make_gate(checkpoint: Checkpoint, input_names: list[str], max_length: int, options: BuildOptions
+def make_gate(checkpoint: Checkpoint, input_names: list[str], max_length: int, options: GateRules
               ) -> tuple[Gate, NerDataset | None]:
     """The gate and the training split (which calibrates int8), computed before any pruning."""
     if options.dataset is None:

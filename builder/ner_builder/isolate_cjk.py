@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 
-from ner_gateway.spec.cjk import CJK_RANGES, CjkPieces, cjk_pieces
+from ner_gateway.artifact.cjk import CJK_RANGES, CjkPieces, cjk_pieces
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

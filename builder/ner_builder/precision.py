@@ -29,7 +29,7 @@ import numpy.typing as npt
 import onnx
 
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import CalibrationInfo
+from ner_gateway.artifact.manifest import CalibrationInfo
 
 if TYPE_CHECKING:
     from onnxruntime.quantization import CalibrationDataReader

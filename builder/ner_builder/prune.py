@@ -20,7 +20,7 @@ import numpy.typing as npt
 import torch
 
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import PruningInfo
+from ner_gateway.artifact.manifest import PruningInfo
 
 LOGGER = logging.getLogger(__name__)
 

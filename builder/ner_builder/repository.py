@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ner_builder.errors import BuildError
-from ner_gateway.spec.manifest import latest_version_dir
+from ner_gateway.artifact.manifest import latest_version_dir
 
 LOGGER = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ner_gateway.spec.schemes import OUTSIDE, Role, TaggingScheme, split_tag
+from ner_gateway.artifact.schemes import OUTSIDE, Role, TaggingScheme, split_tag
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ner_builder.errors import BuildError
 from ner_builder.runtimes import RUNTIMES
 from ner_builder.runtimes.base import Runtime
-from ner_gateway.spec.manifest import Precision
+from ner_gateway.artifact.manifest import Precision
 
 
 @dataclass(frozen=True)

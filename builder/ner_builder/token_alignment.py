@@ -20,7 +20,7 @@ from typing import Any
 from ner_builder.datasets import NerDataset
 from ner_builder.evaluate import first_subtokens
 from ner_builder.spans import as_bio, spans_to_bio, tags_to_spans, token_spans_to_chars, token_tags
-from ner_gateway.spec.schemes import TaggingScheme
+from ner_gateway.artifact.schemes import TaggingScheme
 
 LOGGER = logging.getLogger(__name__)
 

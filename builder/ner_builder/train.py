@@ -24,7 +24,7 @@ from ner_builder.datasets import NerDataset, head, held_out_split
 from ner_builder.distill import DistillError, DistillOptions
 from ner_builder.lora import LoraOptions
 from ner_builder.token_alignment import encode_dataset, gold_tags, predicted_tags
-from ner_gateway.spec.cjk import cjk_pieces
+from ner_gateway.artifact.cjk import cjk_pieces
 
 LOGGER = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from ner_builder.errors import BuildError
 from ner_builder.gate import load_split
 from ner_builder.runtimes.base import Runtime
 from ner_builder.targets import TARGET_NAMES, parse_target
-from ner_gateway.spec.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir
+from ner_gateway.artifact.manifest import MANIFEST_FILE, ModelManifest, latest_version_dir
 
 if TYPE_CHECKING:
     from ner_builder.build import BuildResult

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from pydantic import ValidationError
 
 from ner_gateway.core.domain import Aggregation, OffsetUnit
-from ner_gateway.errors import ConfigurationError
+from ner_gateway.core.errors import ConfigurationError
 from ner_gateway.settings import GatewaySettings, LogLevel
 
 if TYPE_CHECKING:

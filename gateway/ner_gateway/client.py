@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
-from ner_gateway.transport.secret_files import parse_tokens
+from ner_gateway.secret_files import parse_tokens
 
 SERVICE = "ner.v1.NerService"
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")

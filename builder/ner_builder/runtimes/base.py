@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from ner_builder.engine import EngineOptions
 from ner_builder.triton_config import ServingOptions
-from ner_gateway.spec.manifest import EngineInfo, ModelManifest, Precision
+from ner_gateway.artifact.manifest import EngineInfo, ModelManifest, Precision
 
 ONNX_FILE = "model.onnx"
 

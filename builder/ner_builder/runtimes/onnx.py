@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2
 from ner_builder.repository import write_python_model
 from ner_builder.runtimes.base import ONNX_FILE, ArtifactRequest, Built, Int8Graph, Runtime
 from ner_builder.triton_config import ServingOptions, python_onnx_config
-from ner_gateway.spec.manifest import MANIFEST_FILE, ModelManifest, Precision
+from ner_gateway.artifact.manifest import MANIFEST_FILE, ModelManifest, Precision
 
 
 class OnnxRuntime(Runtime):

@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2
 from ner_builder.engine import build_engine
 from ner_builder.runtimes.base import ONNX_FILE, ArtifactRequest, Built, Int8Graph, Runtime
 from ner_builder.triton_config import TENSORRT_PLATFORM, ServingOptions, tensorrt_plan_config
-from ner_gateway.spec.manifest import MANIFEST_FILE, ModelManifest, Precision
+from ner_gateway.artifact.manifest import MANIFEST_FILE, ModelManifest, Precision
 
 PLAN_FILE = "model.plan"
 

@@ -1,1 +1,1 @@
-"""The transport-free core: tokenize -> infer (through triton/) -> decode, with admission and scheduling."""
+"""The transport-free core: tokenize -> windows -> batched inference (through its ports) -> decode, with admission."""

@@ -16,7 +16,7 @@ are exact (the design of text-embeddings-inference's router):
 - models with sequence buckets (TensorRT engines) get calls of one bucket each, so each call has one shape.
 
 Calls are formed when a request arrives or a call ends, after the callbacks that are ready run (``call_soon``),
-so requests that arrive together go together.
+so requests that arrive together go together. ``InputEncoder`` turns a call's rows into the model's input arrays.
 """
 
 from __future__ import annotations
@@ -30,17 +30,66 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span
 
+from ner_gateway.artifact.padding import padded_width
+from ner_gateway.core.deadline import Deadline
+from ner_gateway.core.errors import ConfigurationError, DeadlineExceeded
 from ner_gateway.core.ports import Float32Array, InferenceBackend, Int64Array, ServedModel
-from ner_gateway.errors import DeadlineExceeded
+from ner_gateway.core.tokenizing import SpecialTokens, TextTokens
+from ner_gateway.core.windowing import Window
 from ner_gateway.observability.tracing import TRACER
 
 WAIT_WEIGHT = 0.05  # of the latest request in typical_wait_s: follows a change of load within ~20 requests
 
 # Content token ids of the rows and the width to pad them to -> the model's input arrays.
 RowEncoder = Callable[[Sequence[Sequence[int]], int], dict[str, Int64Array]]
+# Triton input name -> what fills it.
+_INPUT_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
+class InputEncoder:
+    """Rows of content token ids -> the model's right-padded [rows, width] int64 inputs: each row wrapped in the
+    tokenizer's special tokens, padding with attention_mask 0 (``artifact.padding``'s rule)."""
+
+    def __init__(self, special: SpecialTokens, input_names: Sequence[str]) -> None:
+        unknown = set(input_names) - set(_INPUT_FIELDS)
+        if unknown:
+            raise ConfigurationError(f"model inputs {sorted(unknown)} cannot be produced by a tokenizer")
+        self.special = special
+        self.input_names = list(input_names)
+        self._needs_type_ids = "token_type_ids" in input_names
+
+    def encode(self, contents: Sequence[Sequence[int]], width: int) -> dict[str, Int64Array]:
+        """``width`` is the longest row, or with sequence buckets (a TensorRT engine's profile lengths, which take
+        no ragged input) the smallest bucket that holds it, so that calls of one bucket share a shape. Without
+        buckets the model pads each length group itself."""
+        rows = len(contents)
+        ids = np.zeros((rows, width), dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        type_ids = np.zeros((rows, width), dtype=np.int64) if self._needs_type_ids else None
+        special = self.special
+        prefix, suffix = special.prefix_ids, special.suffix_ids
+        for row, content in enumerate(contents):
+            end = len(prefix) + len(content)
+            ids[row, : len(prefix)] = prefix
+            ids[row, len(prefix) : end] = content
+            ids[row, end : end + len(suffix)] = suffix
+            mask[row, : end + len(suffix)] = 1
+            if type_ids is not None:
+                type_ids[row, : len(prefix)] = special.prefix_types
+                type_ids[row, len(prefix) : end] = special.content_type_id
+                type_ids[row, end : end + len(suffix)] = special.suffix_types
+        by_field = {"ids": ids, "type_ids": type_ids, "attention_mask": mask}
+        return {name: by_field[_INPUT_FIELDS[name]] for name in self.input_names}  # type: ignore[misc]
+
+    def windows(self, tokens: Sequence[TextTokens], windows: Sequence[Window], buckets: tuple[int, ...] = ()
+                ) -> dict[str, Int64Array]:
+        """The inputs of ``windows`` in one array each (what a call of just these windows sends)."""
+        contents = [tokens[w.text].ids[w.start : w.end] for w in windows]
+        return self.encode(contents, padded_width(max(map(len, contents)) + self.special.count, buckets))
 
 
 @dataclass(frozen=True)
@@ -76,7 +125,7 @@ class _Job:
     __slots__ = ("calls", "deadline", "done", "inflight", "lengths", "next", "order", "queued_at", "remaining",
                  "request_id", "results", "rows", "seq", "served", "span", "widths")
 
-    def __init__(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int], deadline: float,
+    def __init__(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int], deadline: Deadline,
                  request_id: str, seq: int, now: float, span: Span | None) -> None:
         self.rows, self.lengths, self.widths = rows, lengths, widths
         # Sorted by width, so that the request's rows that share a call have similar lengths.
@@ -142,10 +191,10 @@ class Batcher:
         return len(self._queue)
 
     async def infer(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int],
-                    deadline: float, request_id: str = "") -> list[Float32Array]:
+                    deadline: Deadline, request_id: str = "") -> list[Float32Array]:
         """Logits of each row ([length, classes]): ``rows`` are content token ids, ``lengths`` the rows' lengths
         with special tokens, ``widths`` what each is padded to alone. Raises DeadlineExceeded when ``deadline``
-        (loop time) passes first, and the error of a failed call."""
+        passes first, and the error of a failed call."""
         loop = asyncio.get_running_loop()
         span = trace.get_current_span()
         job = _Job(rows, lengths, widths, deadline, request_id, next(self._seq), loop.time(),
@@ -153,7 +202,7 @@ class Batcher:
         heapq.heappush(self._queue, job)
         self._schedule()
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(deadline.at):
                 await job.done
         except TimeoutError:
             self._abandon(job)
@@ -222,16 +271,14 @@ class Batcher:
         call.task.add_done_callback(lambda _: self._release(call))
 
     async def _run(self, call: _Call) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         jobs = list(call.wanted)
         if not jobs:
             return
         try:
             arrays = self.encode([job.rows[index] for job, index in call.entries], call.width)
-            timeout = max(job.deadline for job in jobs) - started
+            deadline = Deadline.latest(job.deadline for job in jobs)
             with _call_span(jobs, self.model, len(call.entries)):
-                logits = await self.backend.infer(self.model, arrays, self.output, timeout, jobs[0].request_id)
+                logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
         except asyncio.CancelledError:
             return  # nobody wants it any more (see _abandon)
         except Exception as e:  # every request in it fails with the call's error

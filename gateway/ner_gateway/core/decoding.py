@@ -15,14 +15,17 @@ sequence is valid by construction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ner_gateway.artifact.schemes import OUTSIDE, Role, TaggingScheme, split_tag
 from ner_gateway.core.domain import Aggregation, Entity
-from ner_gateway.spec.schemes import OUTSIDE, Role, TaggingScheme, split_tag
+from ner_gateway.core.tokenizing import TokenView
+from ner_gateway.core.windowing import Window
 
 IGNORE_LABELS = frozenset({OUTSIDE})
 _OPENS = (Role.BEGIN, Role.INSIDE)  # roles after which the entity is still open
@@ -101,15 +104,6 @@ def _transitions(
     unprefixed = free & (roles != Role.OUTSIDE)
     allowed = allowed | unprefixed[None, :] | unprefixed[:, None]
     return allowed, start | unprefixed, end | unprefixed
-
-
-@dataclass(frozen=True)
-class TokenView:
-    """What decoding needs to know about one text's tokens (special tokens included)."""
-
-    offsets: npt.NDArray[np.int64]  # [N, 2], code points
-    special: npt.NDArray[np.bool_]  # [N]
-    is_subword: npt.NDArray[np.bool_]  # [N]: continues the previous token's word (HF's rule)
 
 
 def softmax(logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
@@ -214,3 +208,26 @@ def _group(text: str, label_ids: npt.NDArray[np.intp], scores: npt.NDArray[np.fl
     return [Entity(labels[kind], start, end, text[start:end], score) for kind, start, end, score in zip(
         kinds[kept].tolist(), starts[first[kept]].tolist(), ends[last[kept]].tolist(), means[kept].tolist(),
         strict=True)]
+
+
+def merge(n_tokens: int, windows: Sequence[Window], logits: Sequence[npt.NDArray[np.float32]], prefix: int
+          ) -> npt.NDArray[np.float32]:
+    """Content-token logits of one text: each token from the window where it is farthest from a cut edge.
+
+    ``logits`` are the windows' outputs with special tokens (``prefix`` of them before the content), in window
+    order. A window edge at the text's own start or end is not a cut (the token has its full context there).
+    """
+    if len(windows) == 1:  # the whole text in one window: its logits, without the special tokens
+        return logits[0][prefix : prefix + n_tokens]
+    first = logits[0]
+    merged = np.zeros((n_tokens, first.shape[-1]), dtype=first.dtype)
+    best = np.full(n_tokens, -1.0)
+    for window, window_logits in zip(windows, logits, strict=True):
+        positions = np.arange(window.start, window.end)
+        left = positions - window.start if window.start > 0 else np.full(len(positions), np.inf)
+        right = window.end - 1 - positions if window.end < n_tokens else np.full(len(positions), np.inf)
+        distance = np.minimum(left, right)
+        better = distance > best[positions]
+        merged[positions[better]] = window_logits[prefix : prefix + len(positions)][better]
+        best[positions[better]] = distance[better]
+    return merged

@@ -1,4 +1,6 @@
-"""The transport-free core: validate -> tokenize (windows) -> infer (Triton) -> merge -> decode -> offsets."""
+"""The transport-free core, one request moving forward: validate -> tokenize (core/tokenizing.py) -> windows
+(core/windowing.py) -> the model's batcher and its Triton calls (core/batching.py) -> merge and decode
+(core/decoding.py) -> offsets (core/offsets.py)."""
 
 from __future__ import annotations
 
@@ -17,15 +19,17 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
+from ner_gateway.core.admission import Admission
 from ner_gateway.core.batching import Batcher, BatchLimits
-from ner_gateway.core.decoding import decode
+from ner_gateway.core.deadline import Deadline
+from ner_gateway.core.decoding import decode, merge
 from ner_gateway.core.domain import Document, Recognition, RecognizeRequest, StageTimings
-from ner_gateway.core.models import ModelRegistry, NerModel
+from ner_gateway.core.errors import InvalidRequest, Overloaded, TooLate
 from ner_gateway.core.offsets import convert_entities
 from ner_gateway.core.ports import InferenceBackend
-from ner_gateway.core.scheduling import Admission
-from ner_gateway.core.tokenization import TextTokens, Window, padded_width
-from ner_gateway.errors import InvalidRequest, Overloaded, TooLate, TritonUnavailable
+from ner_gateway.core.registry import ModelRegistry, NerModel
+from ner_gateway.core.tokenizing import TextTokens
+from ner_gateway.core.windowing import Window, plan_windows, texts_windows, window_rows
 from ner_gateway.observability.metrics import GatewayMetrics, ModelMetrics
 from ner_gateway.observability.tracing import TRACER
 
@@ -64,14 +68,13 @@ class CpuOffload:
 class RecognitionPipeline:
     def __init__(
         self, registry: ModelRegistry, backend: InferenceBackend, limits: Limits,
-        on_triton_unavailable: Callable[[], None] = lambda: None, metrics: GatewayMetrics | None = None,
+        metrics: GatewayMetrics | None = None,
         offload: CpuOffload | None = None, admission: Admission | None = None,
         shares: TritonShares | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.limits = limits
-        self.on_triton_unavailable = on_triton_unavailable
         self.metrics = metrics
         self.offload = offload
         self.admission = admission
@@ -108,7 +111,7 @@ class RecognitionPipeline:
                                  call_tokens=max(1, shares.capacity_tokens // max_calls),
                                  request_tokens=shares.request_tokens, buckets=model.sequence_buckets)
             batcher = self._batchers[model.name] = Batcher(
-                self.backend, served, model.manifest.output, model.tokenizer.encode_rows, limits,
+                self.backend, served, model.manifest.output, model.encoder.encode, limits,
                 self._metrics_of(model.name))
         return batcher
 
@@ -137,7 +140,7 @@ class RecognitionPipeline:
     async def _recognize(self, request: RecognizeRequest, timeout_s: float | None,
                          on_model: Callable[[str], None] | None) -> Recognition:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout_s if timeout_s is not None else self.limits.default_timeout_s)
+        deadline = Deadline.after(timeout_s if timeout_s is not None else self.limits.default_timeout_s)
         # Spans only when this request is traced (the RPC's span records); they carry sizes and names, never text.
         traced = trace.get_current_span().is_recording()
         t_start = time.perf_counter_ns()
@@ -149,7 +152,7 @@ class RecognitionPipeline:
             on_model(model.name)
         batcher = self.batcher(model)
         if self.admission is not None:
-            self.admission.check_time(deadline - loop.time(), batcher.typical_wait_s)
+            self.admission.check_time(deadline, batcher.typical_wait_s)
         request_id = request.request_id or os.urandom(16).hex()
         texts = request.texts
         offload = self.offload if self.offload and sum(map(len, texts)) >= self.offload.min_chars else None
@@ -172,7 +175,8 @@ class RecognitionPipeline:
                 if span is not None:
                     span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
                                          "ner.windows": len(windows), "ner.request_id": request_id})
-                window_logits = await self._infer(batcher, model, tokens, windows, deadline, request_id)
+                rows = window_rows(tokens, windows, model.tokenizer.special.count, model.sequence_buckets)
+                window_logits = await batcher.infer(rows.contents, rows.lengths, rows.widths, deadline, request_id)
             t2 = time.perf_counter_ns()
             with _span("decode", traced) as span:
                 documents = await cpu_stage(lambda: self._decode(model, request, tokens, windows, window_logits))
@@ -193,39 +197,19 @@ class RecognitionPipeline:
     @staticmethod
     def _tokenize(model: NerModel, texts: list[str]) -> tuple[list[TextTokens], list[Window]]:
         tokens = model.tokenizer.tokenize(texts)
-        return tokens, model.tokenizer.plan_windows(tokens, model.window_stride)
+        return tokens, plan_windows(tokens, model.tokenizer.window_capacity, model.window_stride)
 
     @staticmethod
     def _decode(model: NerModel, request: RecognizeRequest, tokens: list[TextTokens], windows: list[Window],
                 window_logits: list[npt.NDArray[np.float32]]) -> list[Document]:
         documents = []
-        merge, labels = model.tokenizer.merge, model.labels
-        first = 0
-        for text, text_tokens in zip(request.texts, tokens, strict=True):
-            last = first + 1
-            while last < len(windows) and windows[last].text == windows[first].text:
-                last += 1
-            merged = merge(len(text_tokens), windows[first:last], window_logits[first:last])
+        labels, prefix = model.labels, model.tokenizer.special.prefix
+        ranges = texts_windows(windows)
+        for text, text_tokens, (first, last) in zip(request.texts, tokens, ranges, strict=True):
+            merged = merge(len(text_tokens), windows[first:last], window_logits[first:last], prefix)
             entities = decode(text, merged, text_tokens.view, labels, request.aggregation, request.constrained)
             documents.append(Document(convert_entities(text, entities, request.offset_unit), last - first))
-            first = last
         return documents
-
-    async def _infer(self, batcher: Batcher, model: NerModel, tokens: list[TextTokens], windows: list[Window],
-                     deadline: float, request_id: str) -> list[npt.NDArray[np.float32]]:
-        """Logits per window ([its tokens with specials, classes]), from the model's batcher: its windows share
-        Triton calls with other requests' (core/batching.py). A failed call fails the request; one that found
-        Triton unavailable also tells the health service."""
-        specials = model.tokenizer.special_tokens
-        buckets = model.sequence_buckets
-        rows = [tokens[w.text].ids[w.start : w.end] for w in windows]
-        lengths = [len(row) + specials for row in rows]
-        widths = [padded_width(n, buckets) for n in lengths] if buckets else lengths
-        try:
-            return await batcher.infer(rows, lengths, widths, deadline, request_id)
-        except TritonUnavailable:
-            self.on_triton_unavailable()
-            raise
 
 
 def _span(name: str, traced: bool) -> AbstractContextManager[trace.Span | None]:

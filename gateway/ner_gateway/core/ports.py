@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ner_gateway.spec.manifest import ModelManifest
+from ner_gateway.artifact.manifest import ModelManifest
+from ner_gateway.core.deadline import Deadline
 
 Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
@@ -32,9 +33,10 @@ class ServedModel:
 class InferenceBackend(Protocol):
     """Runs a model on a batch of rows; raises the core's errors (DeadlineExceeded, TritonUnavailable, ...)."""
 
-    async def infer(self, model: ServedModel, inputs: Mapping[str, Int64Array], output: str, timeout_s: float,
+    async def infer(self, model: ServedModel, inputs: Mapping[str, Int64Array], output: str, deadline: Deadline,
                     request_id: str = "") -> Float32Array:
-        """``output`` for ``inputs`` ([rows, width] each): [rows, width, classes]."""
+        """``output`` for ``inputs`` ([rows, width] each): [rows, width, classes], within ``deadline`` (retries
+        included)."""
         ...
 
     def model_ready(self, name: str) -> bool:

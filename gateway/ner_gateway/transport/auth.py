@@ -15,12 +15,12 @@ from typing import Any
 
 import grpc
 
-from ner_gateway.errors import ConfigurationError
+from ner_gateway.core.errors import ConfigurationError
 from ner_gateway.observability.metrics import GatewayMetrics
+from ner_gateway.secret_files import FileStamp, file_stamp, parse_tokens
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.interceptors import rebuilt
 from ner_gateway.transport.rpc_types import Context, Continuation, Handler
-from ner_gateway.transport.secret_files import FileStamp, file_stamp, parse_tokens
 
 LOGGER = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ner_gateway.artifact.manifest import Precision
+from ner_gateway.artifact.schemes import TaggingScheme
 from ner_gateway.core.domain import Aggregation, OffsetUnit, Recognition, RecognizeRequest
-from ner_gateway.core.models import NerModel
-from ner_gateway.errors import InvalidRequest
+from ner_gateway.core.errors import InvalidRequest
+from ner_gateway.core.registry import NerModel
 from ner_gateway.pb.ner.v1 import ner_pb2
-from ner_gateway.spec.manifest import Precision
-from ner_gateway.spec.schemes import TaggingScheme
 
 _AGGREGATIONS = {
     ner_pb2.AGGREGATION_STRATEGY_UNSPECIFIED: Aggregation.SIMPLE,

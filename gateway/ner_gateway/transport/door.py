@@ -1,6 +1,6 @@
 """Refusing at the door: a Recognize call that finds the gateway at capacity is refused before its request is
 parsed or any stage runs, so that under a flood refusing costs far less than serving (the pipeline's own
-admission check, core/scheduling.py, stays the exact limit; this is the cheap early one for the same limit).
+admission check, core/admission.py, stays the exact limit; this is the cheap early one for the same limit).
 
 gRPC's own ``maximum_concurrent_rpcs`` refuses as early, but counts health checks and reflection with the
 traffic (a flood would fail the readiness probe and then every health check) and cannot send the retry hint.
@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from ner_gateway.core.scheduling import Admission
+from ner_gateway.core.admission import Admission
 from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.transport.interceptors import set_status
 from ner_gateway.transport.rpc_types import Context, Continuation, Handler

@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ner_gateway.errors import InvalidRequest, NerError, Overloaded
+from ner_gateway.core.errors import InvalidRequest, NerError, Overloaded
 from ner_gateway.transport.rpc_types import Context, Continuation, Handler
+from ner_gateway.transport.status import status_of
 
 LOGGER = logging.getLogger(__name__)
 INTERNAL_MESSAGE = "internal error"
@@ -116,15 +117,15 @@ def set_status(context: Context, error: Exception, method: str) -> None:
     """Set the RPC's final status instead of ``context.abort``: abort sends the status at once, before the
     outer interceptors (metrics) have unwound, so a client could see the error before it is counted.
     A status set here goes out when the handler returns, after every interceptor has finished."""
-    code: grpc.StatusCode
-    if isinstance(error, NerError) and error.code is not grpc.StatusCode.INTERNAL:
-        code, details = error.code, str(error)
+    code = status_of(error)
+    if code is not grpc.StatusCode.INTERNAL:
+        details = str(error)
     else:
         if isinstance(error, NerError):
             LOGGER.error("%s failed: %s", method, error)
         else:  # anything else is a bug: log the detail, send nothing of it
             LOGGER.exception("%s failed unexpectedly", method, exc_info=error)
-        code, details = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        details = INTERNAL_MESSAGE
     if isinstance(error, Overloaded):  # the standard hint, honoured by gRPC's retry policy (gRFC A6)
         context.set_trailing_metadata((("grpc-retry-pushback-ms", str(error.retry_after_ms)),))
     context.set_code(code)

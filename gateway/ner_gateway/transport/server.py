@@ -12,24 +12,25 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ner_gateway.core.models import EngineRuntime, ModelRegistry
+from ner_gateway.core.admission import Admission, AdmissionLimits
+from ner_gateway.core.compatibility import EngineRuntime
+from ner_gateway.core.discovery import load_models
 from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
-from ner_gateway.core.scheduling import Admission, AdmissionLimits
 from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.observability.tracing import Tracing, configure_tracing
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport import tls
 from ner_gateway.transport.auth import BearerAuthInterceptor, BearerTokens
-from ner_gateway.transport.background import BackgroundTasks
 from ner_gateway.transport.door import DoorInterceptor
-from ner_gateway.transport.health import SERVICE_NAME, TritonHealth
+from ner_gateway.transport.health import SERVICE_NAME, TritonHealth, serving
 from ner_gateway.transport.interceptors import ErrorInterceptor
 from ner_gateway.transport.rpc_metrics import MetricsInterceptor
 from ner_gateway.transport.servicer import NerServicer
 from ner_gateway.transport.signals import shutdown_events
 from ner_gateway.triton.pool import TritonPool
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
+from ner_gateway.triton.routing import TritonRouter
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ class Gateway:
         self.cpu_pool: ThreadPoolExecutor | None = None
         self.port: int | None = None
         self._stopped = False
-        self._followers = BackgroundTasks()  # health following the embedded Triton's deaths and restarts
 
     async def start(self) -> int:
         s = self.settings
@@ -67,16 +67,16 @@ class Gateway:
             self.backend = TritonPool(s.triton_url or self.triton.grpc_url,  # type: ignore[union-attr]
                                       refresh_interval_s=s.health_check_interval_s)
             await self.backend.wait_ready(s.triton_ready_timeout_s)
-            registry = await ModelRegistry.load(s.model_repository, self.backend, s.default_model, s.window_stride,
-                                                EngineRuntime.from_settings(s))
+            self.health = TritonHealth(self.backend, self.metrics)
+            registry = await load_models(s.model_repository, self.backend, s.default_model, s.window_stride,
+                                         EngineRuntime(s.tensorrt_version, s.gpu_compute_capability))
             self.backend.start()
-            self.health = TritonHealth(self.backend, s.health_check_interval_s, self.metrics)
             self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
             admission = Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows, s.retry_after_ms))
             self.pipeline = pipeline = RecognitionPipeline(
-                registry, self.backend,
+                registry, TritonRouter(self.backend),
                 Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
-                on_triton_unavailable=self.health.mark_unavailable, metrics=self.metrics,
+                metrics=self.metrics,
                 offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars), admission=admission,
                 shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight),
             )
@@ -89,8 +89,7 @@ class Gateway:
                  reflection.SERVICE_NAME], self.server,
             )
             self.port = tls.add_port(self.server, s)  # TLS when configured
-            await self.health.set_serving(self.backend.ready)
-            self.health.start()
+            await self.health.set_serving(serving(self.backend))
             if s.metrics_port is not None and not self.metrics.shared():
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             await self.server.start()
@@ -132,15 +131,7 @@ class Gateway:
 
     def _on_triton_state(self, ready: bool) -> None:
         if self.health is not None:
-            self._followers.start(self._follow_triton(ready), name="health-follows-triton")
-
-    async def _follow_triton(self, ready: bool) -> None:
-        """Embedded Triton died or came back: health follows at once, after the pool has seen it too."""
-        assert self.health is not None and self.backend is not None
-        if ready:
-            await self.backend.refresh()
-            ready = self.backend.ready
-        await self.health.set_serving(ready)
+            self.health.follow_embedded_triton(ready)
 
     async def drain(self, cut_short: asyncio.Event | None = None) -> None:
         """Readiness first: every health service NOT_SERVING at once, then ``shutdown_drain_s`` of serving as
@@ -161,7 +152,6 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
-        await self._followers.cancel_all()
         if self.health is not None:
             await self.health.shutdown()
         if self.server is not None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 
-from ner_gateway.errors import ConfigurationError
+from ner_gateway.core.errors import ConfigurationError
+from ner_gateway.secret_files import FileStamp, file_stamp
 from ner_gateway.settings import GatewaySettings
-from ner_gateway.transport.secret_files import FileStamp, file_stamp
 
 LOGGER = logging.getLogger(__name__)
 

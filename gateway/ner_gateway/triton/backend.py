@@ -17,10 +17,12 @@ import tritonclient.grpc.aio as triton_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from ner_gateway.artifact.manifest import ModelManifest
+from ner_gateway.core.deadline import Deadline
+from ner_gateway.core.errors import ConfigurationError, DeadlineExceeded, InferenceFailed, TritonUnavailable
 from ner_gateway.core.ports import ServedModel
-from ner_gateway.errors import ConfigurationError, DeadlineExceeded, InferenceFailed, TritonUnavailable
 from ner_gateway.observability.tracing import trace_headers
-from ner_gateway.spec.manifest import ModelManifest
+from ner_gateway.triton.checks import served_model
 
 LOGGER = logging.getLogger(__name__)
 
@@ -86,41 +88,19 @@ class TritonBackend:
 
     async def check_model(self, manifest: ModelManifest) -> ServedModel:
         """Check that Triton serves the manifest's model version with the tensors the gateway sends."""
-        name = manifest.name
         try:
-            metadata = await self._client.get_model_metadata(name, as_json=True)
-            config = (await self._client.get_model_config(name, as_json=True))["config"]
+            metadata = await self._client.get_model_metadata(manifest.name, as_json=True)
+            config = (await self._client.get_model_config(manifest.name, as_json=True))["config"]
         except InferenceServerException as e:
-            raise ConfigurationError(f"Triton at {self.url} does not serve model {name!r}: {e.message()}") from e
-        if manifest.version not in metadata.get("versions", []):
-            raise ConfigurationError(
-                f"Triton serves versions {metadata.get('versions')} of {name!r}, but the repository's "
-                f"manifest describes version {manifest.version}"
-            )
-        inputs = {t["name"]: t for t in metadata.get("inputs", [])}
-        for input_name in manifest.inputs:
-            tensor = inputs.get(input_name)
-            if tensor is None or tensor["datatype"] != "INT64" or len(tensor["shape"]) != 2:
-                raise ConfigurationError(f"model {name!r}: Triton input {input_name!r} is {tensor}, "
-                                         "expected INT64 [batch, sequence]")
-        outputs = {t["name"]: t for t in metadata.get("outputs", [])}
-        output = outputs.get(manifest.output)
-        expected_shape = ["-1", "-1", str(len(manifest.labels))]
-        if output is None or output["datatype"] != "FP32" or [str(d) for d in output["shape"]] != expected_shape:
-            raise ConfigurationError(f"model {name!r}: Triton output {manifest.output!r} is {output}, "
-                                     f"expected FP32 {expected_shape}")
-        max_batch_size = int(config.get("max_batch_size", 0))
-        if max_batch_size < 1:
-            raise ConfigurationError(f"model {name!r} must be configured with max_batch_size >= 1")
-        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-        return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size, instances=instances)
+            raise ConfigurationError(f"Triton at {self.url} does not serve model {manifest.name!r}: "
+                                     f"{e.message()}") from e
+        return served_model(manifest, metadata, config)
 
     async def infer(
-        self, model: ServedModel, inputs: Mapping[str, npt.NDArray[np.int64]], output: str, timeout_s: float,
+        self, model: ServedModel, inputs: Mapping[str, npt.NDArray[np.int64]], output: str, deadline: Deadline,
         request_id: str = "",
     ) -> npt.NDArray[np.float32]:
-        if timeout_s <= 0:
-            raise DeadlineExceeded("deadline exceeded before inference")
+        timeout_s = deadline.check("before inference")
         request = service_pb2.ModelInferRequest(model_name=model.name, model_version=model.version, id=request_id)
         for name, array in inputs.items():
             request.inputs.add(name=name, datatype="INT64", shape=array.shape)

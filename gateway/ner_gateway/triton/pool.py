@@ -1,73 +1,37 @@
-"""Several Triton endpoints behind one backend: balance across the ready ones, skip the unhealthy.
+"""What the gateway knows of its Triton endpoints: which are up, and where each served model is ready.
 
-gRPC keeps one long-lived connection, so a Kubernetes ClusterIP Service pins a gateway to one Triton
-pod. ``NER_TRITON_URL`` therefore takes a comma-separated list of ``host:port`` and/or
-``dns:///name:port`` entries; a DNS entry (a headless Service) is re-resolved on every refresh, so
-pods that come and go are picked up. A background refresh polls each endpoint (is Triton up?) and, per
-served model, whether that model is ready there; inference for a model goes round-robin over the endpoints
-where it is ready and, when one turns out to be unavailable, is retried on the next (Triton inference is
-idempotent) within the caller's deadline. A poll that gets no answer in time is no verdict (under load a busy
-Triton, or this gateway's busy event loop, misses the interval): the endpoint keeps its state until it leaves
-``unanswered_polls_down`` polls in a row unanswered.
+gRPC keeps one long-lived connection, so a Kubernetes ClusterIP Service pins a gateway to one Triton pod; the
+pool therefore holds every endpoint of ``NER_TRITON_URL`` (triton/endpoints.py). A background refresh polls each
+endpoint (is Triton up?) and, per served model, whether that model is ready there; an inference that finds an
+endpoint or a model unavailable takes it out at once (``take_out``; triton/routing.py routes and retries). A poll
+that gets no answer in time is no verdict (under load a busy Triton, or this gateway's busy event loop, misses the
+interval): the endpoint keeps its state until it leaves ``unanswered_polls_down`` polls in a row unanswered.
 
-Readiness is per model: one model unloaded or failing (on one endpoint or all) takes only that model out,
-never the endpoint or the other models. A model ready nowhere fails its own calls fast with UNAVAILABLE
-(``ModelUnavailable``); the pool as a whole is ``ready`` (gRPC health SERVING) while some endpoint is up and
-at least one served model is ready on one.
+Readiness is per model: one model unloaded or failing (on one endpoint or all) takes only that model out, never
+the endpoint or the other models. The pool reports facts and tells its listeners when they change; what they
+mean for the gateway's health is transport/health.py's policy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import socket
-from collections.abc import Mapping
+from collections.abc import Callable
 
-import numpy as np
-import numpy.typing as npt
-
+from ner_gateway.artifact.manifest import ModelManifest
+from ner_gateway.core.errors import ConfigurationError, ModelUnavailable, NerError, TritonUnavailable
 from ner_gateway.core.ports import ServedModel
-from ner_gateway.errors import ConfigurationError, ModelUnavailable, NerError, TritonUnavailable
-from ner_gateway.spec.manifest import ModelManifest
 from ner_gateway.triton.backend import TritonBackend
+from ner_gateway.triton.endpoints import resolve
 
 LOGGER = logging.getLogger(__name__)
-DNS_PREFIX = "dns:///"
-
-
-def resolve(spec: str) -> list[str]:
-    """Expand a NER_TRITON_URL value into ``host:port`` endpoints (DNS entries to one per address)."""
-    endpoints: list[str] = []
-    for entry in (part.strip() for part in spec.split(",")):
-        if not entry:
-            continue
-        if entry.startswith(DNS_PREFIX):
-            host, _, port = entry[len(DNS_PREFIX):].rpartition(":")
-            if not host or not port.isdigit():
-                raise ConfigurationError(f"invalid Triton endpoint {entry!r}: expected dns:///name:port")
-            try:
-                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-            except socket.gaierror as e:
-                LOGGER.warning("cannot resolve %s: %s", entry, e)
-                continue
-            for family, _, _, _, address in infos:
-                ip = address[0] if family == socket.AF_INET else f"[{address[0]}]"
-                endpoints.append(f"{ip}:{port}")
-        else:
-            endpoints.append(entry)
-    return list(dict.fromkeys(endpoints))
-
-
 class TritonPool:
-    """The TritonBackend interface over every endpoint of ``spec``."""
+    """Every endpoint of ``spec``: their states, and the core's ``ModelSource`` port (startup checks)."""
 
-    def __init__(self, spec: str, refresh_interval_s: float = 1.0, max_attempts: int = 3,
-                 unanswered_polls_down: int = 3) -> None:
+    def __init__(self, spec: str, refresh_interval_s: float = 1.0, unanswered_polls_down: int = 3) -> None:
         self.url = spec
         self.refresh_interval_s = refresh_interval_s
-        self.max_attempts = max_attempts
         # A poll that gets no answer in time keeps an endpoint's last state: under load Triton, or this gateway's
         # own event loop, can be too busy to answer within the interval, and taking the only Triton out then
         # turned an overload into UNAVAILABLE for every call. This many unanswered polls in a row (a hung
@@ -80,12 +44,32 @@ class TritonPool:
         self._serving: dict[str, list[str]] = {}  # served model -> the up endpoints where it is ready
         # (endpoint, model name; "" for the whole endpoint) -> when an inference last found it unavailable
         self._failed_at: dict[tuple[str, str], float] = {}
-        self._round_robin = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def ready_endpoints(self) -> list[str]:
         return list(self._ready)
+
+    @property
+    def served(self) -> list[ServedModel]:
+        """The models watched (``watch``): those the gateway serves."""
+        return list(self._served)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever an endpoint or a served model goes out or comes back."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def endpoints_for(self, name: str) -> list[str]:
+        """The up endpoints where model ``name`` is ready."""
+        return self._serving.get(name, [])
+
+    def backend(self, endpoint: str) -> TritonBackend:
+        return self._backends[endpoint]
 
     async def refresh(self) -> None:
         """Re-resolve the endpoints and poll each one: is it up, and which served models are ready on it."""
@@ -107,12 +91,15 @@ class TritonPool:
 
         up = {endpoint: models for endpoint, models in zip(self._backends, states, strict=True)
               if models is not None and fresh(endpoint)}
+        before = (self._ready, dict(self._serving))
         if list(up) != self._ready:
             LOGGER.info("Triton endpoints ready: %s of %s", list(up) or "none", list(self._backends))
         self._ready = list(up)
         for model in self._served:
             self._set_serving(model.name, [e for e, models in up.items() if model.name in models
                                            and fresh(e, model.name)])
+        if (self._ready, self._serving) != before:
+            self._changed()
 
     async def _endpoint_state(self, endpoint: str, backend: TritonBackend) -> set[str] | None:
         """None: the endpoint is down; else the served models that are ready on it.
@@ -176,14 +163,6 @@ class TritonPool:
         for backend in self._backends.values():
             await backend.close()
 
-    @property
-    def ready(self) -> bool:
-        """Some endpoint is up and at least one served model is ready on one (before any model is served:
-        some endpoint is ready). The refresh task and failed inferences update it; this reads no network."""
-        if not self._served:
-            return bool(self._ready)
-        return any(self._serving.get(m.name) for m in self._served)
-
     def model_ready(self, name: str) -> bool:
         """The model is ready on at least one endpoint (as of the last refresh or failed inference)."""
         return bool(self._serving.get(name))
@@ -213,30 +192,10 @@ class TritonPool:
         """Route ``model`` to the endpoints ready now, and from here on poll where it is ready."""
         self._served.append(model)
         self._serving[model.name] = list(self._ready)
+        self._changed()
 
-    async def infer(self, model: ServedModel, inputs: Mapping[str, npt.NDArray[np.int64]], output: str,
-                    timeout_s: float, request_id: str = "") -> npt.NDArray[np.float32]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        candidates = self._serving.get(model.name, [])
-        if not candidates:
-            if not self._ready:
-                raise TritonUnavailable("no inference server is available; retry later")
-            raise ModelUnavailable(f"model {model.name!r} is not ready on any inference server; retry later")
-        start = next(self._round_robin)
-        order = [candidates[(start + i) % len(candidates)] for i in range(len(candidates))]
-        error: NerError | None = None
-        for endpoint in order[: self.max_attempts]:
-            try:
-                return await self._backends[endpoint].infer(model, inputs, output, deadline - loop.time(),
-                                                            request_id)
-            except TritonUnavailable as e:
-                error = await self._take_out(endpoint, model, e, deadline - loop.time())
-        assert error is not None
-        raise error
-
-    async def _take_out(self, endpoint: str, model: ServedModel, error: TritonUnavailable,
-                        time_left_s: float) -> NerError:
+    async def take_out(self, endpoint: str, model: ServedModel, error: TritonUnavailable,
+                       time_left_s: float) -> NerError:
         """An inference on ``endpoint`` found it unavailable: ask what is (Triton answers the same status for
         "server gone" as for "model not ready") and take out only that, until a later refresh sees it back.
         Returns the error for the caller: ModelUnavailable when only the model is out there."""
@@ -254,11 +213,13 @@ class TritonPool:
             for name, endpoints in list(self._serving.items()):
                 self._set_serving(name, [e for e in endpoints if e != endpoint])
             self._failed_at[(endpoint, "")] = now
+            self._changed()
             return error
         if not model_ready:
             LOGGER.warning("model %s not ready on Triton %s; taking it out there", model.name, endpoint)
             self._set_serving(model.name, [e for e in self._serving.get(model.name, []) if e != endpoint])
             self._failed_at[(endpoint, model.name)] = now
+            self._changed()
             unavailable = ModelUnavailable(f"model {model.name!r} is not ready on any inference server; retry later")
             unavailable.__cause__ = error
             return unavailable

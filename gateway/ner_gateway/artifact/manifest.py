@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ner_gateway.spec.cjk import CjkPieces
-from ner_gateway.spec.schemes import TaggingScheme
+from ner_gateway.artifact.cjk import CjkPieces
+from ner_gateway.artifact.schemes import TaggingScheme
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"

@@ -1,8 +1,6 @@
-"""Domain errors. Each carries the gRPC status it maps to; one interceptor does the mapping."""
+"""The domain errors, free of any transport: ``transport/status.py`` maps each to a gRPC status code, in one table."""
 
 from __future__ import annotations
-
-import grpc
 
 ECHO_CHARS = 64
 
@@ -18,30 +16,26 @@ def echo(value: str) -> str:
 class NerError(Exception):
     """Base class: ``str(error)`` is safe to send to the client."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
 
 class InvalidRequest(NerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request breaks a rule of the API or a limit: the caller must change it."""
 
 
 class ModelNotFound(NerError):
-    code = grpc.StatusCode.NOT_FOUND
+    """The request names a model the gateway does not serve."""
 
 
 class TritonUnavailable(NerError):
-    code = grpc.StatusCode.UNAVAILABLE
+    """No inference server can be reached: retry later."""
 
 
 class ModelUnavailable(NerError):
     """One model is not ready on any Triton endpoint (e.g. unloaded); the others, and the gateway's health,
     are unaffected (not a TritonUnavailable: that one means the inference servers are gone)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
-
 
 class DeadlineExceeded(NerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    """The caller's deadline passed before the answer was ready."""
 
 
 class TooLate(DeadlineExceeded):
@@ -54,8 +48,6 @@ class Overloaded(NerError):
     """Refused at the door: the gateway holds as much work as it may. ``retry_after_ms`` goes to the client
     as ``grpc-retry-pushback-ms``, which gRPC's retry policy honours."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
     def __init__(self, message: str, reason: str, retry_after_ms: int) -> None:
         super().__init__(message)
         self.reason = reason
@@ -64,8 +56,6 @@ class Overloaded(NerError):
 
 class InferenceFailed(NerError):
     """Triton rejected or failed the inference: a server-side problem, details logged not sent."""
-
-    code = grpc.StatusCode.INTERNAL
 
 
 class ConfigurationError(Exception):

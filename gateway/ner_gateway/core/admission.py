@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ner_gateway.errors import Overloaded, TooLate
+from ner_gateway.core.deadline import Deadline
+from ner_gateway.core.errors import Overloaded, TooLate
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,11 @@ class Admission:
             self.requests -= 1
 
     @staticmethod
-    def check_time(remaining_s: float, typical_wait_s: float) -> None:
+    def check_time(deadline: Deadline, typical_wait_s: float) -> None:
         """Refuse (DEADLINE_EXCEEDED, at once) a request whose remaining deadline is shorter than an inference
         takes now (the model's queue in the gateway and its Triton call): it could only time out, after using
         Triton for nothing (a flood of short deadlines)."""
+        remaining_s = deadline.remaining()
         if remaining_s <= 0:
             raise TooLate("deadline exceeded before the request was read")
         if remaining_s < typical_wait_s:
