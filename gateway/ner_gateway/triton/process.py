@@ -29,8 +29,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from ner_gateway.errors import ConfigurationError, TritonUnavailable
-from ner_gateway.net import free_port
+from ner_gateway.core.errors import ConfigurationError, TritonUnavailable
+from ner_gateway.net import free_ports
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,7 +53,12 @@ class TritonPorts:
     metrics: int
 
     def resolved(self) -> TritonPorts:
-        return TritonPorts(*(port or free_port() for port in (self.grpc, self.http, self.metrics)))
+        given = (self.grpc, self.http, self.metrics)
+        free = iter(free_ports(3))
+        ports = [port or next(free) for port in given]
+        while len(set(ports)) < len(ports):  # a given port that one of the free ones happens to equal
+            ports = [port or next(iter(free_ports(1))) for port in given]
+        return TritonPorts(*ports)
 
 
 def _pytriton_root() -> Path:
