@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,6 +81,50 @@ def tiny_token_classifier(  # type: ignore[no-untyped-def]
     if confident:
         with torch.no_grad():
             model.classifier.weight.normal_(0.0, 1.0)
+    return model
+
+
+def lookup_token_classifier(  # type: ignore[no-untyped-def]
+    tokenizer, labels: Sequence[str], max_length: int, rows: Mapping[int, Sequence[float]], default: Sequence[float],
+):
+    """A BertForTokenClassification whose logits at each position are a fixed row per token id: ``rows[id]``, or
+    ``default`` for every other id (special tokens and padding included), whatever the context and the position.
+
+    One layer whose attention and feed-forward outputs are zeroed (so each LayerNorm sees its residual input
+    alone), no position or segment embeddings, a one-hot word embedding per distinct row; the classifier is solved
+    so that each row comes out exactly (checked here, to 1e-4)."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    table = [list(default), *(list(row) for row in rows.values())]
+    hidden = 8 * (len(table) // 8 + 1)  # more dimensions than rows: the solve below is exact
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=1,
+        intermediate_size=hidden, max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        architectures=["BertForTokenClassification"],
+    )
+    model = BertForTokenClassification(config).eval()
+    bert = model.bert
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for norm in (bert.embeddings.LayerNorm, bert.encoder.layer[0].attention.output.LayerNorm,
+                     bert.encoder.layer[0].output.LayerNorm):
+            norm.weight.fill_(1.0)
+        embedding = bert.embeddings.word_embeddings.weight
+        embedding[:, 0] = 1.0  # row 0: the default
+        for k, token_id in enumerate(rows, start=1):
+            embedding[token_id] = 0.0
+            embedding[token_id, k] = 1.0
+        ids = torch.tensor([[next(i for i in range(len(tokenizer)) if i not in rows), *rows]])
+        states = bert(input_ids=ids).last_hidden_state[0].double()  # one state per row of ``table``
+        weight = torch.linalg.lstsq(states, torch.tensor(table, dtype=torch.float64)).solution.T
+        model.classifier.weight.copy_(weight.float())
+        probe = torch.tensor([[*list(rows)[::-1], 0, *rows]])  # any order, any position, any neighbours
+        logits = model(input_ids=probe, attention_mask=torch.ones_like(probe)).logits[0]
+    expected = torch.tensor([list(rows[i]) if i in rows else list(default) for i in probe[0].tolist()])
+    assert torch.allclose(logits, expected, atol=1e-4), (logits, expected)
     return model
 
 

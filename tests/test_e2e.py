@@ -13,12 +13,21 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
-from conftest import TINY_MAX_LENGTH, TINY_MODEL, GatewayProcess, stop_process, wait_serving
+from conftest import (
+    TINY_LABELS,
+    TINY_MAX_LENGTH,
+    TINY_MODEL,
+    GatewayProcess,
+    lookup_token_classifier,
+    stop_process,
+    wait_serving,
+)
 
 TEXTS = [
     "Barack Obama visited Paris and Berlin with Angela Merkel last week.",
@@ -181,12 +190,68 @@ def test_long_texts_are_windowed_never_truncated(stub) -> None:
         previous_end = entity.end
 
 
-def test_constrained_decoding_returns_valid_entities(stub) -> None:
-    response = recognize(stub, TEXTS[:4], constrained_decoding=True)
-    assert sum(len(d.entities) for d in response.documents) > 0
-    for text, document in zip(TEXTS, response.documents, strict=False):
-        for entity in document.entities:
-            assert entity.label in {"PER", "LOC", "ORG"} and entity.text == text[entity.start : entity.end]
+# A crafted model served by the real Triton: its logits depend on the token id alone (conftest.lookup_token_classifier),
+# one row per token below (O, B-PER, I-PER, B-LOC, I-LOC, B-ORG, I-ORG), every other token (specials included) O.
+LOOKUP_ROWS = {
+    "alice": [2.0, 1.9, -4.0, -4.0, -4.0, -4.0, -4.0],  # O just above B-PER
+    "smith": [-4.0, 1.0, 3.0, -4.0, -4.0, -4.0, -4.0],  # I-PER well above B-PER, O far below
+    "paris": [0.0, -4.0, -4.0, 6.0, -4.0, -4.0, -4.0],  # B-LOC: valid either way
+}
+LOOKUP_DEFAULT = [8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def lookup_stub(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, start_gateway
+                ) -> ner_pb2_grpc.NerServiceStub:
+    """A gateway and its embedded Triton serving the lookup model as ``lookup``, built by the real builder."""
+    from transformers import AutoTokenizer
+
+    from ner_builder.build import BuildOptions, build_model
+    from ner_builder.triton_config import ServingOptions
+
+    checkpoint = tmp_path_factory.mktemp("lookup-checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    tokenizer.model_max_length = TINY_MAX_LENGTH
+    rows = {tokenizer.convert_tokens_to_ids(token): logits for token, logits in LOOKUP_ROWS.items()}
+    assert tokenizer.unk_token_id not in rows  # each is one WordPiece of the vocabulary
+    lookup_token_classifier(tokenizer, TINY_LABELS, TINY_MAX_LENGTH, rows, LOOKUP_DEFAULT).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    repository = tmp_path_factory.mktemp("lookup_repository")
+    build_model(checkpoint, repository, "lookup", BuildOptions(serving=ServingOptions(max_batch_size=8)))
+    return ner_pb2_grpc.NerServiceStub(start_gateway(repository).channel())
+
+
+def test_constrained_decoding_takes_the_best_valid_path_where_argmax_repair_differs(lookup_stub) -> None:
+    """On "Alice Smith" argmax says O I-PER (invalid in BIO; repaired: "Smith" alone is PER) and Viterbi B-PER I-PER
+    (log 0.45 + log 0.88 beats O B-PER's log 0.50 + log 0.12): "Alice Smith" is PER. A text-initial "Smith" is
+    I-PER repaired into an entity, or B-PER; "Paris" is B-LOC either way; "Alice" alone is O either way."""
+    p = {token: np.exp(row) / np.exp(row).sum() for token, row in
+         ((token, np.asarray(row, dtype=np.float64)) for token, row in LOOKUP_ROWS.items())}
+    o, b_per, i_per, b_loc = 0, 1, 2, 3
+    texts = ["Yesterday Alice Smith arrived.", "Smith arrived in Paris.", "Alice arrived."]
+    paris, paris_tag = ("LOC", "Paris", p["paris"][b_loc]), ("B-LOC", "Paris", p["paris"][b_loc])
+    expected = {  # (aggregation, constrained) -> per text: (label, text, score)
+        (ner_pb2.AGGREGATION_STRATEGY_SIMPLE, False): [
+            [("PER", "Smith", p["smith"][i_per])], [("PER", "Smith", p["smith"][i_per]), paris], []],
+        (ner_pb2.AGGREGATION_STRATEGY_SIMPLE, True): [
+            [("PER", "Alice Smith", (p["alice"][b_per] + p["smith"][i_per]) / 2)],
+            [("PER", "Smith", p["smith"][b_per]), paris], []],
+        (ner_pb2.AGGREGATION_STRATEGY_NONE, False): [
+            [("I-PER", "Smith", p["smith"][i_per])], [("I-PER", "Smith", p["smith"][i_per]), paris_tag], []],
+        (ner_pb2.AGGREGATION_STRATEGY_NONE, True): [
+            [("B-PER", "Alice", p["alice"][b_per]), ("I-PER", "Smith", p["smith"][i_per])],
+            [("B-PER", "Smith", p["smith"][b_per]), paris_tag], []],
+    }
+    assert p["alice"].argmax() == o and p["smith"].argmax() == i_per  # what greedy decoding has to repair
+    for (aggregation, constrained), documents in expected.items():
+        response = recognize(lookup_stub, texts, aggregation=aggregation, constrained_decoding=constrained)
+        assert response.model == "lookup"
+        for text, document, wanted in zip(texts, response.documents, documents, strict=True):
+            where = (ner_pb2.AggregationStrategy.Name(aggregation), constrained, text)
+            assert [(e.label, e.text) for e in document.entities] == [w[:2] for w in wanted], where
+            for entity, (_, fragment, score) in zip(document.entities, wanted, strict=True):
+                assert (entity.start, entity.end) == (text.index(fragment), text.index(fragment) + len(fragment))
+                assert entity.score == pytest.approx(score, abs=1e-5), where
 
 
 def test_deadline_exceeded_and_still_serving(stub) -> None:
