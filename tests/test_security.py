@@ -4,17 +4,20 @@ in-process gRPC servers. Every certificate is made here with ``cryptography``.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +108,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     pki = Pki(tmp_path_factory.mktemp("pki"), ca, ca.issue("ner-gateway", server=True),
               ca.issue("backend", server=False), other.issue("intruder", server=False))
     (pki.folder / "ca.crt").write_bytes(ca.pem)
+    (pki.folder / "untrusted-ca.crt").write_bytes(other.pem)
     pki.client.write(pki.folder, "client")
+    pki.foreign_client.write(pki.folder, "intruder")
     return pki
 
 
@@ -139,6 +144,70 @@ def eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
         time.sleep(0.2)
 
 
+# --- raw TLS, with Python's ssl module: what the gateway's port does in the handshake itself ------------------
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SETTINGS_FRAME = 0x04
+
+
+def tls12_handshake(address: str, ca_file: Path, client: tuple[Path, Path] | None = None) -> bytes:
+    """A TLS 1.2 handshake (ALPN h2) against ``address`` that verifies the server's certificate for the address,
+    then the header of the server's first HTTP/2 frame (the server preface: SETTINGS). TLS 1.2, so that the
+    server's verdict on the client's certificate falls inside the handshake (with TLS 1.3 the client finishes
+    first). gRPC's server sends no TLS alert when it refuses (its log says why): it closes the connection."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(*client)
+    with (socket.create_connection((host, int(port)), timeout=10) as raw,
+          context.wrap_socket(raw, server_hostname=host, suppress_ragged_eofs=False) as tls):
+        assert (tls.version(), tls.selected_alpn_protocol()) == ("TLSv1.2", "h2")
+        assert tls.getpeercert()["subject"] == ((("commonName", "ner-gateway"),),)
+        header = b""
+        while len(header) < 9:
+            chunk = tls.recv(9 - len(header))
+            assert chunk, f"connection closed after {header!r}"
+            header += chunk
+        return header
+
+
+def assert_hung_up_in_the_handshake(address: str, ca_file: Path, client: tuple[Path, Path] | None = None) -> None:
+    """The port accepted the TCP connection and presented the gateway's certificate (verified: TLS 1.2 checks it
+    before the client's reply), then closed the connection inside the handshake: SSLEOFError (or a reset, when
+    the client's flight was still unread). A dead gateway would give ConnectionRefusedError instead."""
+    with pytest.raises((ssl.SSLEOFError, ConnectionResetError)) as info:
+        tls12_handshake(address, ca_file, client)
+    if isinstance(info.value, ssl.SSLEOFError):
+        assert info.value.reason == "UNEXPECTED_EOF_WHILE_READING", info.value
+
+
+def handshake_failures(gateway: GatewayProcess, reason: str) -> int:
+    """The gateway's gRPC core logs each refused handshake with OpenSSL's reason (GRPC_VERBOSITY=INFO)."""
+    return sum(1 for line in gateway.output().splitlines() if "Handshake failed" in line and reason in line)
+
+
+def server_refused_for(gateway: GatewayProcess, reason: str, before: int, attempts: int) -> None:
+    """``attempts`` more handshakes refused for ``reason`` on the gateway's side since ``before`` was counted."""
+    eventually(lambda: handshake_failures(gateway, reason) >= before + attempts)
+
+
+@contextlib.contextmanager
+def served_meanwhile(gateway: GatewayProcess, credentials: grpc.ChannelCredentials,
+                     metadata: Sequence[tuple[str, str]] = ()) -> Iterator[None]:
+    """A correctly configured client of the same gateway process: answered before, then after the block on the
+    same connection and on a new one, the process never having stopped."""
+    request = ner_pb2.RecognizeRequest(texts=[TEXT])
+    with channel(gateway.address, credentials) as ch:
+        stub = ner_pb2_grpc.NerServiceStub(ch)
+        assert len(stub.Recognize(request, timeout=10, metadata=metadata).documents) == 1
+        yield
+        assert len(stub.Recognize(request, timeout=10, metadata=metadata).documents) == 1
+    assert len(recognize(gateway.address, credentials, metadata).documents) == 1
+    assert gateway.process.poll() is None
+
+
 # --- the gateways -----------------------------------------------------------------------------------------
 
 
@@ -158,6 +227,10 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# gRPC core logs a refused TLS handshake with its reason at INFO: set, whatever the environment says.
+GRPC_CORE_INFO = {"GRPC_VERBOSITY": "INFO"}
+
+
 @pytest.fixture(scope="module")
 def secured(start_gateway, tiny_repository: Path, pki: Pki) -> Iterator[Secured]:
     """Mutual TLS and a token file (DEBUG logs, so that the log check sees the most)."""
@@ -168,7 +241,7 @@ def secured(start_gateway, tiny_repository: Path, pki: Pki) -> Iterator[Secured]
     metrics_port = free_port()
     env = {"NER_TLS_CERT_FILE": str(cert), "NER_TLS_KEY_FILE": str(key),
            "NER_TLS_CLIENT_CA_FILE": str(pki.folder / "ca.crt"), "NER_AUTH_TOKENS_FILE": str(tokens_file),
-           "NER_LOG_LEVEL": "DEBUG", "NER_METRICS_PORT": str(metrics_port)}
+           "NER_LOG_LEVEL": "DEBUG", "NER_METRICS_PORT": str(metrics_port), **GRPC_CORE_INFO}
     gateway = start_gateway(tiny_repository, env=env, credentials=pki.credentials(client=pki.client))
     yield Secured(gateway, tokens_file, valid, retiring, metrics_port)
     stop_process(gateway.process)
@@ -182,7 +255,7 @@ def tls_only(start_gateway, tiny_repository: Path, pki: Pki) -> Iterator[Gateway
     """Server TLS (no client certificates), tokens from the environment, reflection exempt."""
     cert, key = pki.server.write(pki.folder / "tls-only", "server")
     env = {"NER_TLS_CERT_FILE": str(cert), "NER_TLS_KEY_FILE": str(key), "NER_AUTH_TOKENS": ",".join(ENV_TOKENS),
-           "NER_AUTH_EXEMPT_REFLECTION": "true"}
+           "NER_AUTH_EXEMPT_REFLECTION": "true", **GRPC_CORE_INFO}
     gateway = start_gateway(tiny_repository, env=env, credentials=pki.credentials())
     yield gateway
     stop_process(gateway.process)
@@ -199,31 +272,69 @@ def test_tls_call_ok_through_the_client(tls_only: GatewayProcess, pki: Pki) -> N
         assert client.health().status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_plaintext_client_against_tls_server_fails(tls_only: GatewayProcess) -> None:
-    error = refused(lambda: recognize(tls_only.address, None, bearer(ENV_TOKENS[0])))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
+def test_plaintext_client_against_tls_server_fails(tls_only: GatewayProcess, pki: Pki) -> None:
+    host, port = tls_only.address.rsplit(":", 1)
+    before = handshake_failures(tls_only, "WRONG_VERSION_NUMBER")
+    with served_meanwhile(tls_only, pki.credentials(), bearer(ENV_TOKENS[0])):
+        # HTTP/2 in plaintext: the port takes the connection, and hangs up where a plaintext server sends SETTINGS.
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(HTTP2_PREFACE + bytes([0, 0, 0, SETTINGS_FRAME, 0, 0, 0, 0, 0]))
+            try:
+                answer = raw.recv(9)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b""
+        error = refused(lambda: recognize(tls_only.address, None, bearer(ENV_TOKENS[0])))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Connection refused" not in error.details(), error.details()
+        # The gateway's side: bytes that are not a TLS record, for both clients.
+        server_refused_for(tls_only, "WRONG_VERSION_NUMBER", before, 2)
 
 
-def test_client_that_does_not_trust_the_server_fails(tls_only: GatewayProcess) -> None:
-    error = refused(lambda: recognize(tls_only.address, grpc.ssl_channel_credentials(CA("untrusted").pem),
-                                      bearer(ENV_TOKENS[0])))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
+def test_client_that_does_not_trust_the_server_fails(tls_only: GatewayProcess, pki: Pki) -> None:
+    with served_meanwhile(tls_only, pki.credentials(), bearer(ENV_TOKENS[0])):
+        with pytest.raises(ssl.SSLCertVerificationError) as info:
+            tls12_handshake(tls_only.address, pki.folder / "untrusted-ca.crt")
+        assert (info.value.verify_code, info.value.verify_message) == (20, "unable to get local issuer certificate")
+        error = refused(lambda: recognize(tls_only.address, grpc.ssl_channel_credentials(CA("untrusted").pem),
+                                          bearer(ENV_TOKENS[0])))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Tls handshake failed" in error.details(), error.details()
+        assert "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate" in error.details()
 
 
 def test_mtls_client_without_certificate_is_refused(secured: Secured, pki: Pki) -> None:
-    error = refused(lambda: recognize(secured.gateway.address, pki.credentials(), bearer(secured.valid)))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    gateway, reason = secured.gateway, "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    before = handshake_failures(gateway, reason)
+    with served_meanwhile(gateway, pki.credentials(client=pki.client), bearer(secured.valid)):
+        assert_hung_up_in_the_handshake(gateway.address, pki.folder / "ca.crt")
+        error = refused(lambda: recognize(gateway.address, pki.credentials(), bearer(secured.valid)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Connection refused" not in error.details(), error.details()
+        server_refused_for(gateway, reason, before, 2)  # the raw handshake's and the gRPC client's
 
 
 def test_mtls_client_certificate_from_another_ca_is_refused(secured: Secured, pki: Pki) -> None:
-    credentials = pki.credentials(client=pki.foreign_client)
-    error = refused(lambda: recognize(secured.gateway.address, credentials, bearer(secured.valid)))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    gateway, reason = secured.gateway, "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"
+    before = handshake_failures(gateway, reason)
+    with served_meanwhile(gateway, pki.credentials(client=pki.client), bearer(secured.valid)):
+        intruder = (pki.folder / "intruder.crt", pki.folder / "intruder.key")
+        assert_hung_up_in_the_handshake(gateway.address, pki.folder / "ca.crt", intruder)
+        credentials = pki.credentials(client=pki.foreign_client)
+        error = refused(lambda: recognize(gateway.address, credentials, bearer(secured.valid)))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Connection refused" not in error.details(), error.details()
+        server_refused_for(gateway, reason, before, 2)
 
 
 def test_mtls_client_with_the_right_certificate(secured: Secured, pki: Pki) -> None:
     credentials = pki.credentials(client=pki.client)
     assert len(recognize(secured.gateway.address, credentials, bearer(secured.valid)).documents) == 1
+    # The raw handshake that the refusals above fail gets through with the CA's client certificate: TLS, then
+    # the gateway's HTTP/2 SETTINGS.
+    header = tls12_handshake(secured.gateway.address, pki.folder / "ca.crt",
+                             (pki.folder / "client.crt", pki.folder / "client.key"))
+    assert header[3] == SETTINGS_FRAME
 
 
 def test_certificate_rotation_without_restart(tls_only: GatewayProcess, pki: Pki) -> None:
