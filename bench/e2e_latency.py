@@ -17,7 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -46,14 +48,32 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--model", default="wnut16")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1, help="texts per call")
     parser.add_argument("--json-out", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def summarise(samples: dict[str, list[float]], args: argparse.Namespace,
+              feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The result JSON: per path (seconds per call) its percentiles, the p50 ratios between paths, the setup."""
+    result: dict[str, Any] = {name: percentiles(s) for name, s in samples.items()}
+    result["ratios_p50"] = {
+        "gateway/triton": result["gateway"]["p50_ms"] / result["triton"]["p50_ms"],
+        "gateway/ort": result["gateway"]["p50_ms"] / result["ort"]["p50_ms"],
+        "triton/ort": result["triton"]["p50_ms"] / result["ort"]["p50_ms"],
+    }
+    result["setup"] = {"model": args.model, "rounds": args.rounds, "texts_per_call": args.batch,
+                       "median_tokens": statistics.median(a.shape[1] for f in feeds for a in [f["input_ids"]])}
+    return result
+
+
+def main() -> None:
+    args = parse_args()
 
     version_dir = latest_version_dir(args.repository / args.model)
     manifest = ModelManifest.read(version_dir)
@@ -111,14 +131,7 @@ def main() -> None:
         loop.run_until_complete(triton.stop())
         loop.close()
 
-    result = {name: percentiles(s) for name, s in samples.items()}
-    result["ratios_p50"] = {
-        "gateway/triton": result["gateway"]["p50_ms"] / result["triton"]["p50_ms"],
-        "gateway/ort": result["gateway"]["p50_ms"] / result["ort"]["p50_ms"],
-        "triton/ort": result["triton"]["p50_ms"] / result["ort"]["p50_ms"],
-    }
-    result["setup"] = {"model": args.model, "rounds": args.rounds, "texts_per_call": args.batch,
-                       "median_tokens": statistics.median(a.shape[1] for f in feeds for a in [f["input_ids"]])}
+    result = summarise(samples, args, feeds)
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +97,24 @@ def soak(args: argparse.Namespace, address: str, gateway_pid: int, triton_pid: i
 
             loop.run_until_complete(callers(address, args.model, texts, args.clients, args.slice_s, 30.0, record,
                                             args.mix_texts))
-            cell = {"slice": index, "calls": sum(codes.values()), "codes": codes, **percentiles(latencies),
-                    "p50_ms_by_texts_per_call": {n: percentiles(values)["p50_ms"]
-                                                 for n, values in sorted(by_count.items())},
-                    "rss_mb": server_rss_mb(gateway_pid, triton_pid)}
+            cell = slice_cell(index, codes, latencies, by_count, server_rss_mb(gateway_pid, triton_pid))
             print(json.dumps(cell), flush=True)
             slices.append(cell)
     finally:
         loop.close()
+    return soak_summary(slices)
+
+
+def slice_cell(index: int, codes: dict[str, int], latencies: list[float], by_count: dict[int, list[float]],
+               rss: dict[str, float]) -> dict[str, Any]:
+    """One soak slice: calls by code, the OK calls' latency (seconds) overall and by texts per call, RSS (MiB)."""
+    return {"slice": index, "calls": sum(codes.values()), "codes": codes, **percentiles(latencies),
+            "p50_ms_by_texts_per_call": {n: percentiles(values)["p50_ms"] for n, values in sorted(by_count.items())},
+            "rss_mb": rss}
+
+
+def soak_summary(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The soak's result: its slices, errors and calls in all, the p50 spread and RSS growth after the first."""
     p50s = [s["p50_ms"] for s in slices[1:] or slices]
     kinds = sorted({n for s in slices for n in s["p50_ms_by_texts_per_call"]})
     smaller_first = all(s["p50_ms_by_texts_per_call"][kinds[0]] < s["p50_ms_by_texts_per_call"][kinds[-1]]
@@ -138,18 +149,23 @@ def flood(args: argparse.Namespace, address: str, triton_url: str, texts: list[s
     finally:
         loop.close()
     ran = triton_counts(triton_url, args.model)[0] - before
+    return flood_summary(codes, refused_s, ran, args.deadline_ms)
+
+
+def flood_summary(codes: dict[str, int], refused_s: list[float], ran: int, deadline_ms: float) -> dict[str, Any]:
+    """The flood's result: calls by code, Triton's windows (``ran``) per answer, how fast refusals came back."""
     ok = codes.get("OK", 0)
     return {
         "codes": codes,
         "triton_windows_run": ran,
         "triton_windows_per_answer": round(ran / ok, 2) if ok else None,
         "resource_exhausted_ms": percentiles(refused_s) if refused_s else None,
-        "share_refused_within_deadline": round(float(np.mean(np.asarray(refused_s) < args.deadline_ms / 1000)), 3)
+        "share_refused_within_deadline": round(float(np.mean(np.asarray(refused_s) < deadline_ms / 1000)), 3)
         if refused_s else None,
     }
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["soak", "flood"])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -162,8 +178,13 @@ def main() -> None:
     parser.add_argument("--mix-texts", type=int, default=1,
                         help="soak: every other caller sends this many texts per call (the others one)")
     parser.add_argument("--json-out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.clients = args.clients or (64 if args.mode == "soak" else 256)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     from ner_gateway.triton.process import EmbeddedTriton
 

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -270,7 +271,64 @@ def draw(sweep: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
+def served_cell(kind: str, samples: dict[str, list[float]], elapsed: float, counts_before: tuple[int, int],
+                counts_after: tuple[int, int], cpu_before: dict[str, float], cpu_after: dict[str, float]
+                ) -> dict[str, Any]:
+    """One served cell from its callers' ``samples`` (``load``), its wall time, Triton's (inference, execution)
+    counts and the server processes' CPU seconds (``server_cpu_s``) before and after."""
+    executions = max(counts_after[1] - counts_before[1], 1)
+    sentences = max(sum(samples["sentences"]), 1)
+    cpu = {"clients": sum(samples["cpu_s"]), **{role: cpu_after[role] - cpu_before[role] for role in cpu_after}}
+    if kind == "triton":
+        del cpu["gateway"]
+    cell = {"sentences_per_s": sum(samples["sentences"]) / elapsed,
+            **percentiles(samples["latency"]),
+            "triton_avg_batch": (counts_after[0] - counts_before[0]) / executions,
+            **{f"cpu_ms_per_sentence_{role}": 1000 * value / sentences for role, value in cpu.items()},
+            "cores_busy": sum(cpu.values()) / elapsed}
+    if kind == "gateway":
+        cell.update({f"{stage}_ms": 1000 * statistics.median(samples[stage])
+                     for stage in ("tokenize", "infer", "decode")})
+    return cell
+
+
+def summarise(args: argparse.Namespace, models: list[str], sweep_clients: list[int], texts: int,
+              cells: dict[str, dict[int, list[dict[str, Any]]]], baselines: dict[str, list[float]],
+              latency: dict[str, list[float]], padding: dict[str, float]) -> dict[str, Any]:
+    """The result JSON from every round's measurements: medians over the rounds, and the ratios of the gateway
+    against the baselines, at 16 clients (or the most measured)."""
+    sweep = {path: {c: median_cells(rounds) for c, rounds in by_clients.items()} for path, by_clients in cells.items()}
+    base = {key: round(statistics.median(values), 1) for key, values in baselines.items()}
+    single = {key: round(statistics.median(values), 2) for key, values in latency.items()}
+    reference_clients = 16 if 16 in sweep_clients else max(sweep_clients)
+    ratios: dict[str, float] = {}
+    for model in models:
+        served = sweep[f"gateway:{model}"][reference_clients]["sentences_per_s"]
+        limit = base[f"ort-sorted:{model}"]
+        ratios[f"gateway:{model} / ort-sorted"] = round(served / limit, 2)
+        ratios[f"gateway:{model} / ort-as-they-come"] = round(served / base[f"ort-as-they-come:{model}"], 2)
+        if f"triton:{model}" in sweep:
+            ratios[f"gateway:{model} / triton"] = round(served / sweep[f"triton:{model}"][reference_clients]
+                                                        ["sentences_per_s"], 2)
+        if f"ort-rows:{model}" in base:
+            ratios[f"gateway:{model} / ort-rows"] = round(served / base[f"ort-rows:{model}"], 2)
+        if "hf-pipeline" in base:
+            ratios[f"gateway:{model} / hf-pipeline"] = round(served / base["hf-pipeline"], 2)
+            ratios[f"ort-sorted:{model} / hf-pipeline"] = round(limit / base["hf-pipeline"], 2)
+        if 1 in sweep[f"gateway:{model}"]:
+            ratios[f"gateway:{model} p50 at 1 client / ort-single"] = round(
+                sweep[f"gateway:{model}"][1]["p50_ms"] / single[f"ort-single-ms:{model}"], 2)
+        cell = sweep[f"gateway:{model}"][reference_clients]
+        ratios[f"gateway:{model} p99 / p50"] = round(cell["p99_ms"] / cell["p50_ms"], 2)
+    return {"setup": {"models": models, "clients": sweep_clients, "texts_per_call": args.texts_per_call,
+                      "near_free": args.near_free, "duration_s": args.duration,
+                      "rounds": args.rounds, "texts": texts, "client_processes": args.client_processes,
+                      "ratios_at_clients": reference_clients},
+            "sweep": sweep, "baselines_sentences_per_s": base, "single_sentence_latency_ms": single,
+            "padding_ratio_batches_of_16": padding, "ratios": ratios}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--models", default="wnut16", help="comma-separated served models")
@@ -287,7 +345,11 @@ def main() -> None:
                         help="build and serve bench/near_free.py's model (random, 2 x 64) in a temporary repository "
                              "instead of --repository/--models: the served path's own ceiling")
     parser.add_argument("--json-out", type=Path, default=Path("bench/results/throughput.json"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.near_free:
         import tempfile
 
@@ -356,21 +418,7 @@ def main() -> None:
                         elapsed = time.perf_counter() - started
                         cpu_after = server_cpu_s(gateway.pid, triton_pid)
                         after = triton_counts(triton.grpc_url, model)
-                        executions = max(after[1] - before[1], 1)
-                        sentences = max(sum(samples["sentences"]), 1)
-                        cpu = {"clients": sum(samples["cpu_s"]),
-                               **{role: cpu_after[role] - cpu_before[role] for role in cpu_after}}
-                        if kind == "triton":
-                            del cpu["gateway"]
-                        cell = {"sentences_per_s": sum(samples["sentences"]) / elapsed,
-                                **percentiles(samples["latency"]),
-                                "triton_avg_batch": (after[0] - before[0]) / executions,
-                                **{f"cpu_ms_per_sentence_{role}": 1000 * value / sentences
-                                   for role, value in cpu.items()},
-                                "cores_busy": sum(cpu.values()) / elapsed}
-                        if kind == "gateway":
-                            cell.update({f"{stage}_ms": 1000 * statistics.median(samples[stage])
-                                         for stage in ("tokenize", "infer", "decode")})
+                        cell = served_cell(kind, samples, elapsed, before, after, cpu_before, cpu_after)
                         cells.setdefault(f"{kind}:{model}", {}).setdefault(clients, []).append(cell)
             for model in models:  # in-process baselines, on the same texts
                 for sort in (False, True):
@@ -392,35 +440,9 @@ def main() -> None:
         loop.run_until_complete(triton.stop())
         loop.close()
 
-    sweep = {path: {c: median_cells(rounds) for c, rounds in by_clients.items()} for path, by_clients in cells.items()}
-    base = {key: round(statistics.median(values), 1) for key, values in baselines.items()}
-    single = {key: round(statistics.median(values), 2) for key, values in latency.items()}
-    reference_clients = 16 if 16 in sweep_clients else max(sweep_clients)
-    ratios: dict[str, float] = {}
-    for model in models:
-        served = sweep[f"gateway:{model}"][reference_clients]["sentences_per_s"]
-        limit = base[f"ort-sorted:{model}"]
-        ratios[f"gateway:{model} / ort-sorted"] = round(served / limit, 2)
-        ratios[f"gateway:{model} / ort-as-they-come"] = round(served / base[f"ort-as-they-come:{model}"], 2)
-        if f"triton:{model}" in sweep:
-            ratios[f"gateway:{model} / triton"] = round(served / sweep[f"triton:{model}"][reference_clients]
-                                                        ["sentences_per_s"], 2)
-        if f"ort-rows:{model}" in base:
-            ratios[f"gateway:{model} / ort-rows"] = round(served / base[f"ort-rows:{model}"], 2)
-        if "hf-pipeline" in base:
-            ratios[f"gateway:{model} / hf-pipeline"] = round(served / base["hf-pipeline"], 2)
-            ratios[f"ort-sorted:{model} / hf-pipeline"] = round(limit / base["hf-pipeline"], 2)
-        if 1 in sweep[f"gateway:{model}"]:
-            ratios[f"gateway:{model} p50 at 1 client / ort-single"] = round(
-                sweep[f"gateway:{model}"][1]["p50_ms"] / single[f"ort-single-ms:{model}"], 2)
-        cell = sweep[f"gateway:{model}"][reference_clients]
-        ratios[f"gateway:{model} p99 / p50"] = round(cell["p99_ms"] / cell["p50_ms"], 2)
-    result = {"setup": {"models": models, "clients": sweep_clients, "texts_per_call": args.texts_per_call,
-                        "near_free": args.near_free, "duration_s": args.duration,
-                        "rounds": args.rounds, "texts": len(texts), "client_processes": args.client_processes,
-                        "ratios_at_clients": reference_clients},
-              "sweep": sweep, "baselines_sentences_per_s": base, "single_sentence_latency_ms": single,
-              "padding_ratio_batches_of_16": padding, "ratios": ratios}
+    result = summarise(args, models, sweep_clients, len(texts), cells, baselines, latency, padding)
+    sweep, base, single, ratios = (result[key] for key in ("sweep", "baselines_sentences_per_s",
+                                                           "single_sentence_latency_ms", "ratios"))
     roles = ("clients", "gateway", "tritonserver", "stubs")
     print(f"{'path':<34}{'clients':>8}{'sent/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'batch':>7}   CPU ms/sentence: "
           + " ".join(f"{role:>12}" for role in roles) + f"{'cores':>7}")
