@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -237,12 +238,44 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` on the running loop until it holds; fail the test after ``timeout_s``."""
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` (a function, or an async one) on the running loop until it holds; fail the test after
+    ``timeout_s``."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
+    while not await _holds(condition):
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+async def _holds(condition: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = condition()
+    return bool(await result) if inspect.isawaitable(result) else bool(result)
+
+
+def poll_until(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
+    """``wait_for`` without an event loop (tests that use threads and processes): poll ``condition`` until it
+    holds; fail the test after ``timeout_s`` with ``what`` (or what it returns then)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what if isinstance(what, str) else what()}"
+        time.sleep(0.05)
+
+
+def child_pids(pid: int, marker: str) -> list[int]:
+    """Live child processes of ``pid`` whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and marker in cmdline:
+            found.append(int(entry))
+    return sorted(found)
 
 
 def secure_or_insecure_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:

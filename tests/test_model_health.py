@@ -19,12 +19,13 @@ from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.server import Gateway
 from ner_gateway.triton.process import EmbeddedTriton
 
-from conftest import TINY_MODEL, stop_process
+from conftest import TINY_MODEL, stop_process, wait_for
 
 OTHER = f"{TINY_MODEL}-b"
 TEXTS = ["Angela Merkel visited Paris and Berlin"]
 SERVICES = ("", "ner.v1.NerService")
 SERVING = health_pb2.HealthCheckResponse.SERVING
+POLL_S = GatewaySettings.model_fields["health_check_interval_s"].default  # the pace of Triton polls and health
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,8 @@ async def test_unloading_one_model_leaves_the_others_serving(start_gateway, two_
     gateway = await asyncio.to_thread(start_gateway, two_models, "--triton-url", triton.grpc_url,
                                       "--default-model", TINY_MODEL)
     control = triton_grpc.InferenceServerClient(triton.grpc_url)
+    unavailable = (grpc.StatusCode.UNAVAILABLE, f"model {OTHER!r} is not ready on any inference server; retry later")
+    ok = (grpc.StatusCode.OK, "")
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             ner, health = ner_pb2_grpc.NerServiceStub(channel), health_pb2_grpc.HealthStub(channel)
@@ -71,36 +74,64 @@ async def test_unloading_one_model_leaves_the_others_serving(start_gateway, two_
             async def recognize(model: str = "") -> tuple[grpc.StatusCode, str]:
                 return await outcome(ner.Recognize(ner_pb2.RecognizeRequest(texts=TEXTS, model=model), timeout=10))
 
-            assert await recognize(OTHER) == (grpc.StatusCode.OK, "")
-            await control.unload_model(OTHER, headers=triton.admin_headers)
-            # From right after the unload (before the gateway's next poll) over several polls: health stays
-            # SERVING, the default model answers every call, the unloaded one's calls fail fast, naming it.
-            default, other, statuses = [], [], set()
-            for _ in range(20):
-                default.append(await recognize())
-                other.append(await recognize(OTHER))
+            async def ready_is(expected: dict[str, bool]) -> bool:
+                return await models_ready(ner) == expected
+
+            assert await recognize(OTHER) == ok
+            # Health as the gateway streams it (Watch), throughout: a message for every change, however brief.
+            watched: dict[str, list[int]] = {service: [] for service in SERVICES}
+
+            async def watch(service: str) -> None:
+                async for response in health.Watch(health_pb2.HealthCheckRequest(service=service)):
+                    watched[service].append(response.status)
+
+            watchers = [asyncio.create_task(watch(service)) for service in SERVICES]
+            try:
+                await wait_for(lambda: all(watched.values()), 10, "the health watches' first status")
+
+                await control.unload_model(OTHER, headers=triton.admin_headers)
+                # Until the gateway's own poll finds the unload (no call for that model meanwhile, so only the poll
+                # can tell: ListModels turns it ready: false), the default model answers every call.
+                default: list[tuple[grpc.StatusCode, str]] = []
+
+                async def unload_seen() -> bool:
+                    default.append(await recognize())
+                    return await ready_is({TINY_MODEL: True, OTHER: False})
+
+                await wait_for(unload_seen, 30, f"the gateway's poll to find {OTHER} unloaded")
+                # From then on, for two more poll intervals (health follows the pool at that pace): the default
+                # model still answers every call, the unloaded one's calls fail fast, naming it.
+                loop = asyncio.get_running_loop()
+                seen_at, other = loop.time(), []
+                while loop.time() < seen_at + 2 * POLL_S:
+                    default.append(await recognize())
+                    other.append(await recognize(OTHER))
+                assert other and other == [unavailable] * len(other)
+                assert default == [ok] * len(default)
+                # A name the gateway never knew is still NOT_FOUND.
+                assert (await recognize("no-such-model"))[0] == grpc.StatusCode.NOT_FOUND
+
+                await control.load_model(OTHER, headers=triton.admin_headers)
+                await wait_for(lambda: ready_is({TINY_MODEL: True, OTHER: True}), 30,
+                               f"the gateway's poll to find {OTHER} loaded again")
+                response = await ner.Recognize(ner_pb2.RecognizeRequest(texts=TEXTS, model=OTHER), timeout=10)
+                assert response.model == OTHER and len(response.documents) == 1
+
+                # Unloaded again, and called at once: the call that finds it unloaded in Triton (before any poll
+                # does) fails fast too, naming it, and takes it out at once; the default model answers.
+                await control.unload_model(OTHER, headers=triton.admin_headers)
+                assert await recognize(OTHER) == unavailable
+                assert await models_ready(ner) == {TINY_MODEL: True, OTHER: False}
+                assert await recognize() == ok
                 for service in SERVICES:
                     request = health_pb2.HealthCheckRequest(service=service)
-                    statuses.add((await health.Check(request, timeout=5)).status)
-                await asyncio.sleep(0.2)
-            assert statuses == {SERVING}
-            assert default == [(grpc.StatusCode.OK, "")] * 20
-            expected = (grpc.StatusCode.UNAVAILABLE,
-                        f"model {OTHER!r} is not ready on any inference server; retry later")
-            assert other == [expected] * 20
-            assert await models_ready(ner) == {TINY_MODEL: True, OTHER: False}
-            # A name the gateway never knew is still NOT_FOUND.
-            assert (await recognize("no-such-model"))[0] == grpc.StatusCode.NOT_FOUND
-
-            await control.load_model(OTHER, headers=triton.admin_headers)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            while not (await models_ready(ner))[OTHER] and loop.time() < deadline:
-                await asyncio.sleep(0.2)
-            assert await models_ready(ner) == {TINY_MODEL: True, OTHER: True}
-            response = await ner.Recognize(ner_pb2.RecognizeRequest(texts=TEXTS, model=OTHER), timeout=10)
-            assert response.model == OTHER and len(response.documents) == 1
-        assert "model tiny-b is not ready on any Triton endpoint" in gateway.output()
+                    assert (await health.Check(request, timeout=5)).status == SERVING
+            finally:
+                for watcher in watchers:
+                    watcher.cancel()
+                await asyncio.gather(*watchers, return_exceptions=True)
+            # Health never left SERVING on any service, from before the first unload to after the second.
+            assert watched == {service: [SERVING] for service in SERVICES}
     finally:
         if not await control.is_model_ready(OTHER):  # for the next test, whatever failed here
             await control.load_model(OTHER, headers=triton.admin_headers)
@@ -136,7 +167,8 @@ async def test_a_model_unloaded_on_one_endpoint_is_served_by_the_others(two_mode
         await control.unload_model(OTHER, headers=second.admin_headers)
         # Calls that reach the second endpoint before the next poll are retried on the first: none fails.
         await recognize_all(OTHER)
-        await asyncio.sleep(0.5)  # a few polls
+        for _ in range(2):  # polls, run here rather than waited for: each began after the calls above
+            await gateway.backend.refresh()
         assert gateway.backend.ready_endpoints == [triton.grpc_url, second.grpc_url]
         assert gateway.backend.model_ready(OTHER) and gateway.health.serving
         # The unloaded model goes to the first endpoint only; the default model still to both.
@@ -145,11 +177,15 @@ async def test_a_model_unloaded_on_one_endpoint_is_served_by_the_others(two_mode
         await recognize_all(TINY_MODEL)
         after = await inference_counts(second)
         assert after.get(OTHER, 0) == before.get(OTHER, 0) and after[TINY_MODEL] > before[TINY_MODEL]
-        # Loaded again: the second endpoint serves it again after the next poll.
+        # Loaded again: the second endpoint serves it again once the gateway's own poll has found it there.
         await control.load_model(OTHER, headers=second.admin_headers)
-        await asyncio.sleep(0.5)
-        await recognize_all(OTHER)
-        assert (await inference_counts(second)).get(OTHER, 0) > after.get(OTHER, 0)
+
+        async def second_serves_it_again() -> bool:
+            await recognize_all(OTHER, times=2)  # round-robin: one of two goes to the second, once it is back
+            return (await inference_counts(second)).get(OTHER, 0) > after.get(OTHER, 0)
+
+        await wait_for(second_serves_it_again, 20, f"the second endpoint to serve {OTHER} again")
+        assert gateway.backend.model_ready(OTHER) and gateway.health.serving
     finally:
         await gateway.stop()
         await control.close()

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
-from conftest import GatewayProcess
+from conftest import GatewayProcess, child_pids, poll_until
 
 DRAIN_S = 2.0
 GRACE_S = 30.0  # the default
@@ -27,12 +27,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass
 class Call:
+    client: int
     sent: float
     done: float
     code: grpc.StatusCode
 
 
-def keep_calling(gateway: GatewayProcess, calls: list[Call], stop: threading.Event) -> None:
+def keep_calling(client: int, gateway: GatewayProcess, calls: list[Call], stop: threading.Event) -> None:
     """One client: 64-text calls back to back on one connection, until one fails (the port closed) or ``stop``."""
     with gateway.channel() as channel:
         stub = ner_pb2_grpc.NerServiceStub(channel)
@@ -43,7 +44,7 @@ def keep_calling(gateway: GatewayProcess, calls: list[Call], stop: threading.Eve
                 code = grpc.StatusCode.OK if len(response.documents) == len(TEXTS) else grpc.StatusCode.DATA_LOSS
             except grpc.RpcError as e:
                 code = e.code()
-            calls.append(Call(sent, time.monotonic(), code))
+            calls.append(Call(client, sent, time.monotonic(), code))
             if code != grpc.StatusCode.OK:
                 return
 
@@ -60,21 +61,27 @@ def test_sigterm_drains_readiness_first_under_load(start_gateway, tiny_repositor
     gateway = start_gateway(tiny_repository, env={"NER_SHUTDOWN_DRAIN_S": str(DRAIN_S)})
     calls: list[Call] = []
     stop = threading.Event()
-    clients = [threading.Thread(target=keep_calling, args=(gateway, calls, stop)) for _ in range(CLIENTS)]
+    clients = [threading.Thread(target=keep_calling, args=(k, gateway, calls, stop)) for k in range(CLIENTS)]
     for client in clients:
         client.start()
     try:
-        time.sleep(1.5)  # every client has calls in flight
-        assert calls and all(c.code == grpc.StatusCode.OK for c in calls), calls
+        # Every client has had a call answered, and so has its next one in flight.
+        poll_until(lambda: {c.client for c in calls} == set(range(CLIENTS)), 60, lambda: f"a call per client: {calls}")
+        assert all(c.code == grpc.StatusCode.OK for c in calls), calls
+        (triton,) = child_pids(gateway.process.pid, "tritonserver")  # the embedded Triton
+        triton_processes = [triton, *child_pids(triton, "")]  # and its Python-backend stubs
+        assert len(triton_processes) > 1, triton_processes
         signalled = time.monotonic()
         gateway.process.send_signal(signal.SIGTERM)
         # A new connection: health says NOT_SERVING on every service at once, while the port still serves calls.
         with gateway.channel() as channel:
             seen: list[int | grpc.StatusCode] = []
-            while time.monotonic() < signalled + 1.0 and NOT_SERVING not in seen:
+
+            def not_serving() -> bool:
                 seen.append(health_status(channel, ""))
-                time.sleep(0.05)
-            assert seen[-1] == NOT_SERVING, f"health after SIGTERM: {seen}"
+                return seen[-1] == NOT_SERVING
+
+            poll_until(not_serving, signalled + 1.0 - time.monotonic(), lambda: f"NOT_SERVING, health: {seen}")
             assert health_status(channel, SERVICES[1]) == NOT_SERVING
             sent = time.monotonic()
             response = ner_pb2_grpc.NerServiceStub(channel).Recognize(
@@ -99,17 +106,16 @@ def test_sigterm_drains_readiness_first_under_load(start_gateway, tiny_repositor
     assert late_codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, calls
     assert any(c.code == grpc.StatusCode.OK and c.sent > signalled for c in calls)  # served during the drain
     assert any(c.code == grpc.StatusCode.OK and c.sent < drain_end < c.done for c in calls)  # finished in grace
-    output = gateway.output()
-    assert "draining" in output and "ner-gateway stopped" in output
+    # Stopped in order, to the end: its embedded Triton and the stubs stopped (and reaped) before the gateway
+    # exited, not left to die after it.
+    assert [pid for pid in triton_processes if Path(f"/proc/{pid}").exists()] == [], "Triton outlived the gateway"
 
 
 def test_second_signal_ends_the_drain(start_gateway, tiny_repository: Path) -> None:
     gateway = start_gateway(tiny_repository, env={"NER_SHUTDOWN_DRAIN_S": "60"})
     gateway.process.send_signal(signal.SIGTERM)
     with gateway.channel() as channel:
-        deadline = time.monotonic() + 5
-        while health_status(channel, "") != NOT_SERVING and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert health_status(channel, "") == NOT_SERVING
+        poll_until(lambda: health_status(channel, "") == NOT_SERVING, 5, "NOT_SERVING after SIGTERM")
+        assert gateway.process.poll() is None  # draining, for 60 s
     gateway.process.send_signal(signal.SIGINT)
     assert gateway.process.wait(timeout=30) == 0  # not the 60 s drain

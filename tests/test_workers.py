@@ -16,26 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
+from conftest import child_pids as children
 from conftest import metric_sum, scrape, wait_for
 
 SENTENCE = "Angela Merkel visited Paris"
-
-
-def children(pid: int, marker: str) -> list[int]:
-    """Live child processes of ``pid`` whose command line holds ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z" and marker in cmdline:
-            found.append(int(entry))
-    return sorted(found)
 
 
 def recognize(address: str, token: str, timeout: float = 30) -> ner_pb2.RecognizeResponse:
