@@ -120,7 +120,9 @@ def lookup_token_classifier(  # type: ignore[no-untyped-def]
             embedding[token_id, k] = 1.0
         ids = torch.tensor([[next(i for i in range(len(tokenizer)) if i not in rows), *rows]])
         states = bert(input_ids=ids).last_hidden_state[0].double()  # one state per row of ``table``
-        weight = torch.linalg.lstsq(states, torch.tensor(table, dtype=torch.float64)).solution.T
+        # The least-norm exact solution of states @ W = table (states has full row rank). Not torch.linalg.lstsq:
+        # its default CPU driver (gelsy) missed the fit of this underdetermined system now and then (1 in 7).
+        weight = (states.T @ torch.linalg.solve(states @ states.T, torch.tensor(table, dtype=torch.float64))).T
         model.classifier.weight.copy_(weight.float())
         probe = torch.tensor([[*list(rows)[::-1], 0, *rows]])  # any order, any position, any neighbours
         logits = model(input_ids=probe, attention_mask=torch.ones_like(probe)).logits[0]
