@@ -142,7 +142,7 @@ def test_gpu_limits_only_in_gpu_overlays(rendered: dict[str, list[dict[str, Any]
         gpus = {c["name"]: c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
                 for d in objects(docs, "Deployment") for c in pod_spec(d)["containers"]}
         if name in GPU_OVERLAYS:
-            assert gpus == {"triton": "1", "gateway": None}, name
+            assert gpus == {"triton": "1", "gateway": None, "otel-collector": None}, name
         else:
             assert set(gpus.values()) == {None}, name
             assert "nvidia.com/gpu" not in yaml.safe_dump(docs), name
@@ -500,3 +500,36 @@ def test_the_autoscaler_metrics_exist_on_a_real_triton(start_gateway, tiny_repos
     assert TRITON_METRICS <= series, TRITON_METRICS - series
     # Labelled per model and version, as the adapter's sum by (pod) expects.
     assert re.search(r'^nv_inference_count\{model="tiny",version="1"\} [1-9]', text, re.MULTILINE), text[:2000]
+
+
+def collector_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())  # type: ignore[no-any-return]
+
+
+def test_collectors_export_both_services_spans_to_a_tracing_backend() -> None:
+    """Compose's and Kubernetes' collector configs are one file: OTLP in over gRPC (the gateway) and HTTP (Triton),
+    one traces pipeline, out to the tracing backend's OTLP endpoint (TRACES_ENDPOINT, a documented placeholder)."""
+    compose = ROOT / "deploy" / "docker" / "otel-collector.yaml"
+    k8s = K8S / "components" / "tracing" / "otel-collector.yaml"
+    assert compose.read_text() == k8s.read_text()
+    config = collector_config(compose)
+    assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
+    (pipeline,) = config["service"]["pipelines"].values()
+    assert pipeline["receivers"] == ["otlp"]
+    backends = [e for e in pipeline["exporters"] if e.split("/")[0] in ("otlp", "otlphttp")]
+    assert backends and all("${env:TRACES_ENDPOINT" in config["exporters"][e]["endpoint"] for e in backends)
+
+
+def test_both_services_send_their_spans_to_the_collector(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for name, docs in rendered.items():
+        service = {p["name"]: p["port"] for p in one(docs, "Service", "otel-collector")["spec"]["ports"]}
+        collector = one(docs, "Deployment", "otel-collector")
+        assert selects(one(docs, "Service", "otel-collector")["spec"]["selector"],
+                       collector["spec"]["template"]["metadata"]["labels"]), name
+        assert config_map(docs, "otel-collector-env")["TRACES_ENDPOINT"].startswith("http"), name
+        gateway = config_map(docs, "ner-gateway-config")
+        assert gateway["OTEL_TRACES_EXPORTER"] == "otlp" and gateway["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc", name
+        assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{service['otlp-grpc']}", name
+        args = container(one(docs, "Deployment", "triton"), "triton")["args"]
+        assert "--trace-config=mode=opentelemetry" in args, name
+        assert f"--trace-config=opentelemetry,url=otel-collector:{service['otlp-http']}/v1/traces" in args, name

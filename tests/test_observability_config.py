@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from conftest import TRITON_METRICS
 
@@ -292,3 +293,15 @@ def test_dashboard_loads_with_grafana_foundation_sdk() -> None:
 
     written = json.loads(json.dumps(loaded, cls=JSONEncoder))
     assert subset_mismatches(original, written) == []
+
+
+def test_latency_panels_show_exemplars_linked_to_traces() -> None:
+    """The latency panels ask Prometheus for exemplars, and the provisioned data source turns their trace_id into
+    a link to the tracing backend's data source."""
+    panels = {p.get("title"): p for p in all_panels(dashboard_json())}
+    for title in ("Request latency p50 / p99", "Stage latency p50", "Stage latency p99"):
+        assert all(t.get("exemplar") is True for t in panels[title]["targets"]), title
+    sources = yaml.safe_load((DEPLOY / "grafana" / "datasources.yaml").read_text())["datasources"]
+    by_uid = {s["uid"]: s for s in sources}
+    (link,) = by_uid["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert link["name"] == "trace_id" and by_uid[link["datasourceUid"]]["type"] == "tempo"

@@ -31,7 +31,7 @@ from ner_gateway.core.registry import ModelRegistry, NerModel
 from ner_gateway.core.tokenizing import TextTokens
 from ner_gateway.core.windowing import Window, plan_windows, texts_windows, window_rows
 from ner_gateway.observability.metrics import GatewayMetrics, ModelMetrics
-from ner_gateway.observability.tracing import TRACER
+from ner_gateway.observability.tracing import TRACER, exemplar
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,7 +191,8 @@ class RecognitionPipeline:
             bound = self._metrics_of(model.name)
             if bound is not None:
                 stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
-                observe_recognition(bound, result, n_tokens, {k: v / 1e9 for k, v in stages.items()})
+                observe_recognition(bound, result, n_tokens, {k: v / 1e9 for k, v in stages.items()},
+                                    exemplar() if traced else None)
             return result
 
     @staticmethod
@@ -216,10 +217,12 @@ def _span(name: str, traced: bool) -> AbstractContextManager[trace.Span | None]:
     return TRACER.start_as_current_span(name) if traced else _NOTHING
 
 
-def observe_recognition(metrics: ModelMetrics, result: Recognition, tokens: int, seconds: dict[str, float]) -> None:
-    """The per-request histograms and the label mix of one answered request."""
+def observe_recognition(metrics: ModelMetrics, result: Recognition, tokens: int, seconds: dict[str, float],
+                        trace_ids: dict[str, str] | None = None) -> None:
+    """The per-request histograms and the label mix of one answered request; ``trace_ids``: the stage latencies'
+    exemplar (a traced request's ids)."""
     for stage, value in seconds.items():
-        metrics.stage_duration[stage].observe(value)
+        metrics.stage_duration[stage].observe(value, exemplar=trace_ids)
     metrics.texts.observe(len(result.documents))
     metrics.tokens.observe(tokens)
     metrics.windows.observe(sum(d.windows for d in result.documents))

@@ -47,6 +47,8 @@ class GatewayMetrics:
                                "shedding), by reason: requests or windows (at capacity: RESOURCE_EXHAUSTED), "
                                "deadline (less time left than a Triton call takes now: DEADLINE_EXCEEDED)",
                                ["reason"], registry=r)
+        for reason in ("requests", "windows", "deadline"):  # exported from the start: rules rate() them
+            self.refused.labels(reason)
         self.abandoned_windows = Counter(
             "ner_abandoned_windows", "Windows of requests that failed, timed out or were cancelled before their "
             "answer: never sent to Triton (queued) or cancelled there (in_triton)", ["model", "stage"], registry=r)

@@ -74,3 +74,12 @@ def trace_headers() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
+
+
+def exemplar() -> dict[str, str] | None:
+    """The current span's ids as an OpenMetrics exemplar's labels, when it is sampled (its trace is exported):
+    a latency or error sample then links to the trace of one request that made it. Only ids, never text."""
+    context = trace.get_current_span().get_span_context()
+    if not context.trace_flags.sampled:
+        return None
+    return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}

@@ -1,4 +1,7 @@
-"""The RPC-level metrics (ner_requests, ner_request_duration_seconds, ner_inflight_requests) as an interceptor."""
+"""The RPC-level metrics (ner_requests, ner_request_duration_seconds, ner_inflight_requests) as an interceptor.
+
+A traced call's latency sample, and its error count when it failed, carry its trace and span ids as an OpenMetrics
+exemplar (``observability.tracing.exemplar``)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from ner_gateway.observability.metrics import GatewayMetrics
+from ner_gateway.observability.tracing import exemplar
 from ner_gateway.transport.interceptors import Guard, GuardInterceptor
 from ner_gateway.transport.rpc_types import Context
 
@@ -67,11 +71,12 @@ class MetricsInterceptor(GuardInterceptor):
                 counter = counted.get((model, final))
                 if counter is None:
                     counter = counted[(model, final)] = metrics.requests.labels(name, model, final.name)
-                counter.inc()
+                ids = exemplar()
+                counter.inc(exemplar=ids if final is not grpc.StatusCode.OK else None)
                 histogram = timed.get(model)
                 if histogram is None:
                     histogram = timed[model] = metrics.request_duration.labels(name, model)
-                histogram.observe(time.perf_counter() - started)
+                histogram.observe(time.perf_counter() - started, exemplar=ids)
                 inflight.dec()
 
         return observed
