@@ -205,8 +205,7 @@ LOOKUP_DEFAULT = [8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 @pytest.fixture(scope="module")
-def lookup_stub(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, start_gateway
-                ) -> ner_pb2_grpc.NerServiceStub:
+def lookup_gateway(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, start_gateway) -> GatewayProcess:
     """A gateway and its embedded Triton serving the lookup model as ``lookup``, built by the real builder."""
     from transformers import AutoTokenizer
 
@@ -222,7 +221,12 @@ def lookup_stub(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, star
     tokenizer.save_pretrained(checkpoint)
     repository = tmp_path_factory.mktemp("lookup_repository")
     build_model(checkpoint, repository, "lookup", BuildOptions(serving=ServingOptions(max_batch_size=8)))
-    return ner_pb2_grpc.NerServiceStub(start_gateway(repository).channel())
+    return start_gateway(repository)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def lookup_stub(lookup_gateway: GatewayProcess) -> ner_pb2_grpc.NerServiceStub:
+    return ner_pb2_grpc.NerServiceStub(lookup_gateway.channel())
 
 
 def test_constrained_decoding_takes_the_best_valid_path_where_argmax_repair_differs(lookup_stub) -> None:
@@ -358,6 +362,17 @@ def test_query_command_prints_entities_as_json(gateway: GatewayProcess, stub) ->
     assert [(e["label"], e["start"], e["end"], e["text"]) for e in printed] == [
         (e.label, e.start, e.end, e.text) for e in expected
     ]
+
+
+def test_query_command_prints_every_field_zero_values_included(lookup_gateway: GatewayProcess) -> None:
+    """proto3 JSON drops zero values: an entity at offset 0 would print without "start". The CLI prints every
+    field."""
+    cli = str(Path(sys.executable).parent / "ner-gateway")
+    out = subprocess.run([cli, "query", "--address", lookup_gateway.address, "Paris was lovely"],
+                         capture_output=True, text=True, check=True).stdout
+    (entity,) = json.loads(out)["documents"][0]["entities"]
+    assert {k: entity[k] for k in ("label", "start", "end", "text")} == {"label": "LOC", "start": 0, "end": 5,
+                                                                         "text": "Paris"}
 
 
 def test_sigterm_stops_gateway_and_its_triton(start_gateway, tiny_repository: Path) -> None:

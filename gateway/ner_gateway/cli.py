@@ -91,8 +91,10 @@ def _client(address: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
 
 
 def _print(message: Any) -> None:
-    click.echo(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2,
-                          ensure_ascii=False))
+    """The message as JSON with every field, zero values included (proto3 JSON would drop ``"start": 0``)."""
+    fields = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True)
+    click.echo(json.dumps(fields, indent=2, ensure_ascii=False))
 
 
 @main.command()
