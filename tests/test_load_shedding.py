@@ -15,7 +15,7 @@ import pytest
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
-from conftest import metric_sum, scrape
+from conftest import metric_sum, scrape, wait_for
 
 SENTENCE = "Angela Merkel met Emmanuel Macron in Berlin on Monday."
 # Short for the load: 256 callers of one sentence with 1 s deadlines are more than the gateway and Triton can
@@ -175,8 +175,8 @@ async def test_at_capacity_a_call_is_refused_before_its_request_is_parsed(sheddi
         long_text = " ".join([SENTENCE] * 1000)
         holders = [asyncio.ensure_future(recognize(channel, long_text, 120)) for _ in range(4)]
         try:
-            while total(ports["gateway"], "ner_inflight_requests") < 4:  # the gateway's 4 places are taken
-                await asyncio.sleep(0.01)
+            await wait_for(lambda: total(ports["gateway"], "ner_inflight_requests") >= 4, 60,
+                           "the gateway's 4 places taken")
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await raw(garbage, timeout=10)
             assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
@@ -187,8 +187,7 @@ async def test_at_capacity_a_call_is_refused_before_its_request_is_parsed(sheddi
             for holder in holders:
                 holder.cancel()
         await asyncio.gather(*holders, return_exceptions=True)
-        while total(ports["gateway"], "ner_inflight_requests") > 0:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: total(ports["gateway"], "ner_inflight_requests") == 0, 60, "the places given back")
         with pytest.raises(grpc.aio.AioRpcError) as invalid:
             await raw(garbage, timeout=10)
     assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -86,9 +86,10 @@ class Observed:
 
 
 def batcher(backend: HeldBackend, observed: Observed | None = None, *, max_rows: int = 32, call_tokens: int = 1000,
-            request_tokens: int = 1000, max_calls: int = 1, buckets: tuple[int, ...] = ()) -> Batcher:
+            request_tokens: int = 1000, max_calls: int = 1, buckets: tuple[int, ...] = (),
+            cancel_calls: bool = True) -> Batcher:
     limits = BatchLimits(max_rows=max_rows, call_tokens=call_tokens, request_tokens=request_tokens,
-                         max_calls=max_calls, buckets=buckets)
+                         max_calls=max_calls, buckets=buckets, cancel_calls=cancel_calls)
     return Batcher(backend, ServedModel("m", "1", max_rows), "logits", encode, limits, observed)
 
 
@@ -201,6 +202,25 @@ async def test_a_shared_call_is_cancelled_only_when_none_of_its_requests_wants_i
     await settle()
     assert backend.cancelled == 1 and queue.calls_in_flight == 0
     assert observed.gone == {"in_triton": 3}
+
+
+async def test_without_cancel_calls_a_call_nobody_wants_runs_to_its_end_and_holds_its_place() -> None:
+    """The default (settings.triton_cancel_calls off, for Triton before 2.56): the gateway never cancels a Triton
+    call; its requests leave at once, the call keeps its place until Triton answers, then the queue goes on."""
+    backend, observed = HeldBackend(), Observed()
+    queue = batcher(backend, observed, cancel_calls=False)
+    gone = send(queue, [[2], [2]])
+    await settle()
+    waiting = send(queue, [[5]])
+    await settle()
+    gone.cancel()
+    await settle()
+    assert backend.cancelled == 0 and queue.calls_in_flight == 1 and observed.gone == {"in_triton": 2}
+    assert len(backend.calls) == 1  # the waiting request's row waits for the place
+    backend.release(0)  # Triton answers the call nobody wants: its place goes to the next call
+    await settle()
+    backend.release(1)
+    assert [row.tolist() for row in await waiting] == [[[5.0, 0.0]]]
 
 
 async def test_a_failed_call_fails_every_request_in_it_and_the_queue_goes_on() -> None:

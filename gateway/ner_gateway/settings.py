@@ -69,6 +69,12 @@ class GatewaySettings(BaseSettings):
     are, and leave together in the next call (up to max_batch_size rows and triton_inflight_tokens / calls in
     flight padded tokens each). Unset: the model's instance count in Triton (instance_group), so every instance
     has a call to run."""
+    triton_cancel_calls: bool = False
+    """Cancel a Triton call once none of its requests still wants it (their deadlines passed, their clients went).
+    Off: such a call runs to its end and its answer is dropped, and a call's gRPC timeout is the latest deadline of
+    its requests plus a grace, so the gateway never cancels a Triton call. Triton's gRPC frontend before 2.56
+    (NGC 25.04) can crash on a cancelled call (a race fixed by triton-inference-server/server PRs 7840 and 8078;
+    seen here under a flood of short deadlines with the embedded 2.51): turn it on with Triton 2.56 or later."""
     triton_ready_timeout_s: float = Field(120.0, gt=0)
     """How long to wait at startup for Triton and its models to become ready."""
     health_check_interval_s: float = Field(1.0, gt=0)

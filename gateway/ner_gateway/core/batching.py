@@ -9,8 +9,10 @@ back. Triton's own queue stays short, so the order, the deadlines and cancellati
 are exact (the design of text-embeddings-inference's router):
 
 - a request whose deadline passes, whose client cancels or one of whose calls fails leaves the queue at once:
-  its windows not yet sent are never sent (counted as abandoned, "queued"); a call already in flight is
-  cancelled only when none of its requests still wants it (its rows of that request count as "in_triton");
+  its windows not yet sent are never sent (counted as abandoned, "queued"); a call already in flight runs on
+  for the requests that still want it (its rows of that request count as "in_triton"), and once none does it is
+  cancelled (``cancel_calls``) or, by default, runs to its end and its answer is dropped (Triton before 2.56 can
+  crash on a cancelled gRPC call);
 - results never depend on batch neighbours: each row is padded with attention mask 0, and the model runs rows
   alone where its numerics need it (dynamic int8);
 - models with sequence buckets (TensorRT engines) get calls of one bucket each, so each call has one shape.
@@ -43,6 +45,10 @@ from ner_gateway.core.windowing import Window
 from ner_gateway.observability.tracing import TRACER
 
 WAIT_WEIGHT = 0.05  # of the latest request in typical_wait_s: follows a change of load within ~20 requests
+# Without cancellation (BatchLimits.cancel_calls), a call's timeout in Triton is its requests' latest deadline plus
+# this: its requests leave at their own deadlines, and the gateway does not cancel the call (no client timeout)
+# unless Triton hangs.
+UNCANCELLED_CALL_GRACE_S = 30.0
 
 # Content token ids of the rows and the width to pad them to -> the model's input arrays.
 RowEncoder = Callable[[Sequence[Sequence[int]], int], dict[str, Int64Array]]
@@ -99,6 +105,7 @@ class BatchLimits:
     request_tokens: int  # tokens of one request in flight at once; one row always fits
     max_calls: int  # calls in flight for the model
     buckets: tuple[int, ...] = ()  # sequence buckets: a call holds rows of one width
+    cancel_calls: bool = False  # cancel a call in flight that no request wants any more; else it runs to its end
 
 
 class BatchObserver(Protocol):
@@ -277,6 +284,8 @@ class Batcher:
         try:
             arrays = self.encode([job.rows[index] for job, index in call.entries], call.width)
             deadline = Deadline.latest(job.deadline for job in jobs)
+            if not self.limits.cancel_calls:
+                deadline = Deadline(deadline.at + UNCANCELLED_CALL_GRACE_S)
             with _call_span(jobs, self.model, len(call.entries)):
                 logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
         except asyncio.CancelledError:
@@ -304,7 +313,7 @@ class Batcher:
 
     def _abandon(self, job: _Job) -> None:
         """The request gave up: its queued windows are never sent, and its calls in flight are cancelled where no
-        other request still wants them."""
+        other request still wants them (with ``cancel_calls``; else they run to their end, answers dropped)."""
         if not job.done.done():
             job.done.cancel()
         queued = len(job.order) - job.next
@@ -314,7 +323,7 @@ class Batcher:
         in_flight = 0
         for call in list(job.calls):
             in_flight += call.wanted.pop(job, 0)
-            if not call.wanted and call.task is not None:
+            if not call.wanted and call.task is not None and self.limits.cancel_calls:
                 call.task.cancel()
         if in_flight:
             self.observer.abandoned("in_triton", in_flight)

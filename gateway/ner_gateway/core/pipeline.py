@@ -55,6 +55,7 @@ class TritonShares:
     capacity_tokens: int
     request_tokens: int
     calls_in_flight: int | None = None
+    cancel_calls: bool = False  # cancel a call nobody wants any more (settings.triton_cancel_calls)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class RecognitionPipeline:
             max_calls = shares.calls_in_flight or max(1, served.instances)
             limits = BatchLimits(max_rows=served.max_batch_size, max_calls=max_calls,
                                  call_tokens=max(1, shares.capacity_tokens // max_calls),
-                                 request_tokens=shares.request_tokens, buckets=model.sequence_buckets)
+                                 request_tokens=shares.request_tokens, buckets=model.sequence_buckets,
+                                 cancel_calls=shares.cancel_calls)
             batcher = self._batchers[model.name] = Batcher(
                 self.backend, served, model.manifest.output, model.encoder.encode, limits,
                 self._metrics_of(model.name))

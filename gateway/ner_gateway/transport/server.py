@@ -78,7 +78,8 @@ class Gateway:
                 Limits(s.max_texts_per_request, s.max_text_chars, s.max_request_chars, s.default_timeout_s),
                 metrics=self.metrics,
                 offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars), admission=admission,
-                shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight),
+                shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight,
+                                    s.triton_cancel_calls),
             )
             rpc_metrics = MetricsInterceptor(self.metrics)
             self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics, admission))
