@@ -36,12 +36,11 @@ import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span
 
-from ner_gateway.artifact.padding import padded_width
 from ner_gateway.core.deadline import Deadline
 from ner_gateway.core.errors import ConfigurationError, DeadlineExceeded
 from ner_gateway.core.ports import Float32Array, InferenceBackend, Int64Array, ServedModel
 from ner_gateway.core.tokenizing import SpecialTokens, TextTokens
-from ner_gateway.core.windowing import Window
+from ner_gateway.core.windowing import Window, window_rows
 from ner_gateway.observability.tracing import TRACER
 
 WAIT_WEIGHT = 0.05  # of the latest request in typical_wait_s: follows a change of load within ~20 requests
@@ -93,9 +92,10 @@ class InputEncoder:
 
     def windows(self, tokens: Sequence[TextTokens], windows: Sequence[Window], buckets: tuple[int, ...] = ()
                 ) -> dict[str, Int64Array]:
-        """The inputs of ``windows`` in one array each (what a call of just these windows sends)."""
-        contents = [tokens[w.text].ids[w.start : w.end] for w in windows]
-        return self.encode(contents, padded_width(max(map(len, contents)) + self.special.count, buckets))
+        """The inputs of ``windows`` in one array each (what a call of just these windows sends): padded to the widest
+        row's own width, as a call pads them."""
+        rows = window_rows(tokens, windows, self.special.count, buckets)
+        return self.encode(rows.contents, max(rows.widths))
 
 
 @dataclass(frozen=True)
