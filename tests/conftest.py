@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import pytest
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+T = TypeVar("T")
 TINY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 TINY_MAX_LENGTH = 64
 BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -254,13 +255,14 @@ async def _holds(condition: Callable[[], bool | Awaitable[bool]]) -> bool:
     return bool(await result) if inspect.isawaitable(result) else bool(result)
 
 
-def poll_until(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
+def poll_until(condition: Callable[[], T], timeout_s: float, what: str | Callable[[], str]) -> T:
     """``wait_for`` without an event loop (tests that use threads and processes): poll ``condition`` until it
-    holds; fail the test after ``timeout_s`` with ``what`` (or what it returns then)."""
+    holds; fail the test after ``timeout_s`` with ``what`` (or what it returns then). Returns what it held with."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not (result := condition()):
         assert time.monotonic() < deadline, f"timed out waiting for {what if isinstance(what, str) else what()}"
         time.sleep(0.05)
+    return result
 
 
 def child_pids(pid: int, marker: str) -> list[int]:

@@ -33,11 +33,15 @@ class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
                     self.spans.extend((service, span) for span in scope_spans.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
+    def snapshot(self) -> list[tuple[str, object]]:
+        """Every span received so far, with its service name."""
+        with self._lock:
+            return list(self.spans)
+
     def wait_for(self, condition, timeout_s: float = 30.0) -> list[tuple[str, object]]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with self._lock:
-                spans = list(self.spans)
+            spans = self.snapshot()
             if condition(spans):
                 return spans
             time.sleep(0.2)

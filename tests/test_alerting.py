@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +35,7 @@ from ner_gateway.net import free_port, free_ports
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.triton.process import EmbeddedTriton, TritonPorts
 
-from conftest import TINY_MODEL, GatewayProcess, stop_process
+from conftest import TINY_MODEL, GatewayProcess, poll_until, stop_process
 
 pytestmark = pytest.mark.skipif(not shutil.which("prometheus") or not shutil.which("prometheus-alertmanager"),
                                 reason="Debian's prometheus and prometheus-alertmanager (.ci/run installs them)")
@@ -115,16 +115,6 @@ class Prometheus:
         return [{"series": s["seriesLabels"], **e} for s in data for e in s["exemplars"]]
 
 
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-
-
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
     def ready() -> bool:
         assert process.poll() is None, log.read_text(errors="replace")[-3000:]
@@ -133,7 +123,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s:
         except OSError:
             return False
 
-    wait_until(ready, timeout_s, url)
+    poll_until(ready, timeout_s, url)
 
 
 @dataclass
@@ -267,7 +257,7 @@ async def stack(start_gateway, tiny_repository: Path, tmp_path_factory: pytest.T
             stdout=log.open("wb"), stderr=subprocess.STDOUT))
         wait_ready(f"http://127.0.0.1:{prometheus_port}/-/ready", processes[-1], log)
         prometheus = Prometheus(prometheus_port)
-        wait_until(lambda: len(prometheus.query("up == 1")) == 2, 30, "both targets scraped")
+        poll_until(lambda: len(prometheus.query("up == 1")) == 2, 30, "both targets scraped")
         yield Stack(gateway, triton_ports, repository, prometheus, webhook, traces, tritons)
     finally:
         for process in reversed(processes):
@@ -283,16 +273,15 @@ async def stack(start_gateway, tiny_repository: Path, tmp_path_factory: pytest.T
 
 def spans_of(traces: TraceSink, trace_ids: set[str]) -> dict[str, list[tuple[str, Any]]]:
     found: dict[str, list[tuple[str, Any]]] = {t: [] for t in trace_ids}
-    with traces._lock:
-        for service, span in traces.spans:
-            found.get(span.trace_id.hex(), []).append((service, span))
+    for service, span in traces.snapshot():
+        found.get(span.trace_id.hex(), []).append((service, span))
     return found
 
 
 def test_latency_exemplars_lead_to_the_traces_the_collector_received(stack: Stack) -> None:
     assert set(stack.recognize(20)) == {grpc.StatusCode.OK}
     query = f'ner_request_duration_seconds_bucket{{method="Recognize",model="{TINY_MODEL}"}}'
-    exemplars = wait_until(lambda: stack.prometheus.exemplars(query), 30, "exemplars in Prometheus")
+    exemplars = poll_until(lambda: stack.prometheus.exemplars(query), 30, "exemplars in Prometheus")
     trace_ids = {e["labels"]["trace_id"] for e in exemplars}
     assert all(re.fullmatch(r"[0-9a-f]{32}", t) for t in trace_ids) and all(
         set(e["labels"]) == {"trace_id", "span_id"} for e in exemplars)  # ids only, no text or token
@@ -302,7 +291,7 @@ def test_latency_exemplars_lead_to_the_traces_the_collector_received(stack: Stac
         complete = all(any(s.name == "/ner.v1.NerService/Recognize" for _, s in spans) for spans in found.values())
         return found if complete and any(svc == "triton" for spans in found.values() for svc, _ in spans) else None
 
-    found = wait_until(traced, 30, "the exemplars' traces at the collector, Triton's spans included")
+    found = poll_until(traced, 30, "the exemplars' traces at the collector, Triton's spans included")
     for exemplar in exemplars:
         spans = {span.span_id.hex(): (service, span) for service, span in found[exemplar["labels"]["trace_id"]]}
         service, server = spans[exemplar["labels"]["span_id"]]  # the exemplar names the RPC's own span
@@ -401,16 +390,16 @@ def test_the_series_check_catches_a_misspelt_metric_or_label(stack: Stack) -> No
 
 
 def alert_notified(stack: Stack, name: str, status: str, timeout_s: float) -> dict[str, Any]:
-    found = wait_until(lambda: stack.webhook.alerts(name, status), timeout_s, f"{name} {status} at the receiver")
+    found = poll_until(lambda: stack.webhook.alerts(name, status), timeout_s, f"{name} {status} at the receiver")
     return found[-1][1]  # type: ignore[no-any-return]
 
 
 def assert_leads_to_traces(stack: Stack, alert: dict[str, Any], service_span: str) -> set[str]:
     """The alert's ``traces`` annotation is a query whose exemplars are trace ids the collector received."""
     query = alert["annotations"]["traces"]
-    exemplars = wait_until(lambda: stack.prometheus.exemplars(query, since_s=120), 30, f"exemplars of {query}")
+    exemplars = poll_until(lambda: stack.prometheus.exemplars(query, since_s=120), 30, f"exemplars of {query}")
     trace_ids = {e["labels"]["trace_id"] for e in exemplars}
-    found = wait_until(lambda: {t for t, spans in spans_of(stack.traces, trace_ids).items()
+    found = poll_until(lambda: {t for t, spans in spans_of(stack.traces, trace_ids).items()
                                 if any(s.name == service_span for _, s in spans)}, 30, "their traces")
     return found  # type: ignore[no-any-return]
 
