@@ -157,7 +157,7 @@ async def test_the_work_of_a_request_whose_deadline_passed_stops(shedding_gatewa
             deadline_s = (low + high) / 2 if high is not None else 2 * low
     assert outcome is not None and 0 < outcome[0] < windows, (tries, windows)
     ran, abandoned = outcome
-    # Every window Triton did not run is counted as abandoned (never sent, or cancelled in Triton).
+    # Every window Triton did not run is counted as abandoned (never sent, or, with cancel_calls, cancelled there).
     assert ran + abandoned >= windows, (ran, abandoned, windows)
 
 
