@@ -53,6 +53,15 @@ async def test_aio_client_against_external_triton(gateway: Gateway) -> None:
     assert response.model == TINY_MODEL and len(response.documents) == 1
 
 
+async def test_the_batcher_is_sized_from_the_model_triton_serves(gateway: Gateway) -> None:
+    """Calls in flight from Triton's instance_group, rows per call from max_batch_size, and the batch worth a call
+    beside another from the smallest preferred_batch_size (the tiny model: 2 instances, 8 rows, preferred [8])."""
+    pipeline = gateway.pipeline
+    assert pipeline is not None
+    limits = pipeline.batcher(pipeline.registry.get("")).limits
+    assert (limits.max_calls, limits.max_rows, limits.overlap_rows) == (2, 8, 8)
+
+
 async def test_deadline_is_enforced_inside_the_pipeline(gateway: Gateway, triton: EmbeddedTriton) -> None:
     """Each stage enforces the request's one deadline: spent before the request is read, it is refused before any
     work (TooLate); passing while Triton holds the call (here hung with SIGSTOP), the request ends at its deadline,

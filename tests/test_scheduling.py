@@ -18,6 +18,8 @@ from ner_gateway.core.errors import DeadlineExceeded, InferenceFailed, Overloade
 from ner_gateway.core.ports import ServedModel
 from ner_gateway.transport.status import status_of
 
+from conftest import wait_for
+
 
 def test_admission_refuses_past_its_limits_with_a_retry_hint() -> None:
     admission = Admission(AdmissionLimits(max_requests=2, max_windows=10, retry_after_ms=150))
@@ -87,9 +89,9 @@ class Observed:
 
 def batcher(backend: HeldBackend, observed: Observed | None = None, *, max_rows: int = 32, call_tokens: int = 1000,
             request_tokens: int = 1000, max_calls: int = 1, buckets: tuple[int, ...] = (),
-            cancel_calls: bool = True) -> Batcher:
+            cancel_calls: bool = True, overlap_rows: int = 1) -> Batcher:
     limits = BatchLimits(max_rows=max_rows, call_tokens=call_tokens, request_tokens=request_tokens,
-                         max_calls=max_calls, buckets=buckets, cancel_calls=cancel_calls)
+                         max_calls=max_calls, buckets=buckets, cancel_calls=cancel_calls, overlap_rows=overlap_rows)
     return Batcher(backend, ServedModel("m", "1", max_rows), "logits", encode, limits, observed)
 
 
@@ -148,6 +150,42 @@ async def release_all(backend: HeldBackend, tasks: list[asyncio.Future]) -> None
             if not future.done():
                 future.set_result(None)
         await settle()
+
+
+async def test_a_call_beside_another_waits_for_a_fuller_batch_or_half_a_call() -> None:
+    """With a call in flight, the next starts once ``overlap_rows`` rows are queued, or when the call ends, or after
+    half a typical call: fewer, fuller calls, and no row waits long for one."""
+    backend, observed = HeldBackend(), Observed()
+    queue = batcher(backend, observed, max_calls=2, overlap_rows=3)
+    queue.typical_call_s = 3600.0  # no row gives up waiting in this part
+    first = send(queue, [[1]])
+    await settle()
+    assert observed.calls == [1]  # nothing in flight: the first call leaves at once
+    second = send(queue, [[2]])
+    await settle()
+    assert observed.calls == [1]  # one row queued: it waits, though the model has room for a second call
+    third = send(queue, [[3], [3]])
+    await settle()
+    assert observed.calls == [1, 3]  # three rows queued: the second call starts beside the first
+    late = send(queue, [[4]])
+    await settle()
+    backend.release(0)
+    await settle()
+    assert observed.calls == [1, 3]  # one call still in flight: the lone row waits on
+    backend.release(1)
+    await settle()
+    assert observed.calls == [1, 3, 1]  # none in flight: it leaves at once, however few
+    await release_all(backend, [first, second, third, late])
+
+    queue.typical_call_s = 0.02  # half a typical call: 10 ms
+    holder = send(queue, [[5]])
+    await settle()
+    lone = send(queue, [[6]])
+    await settle()
+    assert observed.calls == [1, 3, 1, 1]
+    await wait_for(lambda: len(observed.calls) == 5, 5, "the lone row's call")  # it waited half a call, then left
+    assert not backend.calls[-2][1].done()  # beside the holder's call, still in flight
+    await release_all(backend, [holder, lone])
 
 
 async def test_the_least_served_request_goes_first() -> None:

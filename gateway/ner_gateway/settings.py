@@ -69,6 +69,11 @@ class GatewaySettings(BaseSettings):
     are, and leave together in the next call (up to max_batch_size rows and triton_inflight_tokens / calls in
     flight padded tokens each). Unset: the model's instance count in Triton (instance_group), so every instance
     has a call to run."""
+    triton_overlap_rows: int | None = Field(None, ge=1)
+    """Rows that must be queued before the gateway starts a call of a model beside one already in flight (the first
+    call always leaves at once; queued rows never wait more than half a typical call for a fuller one). Unset: the
+    smallest of the model's preferred_batch_size in Triton (dynamic_batching), else 1 (start calls whenever
+    there is room). Fuller calls cost Triton's frontend and stubs, and the gateway, less per sentence."""
     triton_cancel_calls: bool = False
     """Cancel a Triton call once none of its requests still wants it (their deadlines passed, their clients went).
     Off: such a call runs to its end and its answer is dropped, and a call's gRPC timeout is the latest deadline of

@@ -18,7 +18,12 @@ are exact (the design of text-embeddings-inference's router):
 - models with sequence buckets (TensorRT engines) get calls of one bucket each, so each call has one shape.
 
 Calls are formed when a request arrives or a call ends, after the callbacks that are ready run (``call_soon``),
-so requests that arrive together go together. ``InputEncoder`` turns a call's rows into the model's input arrays.
+so requests that arrive together go together. The first call always leaves at once; while one is in flight, a
+further call starts only with ``overlap_rows`` rows queued (a batch worth a second call's fixed cost in the gateway,
+Triton's frontend and its stub) or once the queued rows have waited half a typical call. A cheap model's call
+usually ends first, and its successor takes every row that queued meanwhile: fewer, fuller calls, and no row ever
+waits more than half a call for the sake of a fuller one. ``InputEncoder`` turns a call's rows into the model's
+input arrays.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ class BatchLimits:
     max_calls: int  # calls in flight for the model
     buckets: tuple[int, ...] = ()  # sequence buckets: a call holds rows of one width
     cancel_calls: bool = False  # cancel a call in flight that no request wants any more; else it runs to its end
+    overlap_rows: int = 1  # rows queued before a call starts beside another in flight (or half a call's wait)
 
 
 class BatchObserver(Protocol):
@@ -185,6 +191,10 @@ class Batcher:
         self._calls: set[_Call] = set()
         self._seq = itertools.count()
         self._scheduled = False
+        self._queued_rows = 0  # rows not yet sent, of the requests still waiting
+        self._overlap_timer: asyncio.TimerHandle | None = None  # the queued rows' wait for a call beside the others
+        self._overlap_due = False  # they waited long enough: the next call starts even if it is small
+        self.typical_call_s = 0.0  # moving average of a call's duration
         # Moving average of a request's wait for its logits (the gateway's queue and its calls): what a request
         # arriving now can expect, which admission compares with what is left of its deadline.
         self.typical_wait_s = 0.0
@@ -207,6 +217,7 @@ class Batcher:
         job = _Job(rows, lengths, widths, deadline, request_id, next(self._seq), loop.time(),
                    span if span.is_recording() else None)
         heapq.heappush(self._queue, job)
+        self._queued_rows += len(rows)
         self._schedule()
         try:
             async with asyncio.timeout_at(deadline.at):
@@ -227,11 +238,30 @@ class Batcher:
 
     def _dispatch(self) -> None:
         self._scheduled = False
+        if not self._queued_rows:
+            self._end_overlap_wait()
         while len(self._calls) < self.limits.max_calls and self._queue:
+            if self._calls and self._queued_rows < self.limits.overlap_rows and not self._overlap_due:
+                if self._overlap_timer is None:  # wait for the call in flight, for more rows, or half a call
+                    self._overlap_timer = asyncio.get_running_loop().call_later(self.typical_call_s / 2,
+                                                                                self._overlap_waited)
+                return
             entries, width = self._next_call()
             if not entries:
                 return
             self._launch(entries, width)
+            self._end_overlap_wait()
+
+    def _overlap_waited(self) -> None:
+        self._overlap_timer = None
+        self._overlap_due = True
+        self._dispatch()
+
+    def _end_overlap_wait(self) -> None:
+        self._overlap_due = False
+        if self._overlap_timer is not None:
+            self._overlap_timer.cancel()
+            self._overlap_timer = None
 
     def _next_call(self) -> tuple[list[tuple[_Job, int]], int]:
         """Rows for one call, least-served request first; requests held back (their share, another bucket, a
@@ -255,6 +285,7 @@ class Batcher:
                 held.append(job)  # follows in a later call: when its own calls return, or in a call of its own
                 continue
             entries.append((job, index))
+            self._queued_rows -= 1
             width = new_width
             job.next += 1
             job.served += row_width
@@ -281,6 +312,8 @@ class Batcher:
         jobs = list(call.wanted)
         if not jobs:
             return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             arrays = self.encode([job.rows[index] for job, index in call.entries], call.width)
             deadline = Deadline.latest(job.deadline for job in jobs)
@@ -288,6 +321,7 @@ class Batcher:
                 deadline = Deadline(deadline.at + UNCANCELLED_CALL_GRACE_S)
             with _call_span(jobs, self.model, len(call.entries)):
                 logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
+            self.typical_call_s += WAIT_WEIGHT * (loop.time() - started - self.typical_call_s)
         except asyncio.CancelledError:
             return  # nobody wants it any more (see _abandon)
         except Exception as e:  # every request in it fails with the call's error
@@ -319,6 +353,7 @@ class Batcher:
         queued = len(job.order) - job.next
         if queued:
             self.observer.abandoned("queued", queued)
+            self._queued_rows -= queued
             job.next = len(job.order)
         in_flight = 0
         for call in list(job.calls):

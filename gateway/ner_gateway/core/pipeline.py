@@ -56,6 +56,7 @@ class TritonShares:
     request_tokens: int
     calls_in_flight: int | None = None
     cancel_calls: bool = False  # cancel a call nobody wants any more (settings.triton_cancel_calls)
+    overlap_rows: int | None = None  # rows queued to start a call beside another (None: the model's preferred batch)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class RecognitionPipeline:
             limits = BatchLimits(max_rows=served.max_batch_size, max_calls=max_calls,
                                  call_tokens=max(1, shares.capacity_tokens // max_calls),
                                  request_tokens=shares.request_tokens, buckets=model.sequence_buckets,
-                                 cancel_calls=shares.cancel_calls)
+                                 cancel_calls=shares.cancel_calls,
+                                 overlap_rows=shares.overlap_rows or served.preferred_batch_size)
             batcher = self._batchers[model.name] = Batcher(
                 self.backend, served, model.manifest.output, model.encoder.encode, limits,
                 self._metrics_of(model.name))

@@ -28,6 +28,7 @@ class ServedModel:
     version: str
     max_batch_size: int
     instances: int = 1  # execution instances (Triton's instance_group counts): calls it runs at once
+    preferred_batch_size: int = 1  # the smallest batch its server prefers (Triton's dynamic_batching), else 1
 
 
 class InferenceBackend(Protocol):

@@ -34,4 +34,6 @@ def served_model(manifest: ModelManifest, metadata: dict[str, Any], config: dict
     if max_batch_size < 1:
         raise ConfigurationError(f"model {name!r} must be configured with max_batch_size >= 1")
     instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-    return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size, instances=instances)
+    preferred = [int(size) for size in config.get("dynamic_batching", {}).get("preferred_batch_size", [])]
+    return ServedModel(name=name, version=manifest.version, max_batch_size=max_batch_size, instances=instances,
+                       preferred_batch_size=min(min(preferred, default=1), max_batch_size))
