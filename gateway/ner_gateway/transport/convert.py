@@ -44,23 +44,19 @@ def request_from_pb(message: ner_pb2.RecognizeRequest) -> RecognizeRequest:
 
 
 def response_to_pb(result: Recognition) -> ner_pb2.RecognizeResponse:
-    return ner_pb2.RecognizeResponse(
-        documents=[
-            ner_pb2.Document(
-                entities=[
-                    ner_pb2.Entity(label=e.label, start=e.start, end=e.end, text=e.text, score=e.score)
-                    for e in document.entities
-                ],
-                windows=document.windows,
-            )
-            for document in result.documents
-        ],
-        model=result.model,
-        model_version=result.model_version,
-        request_id=result.request_id,
-        timings=ner_pb2.StageTimings(tokenize_us=result.timings.tokenize_us, infer_us=result.timings.infer_us,
-                                     decode_us=result.timings.decode_us),
+    timings = result.timings
+    response = ner_pb2.RecognizeResponse(
+        model=result.model, model_version=result.model_version, request_id=result.request_id,
+        timings=ner_pb2.StageTimings(tokenize_us=timings.tokenize_us, infer_us=timings.infer_us,
+                                     decode_us=timings.decode_us),
     )
+    # Built in place with add(): a message passed to a constructor or extend() is built, then copied (twice the
+    # cost, ~1 us per entity, which a response of 32 tweets pays hundreds of times).
+    for document in result.documents:
+        add = response.documents.add(windows=document.windows).entities.add
+        for e in document.entities:
+            add(label=e.label, start=e.start, end=e.end, text=e.text, score=e.score)
+    return response
 
 
 def model_info_to_pb(model: NerModel, is_default: bool, ready: bool) -> ner_pb2.ModelInfo:
