@@ -89,9 +89,10 @@ class Observed:
 
 def batcher(backend: HeldBackend, observed: Observed | None = None, *, max_rows: int = 32, call_tokens: int = 1000,
             request_tokens: int = 1000, max_calls: int = 1, buckets: tuple[int, ...] = (),
-            cancel_calls: bool = True, overlap_rows: int = 1) -> Batcher:
+            cancel_calls: bool = True, overlap_rows: int = 1, overlap_wait_s: float = 0.0) -> Batcher:
     limits = BatchLimits(max_rows=max_rows, call_tokens=call_tokens, request_tokens=request_tokens,
-                         max_calls=max_calls, buckets=buckets, cancel_calls=cancel_calls, overlap_rows=overlap_rows)
+                         max_calls=max_calls, buckets=buckets, cancel_calls=cancel_calls, overlap_rows=overlap_rows,
+                         overlap_wait_s=overlap_wait_s)
     return Batcher(backend, ServedModel("m", "1", max_rows), "logits", encode, limits, observed)
 
 
@@ -152,12 +153,11 @@ async def release_all(backend: HeldBackend, tasks: list[asyncio.Future]) -> None
         await settle()
 
 
-async def test_a_call_beside_another_waits_for_a_fuller_batch_or_half_a_call() -> None:
+async def test_a_call_beside_another_waits_for_a_fuller_batch_or_a_bounded_time() -> None:
     """With a call in flight, the next starts once ``overlap_rows`` rows are queued, or when the call ends, or after
-    half a typical call: fewer, fuller calls, and no row waits long for one."""
+    ``overlap_wait_s``: fewer, fuller calls, and no row waits long for one."""
     backend, observed = HeldBackend(), Observed()
-    queue = batcher(backend, observed, max_calls=2, overlap_rows=3)
-    queue.typical_call_s = 3600.0  # no row gives up waiting in this part
+    queue = batcher(backend, observed, max_calls=2, overlap_rows=3, overlap_wait_s=3600.0)  # no row gives up here
     first = send(queue, [[1]])
     await settle()
     assert observed.calls == [1]  # nothing in flight: the first call leaves at once
@@ -177,13 +177,13 @@ async def test_a_call_beside_another_waits_for_a_fuller_batch_or_half_a_call() -
     assert observed.calls == [1, 3, 1]  # none in flight: it leaves at once, however few
     await release_all(backend, [first, second, third, late])
 
-    queue.typical_call_s = 0.02  # half a typical call: 10 ms
+    queue = batcher(backend, observed, max_calls=2, overlap_rows=3, overlap_wait_s=0.01)
     holder = send(queue, [[5]])
     await settle()
     lone = send(queue, [[6]])
     await settle()
     assert observed.calls == [1, 3, 1, 1]
-    await wait_for(lambda: len(observed.calls) == 5, 5, "the lone row's call")  # it waited half a call, then left
+    await wait_for(lambda: len(observed.calls) == 5, 5, "the lone row's call")  # it waited 10 ms, then left
     assert not backend.calls[-2][1].done()  # beside the holder's call, still in flight
     await release_all(backend, [holder, lone])
 

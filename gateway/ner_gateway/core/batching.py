@@ -19,11 +19,11 @@ are exact (the design of text-embeddings-inference's router):
 
 Calls are formed when a request arrives or a call ends, after the callbacks that are ready run (``call_soon``),
 so requests that arrive together go together. The first call always leaves at once; while one is in flight, a
-further call starts only with ``overlap_rows`` rows queued (a batch worth a second call's fixed cost in the gateway,
-Triton's frontend and its stub) or once the queued rows have waited half a typical call. A cheap model's call
-usually ends first, and its successor takes every row that queued meanwhile: fewer, fuller calls, and no row ever
-waits more than half a call for the sake of a fuller one. ``InputEncoder`` turns a call's rows into the model's
-input arrays.
+further call starts only with ``overlap_rows`` rows queued (a batch worth a call's fixed cost in the gateway,
+Triton's frontend and its stub, ~1.5 ms of CPU on a CPU host) or once the queued rows have waited ``overlap_wait_s``
+(about that cost). A cheap model's call usually ends first, and its successor takes every row that queued
+meanwhile: fewer, fuller calls. An expensive model's idle instance waits no longer than a call's fixed cost.
+``InputEncoder`` turns a call's rows into the model's input arrays.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class BatchLimits:
     max_calls: int  # calls in flight for the model
     buckets: tuple[int, ...] = ()  # sequence buckets: a call holds rows of one width
     cancel_calls: bool = False  # cancel a call in flight that no request wants any more; else it runs to its end
-    overlap_rows: int = 1  # rows queued before a call starts beside another in flight (or half a call's wait)
+    overlap_rows: int = 1  # rows queued before a call starts beside another in flight...
+    overlap_wait_s: float = 0.0  # ...or the longest those rows wait for more
 
 
 class BatchObserver(Protocol):
@@ -194,7 +195,6 @@ class Batcher:
         self._queued_rows = 0  # rows not yet sent, of the requests still waiting
         self._overlap_timer: asyncio.TimerHandle | None = None  # the queued rows' wait for a call beside the others
         self._overlap_due = False  # they waited long enough: the next call starts even if it is small
-        self.typical_call_s = 0.0  # moving average of a call's duration
         # Moving average of a request's wait for its logits (the gateway's queue and its calls): what a request
         # arriving now can expect, which admission compares with what is left of its deadline.
         self.typical_wait_s = 0.0
@@ -242,8 +242,8 @@ class Batcher:
             self._end_overlap_wait()
         while len(self._calls) < self.limits.max_calls and self._queue:
             if self._calls and self._queued_rows < self.limits.overlap_rows and not self._overlap_due:
-                if self._overlap_timer is None:  # wait for the call in flight, for more rows, or half a call
-                    self._overlap_timer = asyncio.get_running_loop().call_later(self.typical_call_s / 2,
+                if self._overlap_timer is None:  # wait for the call in flight, for more rows, or overlap_wait_s
+                    self._overlap_timer = asyncio.get_running_loop().call_later(self.limits.overlap_wait_s,
                                                                                 self._overlap_waited)
                 return
             entries, width = self._next_call()
@@ -312,8 +312,6 @@ class Batcher:
         jobs = list(call.wanted)
         if not jobs:
             return
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
             arrays = self.encode([job.rows[index] for job, index in call.entries], call.width)
             deadline = Deadline.latest(job.deadline for job in jobs)
@@ -321,7 +319,6 @@ class Batcher:
                 deadline = Deadline(deadline.at + UNCANCELLED_CALL_GRACE_S)
             with _call_span(jobs, self.model, len(call.entries)):
                 logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
-            self.typical_call_s += WAIT_WEIGHT * (loop.time() - started - self.typical_call_s)
         except asyncio.CancelledError:
             return  # nobody wants it any more (see _abandon)
         except Exception as e:  # every request in it fails with the call's error

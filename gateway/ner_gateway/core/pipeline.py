@@ -57,6 +57,7 @@ class TritonShares:
     calls_in_flight: int | None = None
     cancel_calls: bool = False  # cancel a call nobody wants any more (settings.triton_cancel_calls)
     overlap_rows: int | None = None  # rows queued to start a call beside another (None: the model's preferred batch)
+    overlap_wait_s: float = 0.0  # or the longest they wait for that
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class RecognitionPipeline:
                                  call_tokens=max(1, shares.capacity_tokens // max_calls),
                                  request_tokens=shares.request_tokens, buckets=model.sequence_buckets,
                                  cancel_calls=shares.cancel_calls,
-                                 overlap_rows=shares.overlap_rows or served.preferred_batch_size)
+                                 overlap_rows=shares.overlap_rows or served.preferred_batch_size,
+                                 overlap_wait_s=shares.overlap_wait_s)
             batcher = self._batchers[model.name] = Batcher(
                 self.backend, served, model.manifest.output, model.encoder.encode, limits,
                 self._metrics_of(model.name))

@@ -79,7 +79,7 @@ class Gateway:
                 metrics=self.metrics,
                 offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars), admission=admission,
                 shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight,
-                                    s.triton_cancel_calls, s.triton_overlap_rows),
+                                    s.triton_cancel_calls, s.triton_overlap_rows, s.triton_overlap_wait_ms / 1000),
             )
             rpc_metrics = MetricsInterceptor(self.metrics)
             self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics, admission))
