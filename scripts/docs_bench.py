@@ -182,6 +182,5 @@ def sizing() -> str:
 
 def readme_served_path() -> str:
     """The README's headline table: the served path before and after coalesced Triton calls."""
-    return ("Near-free model (so that what is measured is gRPC, the gateway and Triton, not the model), "
-            "2 shared cores, before coalesced Triton calls (commit cad658f) and after:\n\n"
+    return ("Before coalesced Triton calls (commit cad658f) and after, near-free model, 2 shared cores:\n\n"
             + served_path_table())
