@@ -9,6 +9,7 @@ API's messages and enums from ``protos/ner/v1/ner.proto`` (its descriptor, comme
 from __future__ import annotations
 
 import inspect
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,12 @@ def settings_rows() -> Iterator[tuple[str, str, str, str, str]]:
 
     prefix = GatewaySettings.model_config.get("env_prefix", "")
     for name, field in GatewaySettings.model_fields.items():
-        kind = inspect.formatannotation(field.annotation).replace("pathlib.", "").replace("typing.", "")
+        kind = inspect.formatannotation(field.annotation)
+        for long, short in (("pathlib.", ""), ("typing.", ""), ("pydantic.types.SecretStr", "secret str"),
+                            (" | None", " (optional)")):
+            kind = kind.replace(long, short)
+        if kind.startswith("Literal["):  # the choices, as they are spelled in the environment
+            kind = "one of " + ", ".join(re.findall(r"'([^']*)'", kind))
         default = "(unset)" if field.default in (None, PydanticUndefined) else repr(field.default)
         if isinstance(field.default, Path):
             default = repr(str(field.default))
@@ -135,10 +141,11 @@ def _param_rows(command: click.Command) -> Iterator[str]:
         names = ", ".join(f"`{opt}`" for opt in [*param.opts, *param.secondary_opts])
         kind = "flag" if param.is_flag and not param.secondary_opts else param.type.name
         if isinstance(param.type, click.Choice):
-            kind = " \\| ".join(str(c) for c in param.type.choices)
+            kind = ", ".join(str(c) for c in param.type.choices)
         default = param.get_default(ctx, call=False)
         plain_flag = param.is_flag and not param.secondary_opts
-        default_text = "" if default in (None, (), False) or plain_flag else str(default)
+        unset = default is getattr(click.core, "UNSET", None)  # click 8.2+: an option without a default
+        default_text = "" if unset or default in (None, (), False) or plain_flag else str(default)
         helptext = param.help or ""
         if param.required:
             helptext = "Required. " + helptext
