@@ -164,6 +164,13 @@ def sizing() -> str:
             cores = rate * ms / 1000
             lines.append(f"| {rate:,}/s ({batch}) | {label} | {rate:,} × {ms:.2f} ms = {cores:.2f} | "
                          f"{cores:.2f} / {HPA_TARGET} = {cores / HPA_TARGET:.2f} | {math.ceil(cores / HPA_TARGET)} |")
+    full, workers = ENGINE["batch 16"] * one / 1000, math.ceil(ENGINE["batch 16"] * one / 1000 / HPA_TARGET)
+    full_many = ENGINE["batch 16"] * many / 1000
+    overlay = _env(ROOT / "deploy/k8s/overlays/gpu/gateway.env").get("NER_WORKERS", "1")
+    lines += ["", f"Read it as: one such engine at full batches keeps about {full:.1f} gateway cores busy with "
+              f"one-text calls ({workers} workers at the HPA's target) and about {full_many:.1f} with 32-text calls. "
+              f"The GPU overlay runs `NER_WORKERS={overlay}` per gateway pod (`deploy/k8s/overlays/gpu/`); the "
+              "gateway HPA adds pods beyond that."]
     cpu = load("throughput.json")
     at = str(cpu["setup"]["ratios_at_clients"])
     model = next(k for k in cpu["sweep"] if k.startswith("gateway:") and "int8" in k and "before" not in k)
@@ -178,6 +185,12 @@ def sizing() -> str:
         f"{triton_ms:.2f} / {one:.2f} ≈ {triton_ms / one:.0f} Triton cores busy with one-text calls.",
     ]
     return "\n".join(lines)
+
+
+def _env(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (comments and blank lines skipped)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 def readme_served_path() -> str:
