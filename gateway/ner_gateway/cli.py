@@ -31,8 +31,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model-repository", type=click.Path(path_type=Path), help="[NER_MODEL_REPOSITORY]")
-@click.option("--triton-url", help="Use a running Triton (host:port, gRPC) instead of the embedded one. "
-              "[NER_TRITON_URL]")
+@click.option("--triton-url", help="Use running Triton(s) over gRPC instead of the embedded one: host:port, a "
+              "comma-separated list, and/or dns:///name:port. [NER_TRITON_URL]")
 @click.option("--host", help="Bind address. [NER_HOST]")
 @click.option("--port", type=int, help="gRPC port (0 = free port). [NER_PORT]")
 @click.option("--default-model", help="[NER_DEFAULT_MODEL]")
