@@ -300,3 +300,18 @@ def contracts_table() -> str:
         lines.append(f"| {_cell(contract['name'])} | {contract['type']} | "
                      f"{_cell(', '.join(f'`{m}`' for m in modules))} |")
     return "\n".join(lines)
+
+
+def undocumented_proto_elements() -> list[str]:
+    """Every service, RPC, message, field, enum and enum value of the proto without a leading comment."""
+    file = proto_descriptor()
+    doc = _comments(file)
+    missing = [s.name for i, s in enumerate(file.service) if (6, i) not in doc]
+    missing += [f"{s.name}.{m.name}" for i, s in enumerate(file.service) for j, m in enumerate(s.method)
+                if (6, i, 2, j) not in doc]
+    missing += [m.name for i, m in enumerate(file.message_type) if (4, i) not in doc]
+    missing += [f"{m.name}.{f.name}" for i, m in enumerate(file.message_type) for j, f in enumerate(m.field)
+                if (4, i, 2, j) not in doc]
+    missing += [e.name for i, e in enumerate(file.enum_type) if (5, i) not in doc]
+    missing += [v.name for i, e in enumerate(file.enum_type) for j, v in enumerate(e.value) if (5, i, 2, j) not in doc]
+    return missing

@@ -135,3 +135,8 @@ def test_the_readme_check_fails_on_a_stale_figure(gen: ModuleType) -> None:
     assert number is not None
     stale = current.replace(number.group(0), "**1**", 1)
     assert gen.readme_text(stale) != stale
+
+
+def test_every_element_of_the_proto_has_a_comment(gen: ModuleType) -> None:
+    """The API page is the proto's comments: an RPC, message, field, enum or value without one has no docs."""
+    assert gen.docs_reference.undocumented_proto_elements() == []
