@@ -56,6 +56,7 @@ def settings_rows() -> Iterator[tuple[str, str, str, str, str]]:
 
 def settings_page() -> str:
     lines = [
+        "---", "hide: [toc]", "---",  # one wide table, no sections: give it the page's width
         "# Settings reference",
         "",
         "Generated from `GatewaySettings` (`gateway/ner_gateway/settings.py`). Precedence: a command-line flag of",
@@ -96,6 +97,7 @@ def metrics_page() -> str:
     from ner_gateway.observability.metrics import COUNT_BUCKETS, LATENCY_BUCKETS
 
     lines = [
+        "---", "hide: [toc]", "---",
         "# Metrics reference",
         "",
         "Generated from the instruments of `GatewayMetrics` (`gateway/ner_gateway/observability/metrics.py`),",
