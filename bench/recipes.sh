@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training-recipe table of the README: WNUT-16, seed 13, the same held-out split, 3 epochs each, one run at
+# The training-recipe table of docs/training.md: WNUT-16, seed 13, the same held-out split, 3 epochs each, one run at
 # a time (2 cores), then the distilled student against its teacher through the served path (bench/throughput.py).
 #   bash bench/recipes.sh [OUT]     (OUT: artifacts/recipes; about 45 minutes on 2 cores)
 # RECIPE_FLAGS are added to every `ner-builder train` (a quick check: RECIPE_FLAGS="--limit 32 --epochs 1").

@@ -14,7 +14,7 @@ For each served cell: sentences/s, p50/p90/p99, Triton's average batch (inferenc
 over the cell), the gateway's stage times, and the CPU each process spent per sentence (client processes,
 gateway, tritonserver, its Python-backend stubs; read from /proc, so Linux only): on a small machine the
 served path's own processes share the cores with the model. A PNG of sentences/s and p99 against clients
-goes beside the JSON. Triton's own perf_analyzer is not installable here; see the README for running it
+goes beside the JSON. Triton's own perf_analyzer is not installable here; see docs/benchmarks.md for running it
 elsewhere.
 """
 

@@ -3,7 +3,7 @@
 # engines (25.09 -> TensorRT 10.13.3.9): a plan built by another TensorRT does not load ("version tag does
 # not match"). The build fails if the TensorRT Python API installed here is not that version.
 #   docker build -f deploy/docker/builder.Dockerfile -t triton-ner/builder:25.09 .    (from the repository root)
-# The one command that builds engines into the repository (see the README's Deploy section):
+# The one command that builds engines into the repository (see docs/operations.md, "Rolling out a model version"):
 #   docker run --rm --gpus all -v /srv/models:/models -v /srv/checkpoints:/checkpoints:ro triton-ner/builder:25.09 \
 #     build /checkpoints/my-model --repository /models --name my-model --target trt-fp16
 ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.09-py3

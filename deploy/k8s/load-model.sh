@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load (or reload) MODEL from the repository on every running Triton pod, then check on each pod that
-# VERSION is READY (default: print the READY versions). Step 2 of the rollout in the README's Deploy section.
+# VERSION is READY (default: print the READY versions). Step 2 of the model rollout in docs/operations.md.
 #   deploy/k8s/load-model.sh MODEL [VERSION]        environment: NAMESPACE (ner), KUBECTL (kubectl)
 set -euo pipefail
 model=${1:?usage: load-model.sh MODEL [VERSION]}

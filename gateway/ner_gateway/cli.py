@@ -31,8 +31,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model-repository", type=click.Path(path_type=Path), help="[NER_MODEL_REPOSITORY]")
-@click.option("--triton-url", help="Use a running Triton (host:port, gRPC) instead of the embedded one. "
-              "[NER_TRITON_URL]")
+@click.option("--triton-url", help="Use running Triton(s) over gRPC instead of the embedded one: host:port, a "
+              "comma-separated list, and/or dns:///name:port. [NER_TRITON_URL]")
 @click.option("--host", help="Bind address. [NER_HOST]")
 @click.option("--port", type=int, help="gRPC port (0 = free port). [NER_PORT]")
 @click.option("--default-model", help="[NER_DEFAULT_MODEL]")
@@ -91,10 +91,25 @@ def _client(address: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
 
 
 def _print(message: Any) -> None:
-    """The message as JSON with every field, zero values included (proto3 JSON would drop ``"start": 0``)."""
+    """The message as JSON with every field, zero values included (proto3 JSON would drop ``"start": 0``), in the
+    proto's field order (json_format puts the zero-valued ones last)."""
     fields = json_format.MessageToDict(message, preserving_proto_field_name=True,
                                        always_print_fields_with_no_presence=True)
-    click.echo(json.dumps(fields, indent=2, ensure_ascii=False))
+    click.echo(json.dumps(_in_field_order(message, fields), indent=2, ensure_ascii=False))
+
+
+def _in_field_order(message: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    ordered: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in fields:
+            continue
+        value, sub = fields[field.name], getattr(message, field.name)
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            is_list = field.label == field.LABEL_REPEATED
+            value = [_in_field_order(m, v) for m, v in zip(sub, value, strict=True)] if is_list \
+                else _in_field_order(sub, value)
+        ordered[field.name] = value
+    return ordered
 
 
 @main.command()

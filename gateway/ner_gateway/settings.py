@@ -19,7 +19,7 @@ class GatewaySettings(BaseSettings):
     workers: int = Field(1, ge=1)
     """Gateway processes serving ``port`` in front of one Triton (SO_REUSEPORT): one process serves about one
     core's worth of gRPC, tokenizing and decoding. On a GPU host, about one per core left after Triton; on a
-    CPU host, where the model needs the cores too, 1 (README, "Several gateway workers"). /metrics sums them."""
+    CPU host, where the model needs the cores too, 1 (docs/sizing.md). /metrics sums them."""
     host: str = "127.0.0.1"
     """Address the gRPC server binds (0.0.0.0 in a container)."""
     port: int = Field(50051, ge=0, le=65535)
@@ -133,6 +133,7 @@ class GatewaySettings(BaseSettings):
     when tracing is enabled. Unset: derived from OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT when the gateway itself
     exports over http/protobuf; Triton only speaks OTLP/HTTP."""
     log_level: LogLevel = "INFO"
+    """Lowest level of the gateway's log records that are written (to stderr)."""
     tls_cert_file: Path | None = None
     """Server certificate chain (PEM) for TLS; needs ``tls_key_file``. Re-read when it changes on disk, so a
     rotated certificate is served to new connections without a restart. Unset: plaintext (a WARNING unless
