@@ -34,14 +34,15 @@ for round in $(seq "$rounds"); do
       --rounds 1 --duration 5 --json-out "$out/$side-32-$round.json" > "$out/$side-32-$round.log" 2>&1)
   done
 done
-"$py" - "$out" <<'EOF'
+after_commit=$(git -C "$here" rev-parse --short HEAD)$(git -C "$here" diff --quiet HEAD -- gateway builder || echo "+changes")
+"$py" - "$out" "$(git -C "$here" rev-parse --short "$base")" "$after_commit" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
 keys = ["sentences_per_s", "p50_ms", "p99_ms", "triton_avg_batch", "cpu_ms_per_sentence_clients",
         "cpu_ms_per_sentence_gateway", "cpu_ms_per_sentence_tritonserver", "cpu_ms_per_sentence_stubs", "cores_busy"]
-summary = {}
+summary = {"base": sys.argv[2], "after": sys.argv[3]}
 for side in ("before", "after"):
     for shape, file, clients in (("1x1", "1", "1"), ("16x1", "1", "16"), ("4x32", "32", "4")):
         cells = [json.loads(p.read_text())["sweep"]["gateway:near-free"][clients]
