@@ -3,8 +3,8 @@
 #
 #   bash bench/before_after.sh BASE_COMMIT OUT_DIR [ROUNDS]
 #
-# Each round runs bench/throughput.py --near-free (this tree's benchmark, in both trees) at 1 and 16 clients x
-# 1 text per call and at 4 clients x 32 texts per call, first against BASE_COMMIT's gateway, builder and Triton
+# Each round runs this tree's bench/throughput.py on the near-free model (bench/near_free.py) at 1 and 16 clients
+# x 1 text per call and at 4 clients x 32 texts per call, first against BASE_COMMIT's gateway and its builder's
 # model, then against this tree's. OUT_DIR gets every run's JSON and summary.json (medians over the rounds).
 set -euo pipefail
 base=$1 out=$2 rounds=${3:-3}
@@ -12,26 +12,25 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 py=$here/.venv/bin/python
 old=$(mktemp -d)/base
 git -C "$here" worktree add -q "$old" "$base"
-trap 'git -C "$here" worktree remove --force "$old"' EXIT
 cp -r "$here/gateway/ner_gateway/pb" "$old/gateway/ner_gateway/"  # generated at install, not committed
-# The base measures with its own benchmark when it has the near-free mode (this tree's may import modules the base
-# does not have); an older base gets this tree's.
-if grep -q -- "--near-free" "$old/bench/throughput.py" 2>/dev/null; then
-  cp "$old/bench/throughput.py" "$old/bench/throughput_now.py"
-else
-  cp "$here/bench/throughput.py" "$old/bench/throughput_now.py"
-  cp "$here/bench/near_free.py" "$old/bench/near_free.py"
-fi
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # the runs write from either tree
 export HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
+# Each side's near-free model is built once by its own builder (its own Triton model.py); this tree's benchmark
+# drives both and starts each side's gateway from that side's code (BENCH_GATEWAY_PYTHONPATH).
+repos=$(mktemp -d)
+trap 'git -C "$here" worktree remove --force "$old"; rm -rf "$repos"' EXIT
+(cd "$old" && PYTHONPATH=$old/gateway:$old/builder "$py" "$here/bench/near_free.py" "$repos/before") > /dev/null 2>&1
+(cd "$here" && "$py" bench/near_free.py "$repos/after") > /dev/null 2>&1
 for round in $(seq "$rounds"); do
   for side in before after; do
-    if [ "$side" = before ]; then dir=$old script=bench/throughput_now.py path=$old/gateway:$old/builder
-    else dir=$here script=bench/throughput.py path=; fi
-    (cd "$dir" && PYTHONPATH=$path "$py" "$script" --near-free --clients 1,16 --paths gateway --rounds 1 \
-      --duration 5 --json-out "$out/$side-1-$round.json" > "$out/$side-1-$round.log" 2>&1)
-    (cd "$dir" && PYTHONPATH=$path "$py" "$script" --near-free --clients 4 --texts-per-call 32 --paths gateway \
-      --rounds 1 --duration 5 --json-out "$out/$side-32-$round.json" > "$out/$side-32-$round.log" 2>&1)
+    if [ "$side" = before ]; then served=$old/gateway:$old/builder; else served=$here/gateway:$here/builder; fi
+    for shape in "1 --clients 1,16" "32 --clients 4 --texts-per-call 32"; do
+      set -- $shape
+      (cd "$here" && BENCH_GATEWAY_PYTHONPATH=$served "$py" bench/throughput.py --repository "$repos/$side" \
+        --models near-free "${@:2}" --paths gateway --rounds 1 --duration 5 \
+        --json-out "$out/$side-$1-$round.json" > "$out/$side-$1-$round.log" 2>&1)
+    done
   done
 done
 after_commit=$(git -C "$here" rev-parse --short HEAD)$(git -C "$here" diff --quiet HEAD -- gateway builder || echo "+changes")

@@ -13,10 +13,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-# The served path before coalesced Triton calls (commit cad658f) and with them: bench/before_after.sh's summary.
+# The served path before coalesced Triton calls (commit cad658f) and as it is now: bench/before_after.sh's summary,
+# the newest measurement of the served path's own cost (near-free model), which sizing uses.
 SERVED_PATH = "served_path/summary.json"
-# The newest measurement of the served path's own cost (near-free model), used for sizing.
-SERVED_PATH_LATEST = "served_path/layers_before_after.json"
+# An earlier run of the same script: the gateway before and after it was laid out in layers (the same work).
+SERVED_PATH_LAYERS = "served_path/layers_before_after.json"
 SHAPES = ("1x1", "16x1", "4x32")
 # NVIDIA's published TensorRT figures for a 6-layer BERT (fp16, A100, sequence length 384), inferences/s.
 ENGINE = {"source": "NVIDIA's published TensorRT performance for a 6-layer BERT, fp16, A100, sequence 384",
@@ -147,10 +148,10 @@ def soak_table(name: str = "soak.json") -> str:
 
 def sizing() -> str:
     """How many gateway cores (workers) an engine needs: engine sentences/s x gateway CPU s per sentence."""
-    d = load(SERVED_PATH_LATEST)
+    d = load(SERVED_PATH)
     one, many = d["after 16x1"]["cpu_ms_per_sentence_gateway"], d["after 4x32"]["cpu_ms_per_sentence_gateway"]
     lines = [
-        f"Gateway CPU per sentence, measured on the near-free model (`bench/results/{SERVED_PATH_LATEST}`, "
+        f"Gateway CPU per sentence, measured on the near-free model (`bench/results/{SERVED_PATH}`, "
         f"the newest run): **{one:.2f} ms** in one-text calls at 16 clients, **{many:.2f} ms** in 32-text calls "
         "at 4 clients. Engine throughput: " + ENGINE["source"] + f": {ENGINE['batch 1']:,} inferences/s at "
         f"batch 1, {ENGINE['batch 16']:,}/s at batch 16.", "",
@@ -194,6 +195,7 @@ def _env(path: Path) -> dict[str, str]:
 
 
 def readme_served_path() -> str:
-    """The README's headline table: the served path before and after coalesced Triton calls."""
-    return ("Before coalesced Triton calls (commit cad658f) and after, near-free model, 2 shared cores:\n\n"
-            + served_path_table())
+    """The README's headline table: the served path before coalesced Triton calls and as it is now."""
+    d = load(SERVED_PATH)
+    return (f"The served path's own cost before coalesced Triton calls (commit {d.get('base', 'cad658f')}) and now\n"
+            f"(commit {d.get('after', 'unrecorded')}), near-free model, 2 shared cores:\n\n" + served_path_table())

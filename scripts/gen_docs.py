@@ -44,7 +44,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "contracts": docs_reference.contracts_table,
     "served-path": docs_bench.served_path_table,
     "served-path-cpu": docs_bench.served_path_cpu_table,
-    "served-path-latest": lambda: docs_bench.served_path_table(docs_bench.SERVED_PATH_LATEST),
+    "served-path-layers": lambda: docs_bench.served_path_table(docs_bench.SERVED_PATH_LAYERS),
     "throughput": lambda: docs_bench.sweep_table("throughput.json"),
     "distill-throughput": lambda: docs_bench.sweep_table("distill_throughput.json"),
     "int8-choice": docs_bench.int8_table,
