@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ner_gateway.artifact.schemes import TaggingScheme
-from ner_gateway.core.decoding import LabelTable, decode, viterbi
+from ner_gateway.core.decoding import LabelTable, decode, decode_texts, viterbi
 from ner_gateway.core.domain import Aggregation, Entity
 from ner_gateway.core.tokenizing import TokenView
 
@@ -230,3 +230,30 @@ def test_viterbi_paths_are_always_valid(table: LabelTable) -> None:
 def test_viterbi_keeps_a_valid_argmax_path() -> None:
     tags = [("B-PER", 0.9), ("I-PER", 0.8), ("O", 0.9), ("B-LOC", 0.7)]
     assert _decode(tags, constrained=True) == _decode(tags)
+
+
+@pytest.mark.parametrize("scheme_labels", [
+    (TaggingScheme.BIO, LABELS),
+    (TaggingScheme.BIOES, ["O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC"]),
+])
+def test_texts_decoded_together_get_exactly_what_each_gets_alone(scheme_labels: tuple[TaggingScheme, list[str]]
+                                                                  ) -> None:
+    """decode_texts runs a request's texts through numpy at once: entities, offsets and scores (to the last bit)
+    are those of decoding each text alone, for texts of any length (none included), and an entity at a text's end
+    does not run on into the next text's first token."""
+    scheme, labels = scheme_labels
+    table = LabelTable.from_labels(labels, scheme)
+    rng = np.random.default_rng(7)
+    texts, logits, views = [], [], []
+    for n in [5, 0, 1, 9, 3, 12, 0, 7] * 4:
+        texts.append(" ".join(f"w{i}" for i in range(n)))
+        logits.append(rng.normal(0, 3, size=(n, len(labels))).astype(np.float32))
+        starts = np.array([3 * i for i in range(n)], dtype=np.int64)
+        views.append(TokenView(offsets=np.stack([starts, starts + 2], axis=1).reshape(-1, 2),
+                               special=np.zeros(n, dtype=bool), is_subword=rng.random(n) < 0.3))
+    logits[0][-1], logits[2][0] = _row(labels, "B-PER", 0.9), _row(labels, "I-PER", 0.9)  # an entity each side
+    alone = [decode(text, text_logits, view, table, Aggregation.SIMPLE)
+             for text, text_logits, view in zip(texts, logits, views, strict=True)]
+    together = decode_texts(texts, logits, views, table, Aggregation.SIMPLE)
+    assert together == alone
+    assert sum(map(len, alone)) > 50 and alone[1] == [] and alone[2][0].start == 0

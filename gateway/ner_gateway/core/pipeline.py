@@ -22,7 +22,7 @@ from opentelemetry import trace
 from ner_gateway.core.admission import Admission
 from ner_gateway.core.batching import Batcher, BatchLimits
 from ner_gateway.core.deadline import Deadline
-from ner_gateway.core.decoding import decode, merge
+from ner_gateway.core.decoding import decode_texts, merge
 from ner_gateway.core.domain import Document, Recognition, RecognizeRequest, StageTimings
 from ner_gateway.core.errors import InvalidRequest, Overloaded, TooLate
 from ner_gateway.core.offsets import convert_entities
@@ -209,14 +209,14 @@ class RecognitionPipeline:
     @staticmethod
     def _decode(model: NerModel, request: RecognizeRequest, tokens: list[TextTokens], windows: list[Window],
                 window_logits: list[npt.NDArray[np.float32]]) -> list[Document]:
-        documents = []
-        labels, prefix = model.labels, model.tokenizer.special.prefix
+        prefix = model.tokenizer.special.prefix
         ranges = texts_windows(windows)
-        for text, text_tokens, (first, last) in zip(request.texts, tokens, ranges, strict=True):
-            merged = merge(len(text_tokens), windows[first:last], window_logits[first:last], prefix)
-            entities = decode(text, merged, text_tokens.view, labels, request.aggregation, request.constrained)
-            documents.append(Document(convert_entities(text, entities, request.offset_unit), last - first))
-        return documents
+        merged = [merge(len(text_tokens), windows[first:last], window_logits[first:last], prefix)
+                  for text_tokens, (first, last) in zip(tokens, ranges, strict=True)]
+        entities = decode_texts(request.texts, merged, [text_tokens.view for text_tokens in tokens], model.labels,
+                                request.aggregation, request.constrained)
+        return [Document(convert_entities(text, text_entities, request.offset_unit), last - first)
+                for text, text_entities, (first, last) in zip(request.texts, entities, ranges, strict=True)]
 
 
 def _span(name: str, traced: bool) -> AbstractContextManager[trace.Span | None]:
