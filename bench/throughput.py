@@ -167,9 +167,10 @@ def start_gateway(repository: Path, triton_url: str, env: dict[str, str] | None 
     port = free_port()
     bin_dir = Path(sys.executable).parent
     served_code = os.environ.get("BENCH_GATEWAY_PYTHONPATH")  # another tree's gateway (bench/before_after.sh)
+    code = {"PYTHONPATH": served_code} if served_code else {}
     process = subprocess.Popen([str(bin_dir / "ner-gateway"), "serve", "--model-repository", str(repository),
                                 "--triton-url", triton_url, "--port", str(port), "--log-level", "WARNING"],
-                               env={**os.environ, **({"PYTHONPATH": served_code} if served_code else {}), **(env or {})})
+                               env={**os.environ, **code, **(env or {})})
     address = f"127.0.0.1:{port}"
     try:
         subprocess.run([str(bin_dir / "ner-gateway"), "health", "--address", address, "--wait", "120"], check=True,
