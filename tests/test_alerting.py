@@ -287,11 +287,18 @@ def test_latency_exemplars_lead_to_the_traces_the_collector_received(stack: Stac
         set(e["labels"]) == {"trace_id", "span_id"} for e in exemplars)  # ids only, no text or token
 
     def traced() -> dict[str, list[tuple[str, Any]]] | None:
+        """The exemplars' traces once complete and Triton's spans of their calls arrived: a request's
+        ``triton.infer`` span links to its shared ``triton.call`` span, whose trace (its first request's) holds
+        Triton's own spans."""
         found = spans_of(stack.traces, trace_ids)
         complete = all(any(s.name == "/ner.v1.NerService/Recognize" for _, s in spans) for spans in found.values())
-        return found if complete and any(svc == "triton" for spans in found.values() for svc, _ in spans) else None
+        calls = {link.trace_id.hex() for spans in found.values() for _, s in spans if s.name == "triton.infer"
+                 for link in s.links}
+        served = spans_of(stack.traces, calls)
+        tritons = [any(svc == "triton" for svc, _ in spans) for spans in served.values()]
+        return found if complete and any(tritons) else None
 
-    found = poll_until(traced, 30, "the exemplars' traces at the collector, Triton's spans included")
+    found = poll_until(traced, 30, "the exemplars' traces at the collector, and Triton's spans of their calls")
     for exemplar in exemplars:
         spans = {span.span_id.hex(): (service, span) for service, span in found[exemplar["labels"]["trace_id"]]}
         service, server = spans[exemplar["labels"]["span_id"]]  # the exemplar names the RPC's own span
