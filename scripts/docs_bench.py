@@ -50,6 +50,24 @@ def served_path_table(name: str = SERVED_PATH, before: str = "before", after: st
     return "\n".join(lines)
 
 
+def demo_overlap_table(pattern: str = "served_path/demo-overlap-{side}-{shape}-*.json") -> str:
+    """The demo model served with and without the overlap rule (a call beside one in flight waits for a fuller
+    batch): sentences/s, the ratio to ONNX Runtime's sorted batches measured in the same run, Triton's batch."""
+    lines = ["| clients x texts | overlap rule | sentences/s | ÷ ORT, sorted batches | Triton batch | gateway CPU ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for shape, label in (("16", "16 x 1"), ("32", "4 x 32")):
+        for side, rule in (("on", "on (default)"), ("off", "off")):
+            runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern.format(side=side, shape=shape)))]
+            cells = [next(iter(next(iter(d["sweep"].values())).values())) for d in runs]
+            ratios = [next(v for k, v in d["ratios"].items() if k.endswith("/ ort-sorted")) for d in runs]
+            lines.append(f"| {label} | {rule} | " + ", ".join(_n(c["sentences_per_s"]) for c in cells) + " | "
+                         + ", ".join(f"{r:.2f}" for r in ratios) + " | "
+                         + ", ".join(f"{c['triton_avg_batch']:.1f}" for c in cells) + " | "
+                         + ", ".join(f"{c['cpu_ms_per_sentence_gateway']:.2f}" for c in cells) + " |")
+    lines += ["", f"One value per interleaved round (`bench/results/{pattern.format(side='*', shape='*')}`)."]
+    return "\n".join(lines)
+
+
 def served_path_cpu_table(name: str = SERVED_PATH) -> str:
     """Where the served path's CPU goes, per sentence, by process."""
     d = load(name)
@@ -192,6 +210,12 @@ def _env(path: Path) -> dict[str, str]:
     """KEY=VALUE lines of an env file (comments and blank lines skipped)."""
     pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def readme_demo() -> str:
+    """The README's demo-model table."""
+    return ("The demo model (MiniLM-L6, fp32) served with NER_TRITON_OVERLAP_ROWS / _WAIT_MS at their defaults and\n"
+            "off, against ONNX Runtime in-process on the same graph:\n\n" + demo_overlap_table())
 
 
 def readme_served_path() -> str:

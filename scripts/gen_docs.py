@@ -44,6 +44,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "contracts": docs_reference.contracts_table,
     "served-path": docs_bench.served_path_table,
     "served-path-cpu": docs_bench.served_path_cpu_table,
+    "demo-overlap": docs_bench.demo_overlap_table,
     "served-path-layers": lambda: docs_bench.served_path_table(docs_bench.SERVED_PATH_LAYERS),
     "throughput": lambda: docs_bench.sweep_table("throughput.json"),
     "distill-throughput": lambda: docs_bench.sweep_table("distill_throughput.json"),
@@ -57,7 +58,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
 GEN_LINE = re.compile(r"^<!-- gen:([a-z0-9-]+) -->$", re.MULTILINE)
 
 # The README's generated block: name -> renderer.
-README_BLOCKS: dict[str, Callable[[], str]] = {"served-path": docs_bench.readme_served_path}
+README_BLOCKS: dict[str, Callable[[], str]] = {"served-path": docs_bench.readme_served_path,
+                                              "demo": docs_bench.readme_demo}
 
 
 def _include(path: str) -> str:
