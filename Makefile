@@ -64,7 +64,7 @@ ops-check: install
 
 # The docs site (docs/, mkdocs.yml) into site/: strict, so a broken link, a missing page or an unknown generated block
 # fails. The reference pages and benchmark tables are generated while it builds (scripts/gen_docs.py); the README's
-# one generated block (the served-path table) must match bench/results (`$(PY) scripts/gen_docs.py readme` rewrites it).
+# generated blocks (the served-path and demo tables) must match bench/results (`$(PY) scripts/gen_docs.py readme`).
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) scripts/gen_docs.py readme --check

@@ -3,7 +3,7 @@
 At build time the reference pages are made from the code (``docs_reference.py``) and ``<!-- gen:NAME -->`` lines in
 the hand-written pages are replaced by tables rendered from the proto, the errors and ``bench/results``
 (``docs_bench.py``), so nothing generated is committed and nothing can go stale. The README is read on GitHub, not
-built, so its one generated block is written in place between marker comments:
+built, so its generated blocks are written in place between marker comments:
 
     python scripts/gen_docs.py readme          # rewrite the block
     python scripts/gen_docs.py readme --check  # exit 1 when it differs from bench/results (make docs, tests)
