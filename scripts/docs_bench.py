@@ -219,7 +219,7 @@ def readme_demo() -> str:
 
 
 def readme_served_path() -> str:
-    """The README's headline table: the served path before coalesced Triton calls and as it is now."""
+    """The README's headline table: the served path at the base commit and at the measured one."""
     d = load(SERVED_PATH)
-    return (f"The served path's own cost before coalesced Triton calls (commit {d.get('base', 'cad658f')}) and now\n"
-            f"(commit {d.get('after', 'unrecorded')}), near-free model, 2 shared cores:\n\n" + served_path_table())
+    return (f"The served path's own cost at commit {d.get('base', 'cad658f')} (one Triton call per request) and at "
+            f"commit {d.get('after', 'unrecorded')},\nnear-free model, 2 shared cores:\n\n" + served_path_table())

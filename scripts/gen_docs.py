@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     fresh = readme_text(current)
     if "--check" in argv:
         if fresh != current:
-            print("README.md's benchmark block differs from bench/results: run python scripts/gen_docs.py readme",
+            print("README.md's benchmark blocks differ from bench/results: run python scripts/gen_docs.py readme",
                   file=sys.stderr)
             return 1
         return 0

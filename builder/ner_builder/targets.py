@@ -1,7 +1,7 @@
 """Build targets: which graph, which runtime, which model name, and what to fall back to.
 
 A target is ``<runtime>-<precision>`` for every registered runtime (``ner_builder.runtimes``) and each of its
-precisions. ``onnx-fp32`` installs as ``NAME`` (as before targets existed); every other target installs as its
+precisions. ``onnx-fp32`` installs as ``NAME`` (the model's own name); every other target installs as its
 own model ``NAME-<target>`` with its own config.pbtxt and manifest. A target whose accuracy gate fails falls
 back to the next precision of the same runtime, keeping its model name.
 """
