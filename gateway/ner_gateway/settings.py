@@ -74,10 +74,11 @@ class GatewaySettings(BaseSettings):
     call always leaves at once), unless they have waited triton_overlap_wait_ms. Unset: the smallest of the model's
     preferred_batch_size in Triton (dynamic_batching), else 1 (start calls whenever there is room). Fuller calls
     cost the gateway, Triton's frontend and its stubs less per sentence."""
-    triton_overlap_wait_ms: float = Field(2.0, ge=0)
-    """The longest queued rows wait for a fuller call (triton_overlap_rows) beside one in flight: about a call's
-    fixed cost (gateway, Triton's frontend and a Python stub: ~1.5 ms of CPU here), so that a cheap model's rows
-    mostly wait for the call in flight to end and an expensive model's idle instance is not left waiting longer."""
+    triton_overlap_wait_ms: float = Field(5.0, ge=0)
+    """The longest queued rows wait for a fuller call (triton_overlap_rows) beside one in flight: a few times a
+    call's fixed cost (gateway, Triton's frontend and a Python stub: ~1.5 ms of CPU here), so that a cheap model's
+    rows mostly wait for the call in flight to end and an expensive model's idle instance is not left waiting long.
+    Of 2, 5 and 10 ms, 5 served both the near-free and the demo model best on 2 CPU cores (bench/results)."""
     triton_cancel_calls: bool = False
     """Cancel a Triton call once none of its requests still wants it (their deadlines passed, their clients went).
     Off: such a call runs to its end and its answer is dropped, and a call's gRPC timeout is the latest deadline of

@@ -21,8 +21,8 @@ Calls are formed when a request arrives or a call ends, after the callbacks that
 so requests that arrive together go together. The first call always leaves at once; while one is in flight, a
 further call starts only with ``overlap_rows`` rows queued (a batch worth a call's fixed cost in the gateway,
 Triton's frontend and its stub, ~1.5 ms of CPU on a CPU host) or once the queued rows have waited ``overlap_wait_s``
-(about that cost). A cheap model's call usually ends first, and its successor takes every row that queued
-meanwhile: fewer, fuller calls. An expensive model's idle instance waits no longer than a call's fixed cost.
+(a few such costs). A cheap model's call usually ends first, and its successor takes every row that queued
+meanwhile: fewer, fuller calls. An expensive model's idle instance waits no longer than ``overlap_wait_s``.
 ``InputEncoder`` turns a call's rows into the model's input arrays.
 """
 
