@@ -215,15 +215,11 @@ def _group_texts(texts: Sequence[str], owners: npt.NDArray[np.intp] | None, labe
     kinds = label_ids[first]
     kept = ~table.ignored[kinds]
     labels = table.entity_labels
-    if owners is None:
-        text = texts[0]
-        return [[Entity(labels[kind], start, end, text[start:end], score) for kind, start, end, score in zip(
-            kinds[kept].tolist(), starts[first[kept]].tolist(), ends[last[kept]].tolist(), means[kept].tolist(),
-            strict=True)]]
+    opened = first[kept]
+    owner_of = owners[opened].tolist() if owners is not None else [0] * len(opened)
     entities: list[list[Entity]] = [[] for _ in texts]
-    for owner, kind, start, end, score in zip(owners[first[kept]].tolist(), kinds[kept].tolist(),
-                                              starts[first[kept]].tolist(), ends[last[kept]].tolist(),
-                                              means[kept].tolist(), strict=True):
+    for owner, kind, start, end, score in zip(owner_of, kinds[kept].tolist(), starts[opened].tolist(),
+                                              ends[last[kept]].tolist(), means[kept].tolist(), strict=True):
         entities[owner].append(Entity(labels[kind], start, end, texts[owner][start:end], score))
     return entities
 
