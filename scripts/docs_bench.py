@@ -50,6 +50,12 @@ def served_path_table(name: str = SERVED_PATH, before: str = "before", after: st
     return "\n".join(lines)
 
 
+def _only_cell(run: dict[str, Any]) -> dict[str, Any]:
+    """The one cell of a throughput.py run of one served path at one client count."""
+    (cell,) = [cell for cells in run["sweep"].values() for cell in cells.values()]
+    return cell
+
+
 def demo_overlap_table(pattern: str = "served_path/demo-overlap-{side}-{shape}-*.json") -> str:
     """The demo model served with and without the overlap rule (a call beside one in flight waits for a fuller
     batch): sentences/s, the ratio to ONNX Runtime's sorted batches measured in the same run, Triton's batch."""
@@ -58,7 +64,7 @@ def demo_overlap_table(pattern: str = "served_path/demo-overlap-{side}-{shape}-*
     for shape, label in (("16", "16 x 1"), ("32", "4 x 32")):
         for side, rule in (("on", "on (default)"), ("off", "off")):
             runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern.format(side=side, shape=shape)))]
-            cells = [next(iter(next(iter(d["sweep"].values())).values())) for d in runs]
+            cells = [_only_cell(d) for d in runs]
             ratios = [next(v for k, v in d["ratios"].items() if k.endswith("/ ort-sorted")) for d in runs]
             lines.append(f"| {label} | {rule} | " + ", ".join(_n(c["sentences_per_s"]) for c in cells) + " | "
                          + ", ".join(f"{r:.2f}" for r in ratios) + " | "
