@@ -65,7 +65,8 @@ async def test_unloading_one_model_leaves_the_others_serving(start_gateway, two_
     gateway = await asyncio.to_thread(start_gateway, two_models, "--triton-url", triton.grpc_url,
                                       "--default-model", TINY_MODEL)
     control = triton_grpc.InferenceServerClient(triton.grpc_url)
-    unavailable = (grpc.StatusCode.UNAVAILABLE, f"model {OTHER!r} is not ready on any inference server; retry later")
+    unavailable = (grpc.StatusCode.UNAVAILABLE,
+                   f"model {OTHER!r} version 1 is not ready on any inference server; retry later")
     ok = (grpc.StatusCode.OK, "")
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:

@@ -144,6 +144,15 @@ class GatewaySettings(BaseSettings):
     tls_client_ca_file: Path | None = None
     """CA bundle (PEM) for mutual TLS: clients must present a certificate signed by it, or the handshake
     fails. Needs ``tls_cert_file``. Unset: clients are not asked for a certificate."""
+    rollout_policy_file: Path | None = None
+    """YAML rollout policy (e.g. a mounted ConfigMap): per model, the stable version, a canary with the share of the
+    calls naming no version it answers, a shadow with the share of the stable version's calls mirrored to it
+    (docs/operations.md). Re-read when it changes; a bad file keeps the last good policy, with a WARNING. Unset:
+    each model's highest version ready is stable. Versions loaded in Triton while the gateway runs are picked up
+    either way (checked first), and serve calls that pin them."""
+    shadow_max_inflight: int = Field(4, ge=0)
+    """Most shadow (mirrored) calls at once. A mirrored call is refused (counted) past it, or while live calls hold
+    half of the admission limits (max_inflight_requests, max_inflight_windows): shadow is the first work shed."""
     auth_tokens_file: Path | None = None
     """File of accepted bearer tokens, one per line (blank lines and ``#`` comments ignored), e.g. a mounted
     Kubernetes Secret; re-read when it changes, so tokens rotate without a restart. Set (or ``auth_tokens``):

@@ -42,6 +42,7 @@ class RecognizeRequest:
     offset_unit: OffsetUnit = OffsetUnit.CODE_POINT
     request_id: str = ""
     constrained: bool = False  # Viterbi over the tagging scheme's allowed transitions
+    model_version: str = ""  # pinned version; "": the rollout policy chooses
 
 
 @dataclass(frozen=True, slots=True)

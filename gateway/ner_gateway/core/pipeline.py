@@ -9,11 +9,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -24,10 +24,11 @@ from ner_gateway.core.batching import Batcher, BatchLimits
 from ner_gateway.core.deadline import Deadline
 from ner_gateway.core.decoding import decode_texts, merge
 from ner_gateway.core.domain import Document, Recognition, RecognizeRequest, StageTimings
-from ner_gateway.core.errors import InvalidRequest, Overloaded, TooLate
+from ner_gateway.core.errors import InvalidRequest, ModelUnavailable, NerError, Overloaded, TooLate
 from ner_gateway.core.offsets import convert_entities
 from ner_gateway.core.ports import InferenceBackend
 from ner_gateway.core.registry import ModelRegistry, NerModel
+from ner_gateway.core.shadow import ShadowBudget, compare
 from ner_gateway.core.tokenizing import TextTokens
 from ner_gateway.core.windowing import Window, plan_windows, texts_windows, window_rows
 from ner_gateway.observability.metrics import GatewayMetrics, ModelMetrics
@@ -35,6 +36,7 @@ from ner_gateway.observability.tracing import TRACER, exemplar
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+Mirrored = Callable[[], Coroutine[Any, Any, None]]  # a shadow call, started once the live answer is sent
 _NOTHING: AbstractContextManager[None] = contextlib.nullcontext()
 
 
@@ -73,7 +75,7 @@ class RecognitionPipeline:
         self, registry: ModelRegistry, backend: InferenceBackend, limits: Limits,
         metrics: GatewayMetrics | None = None,
         offload: CpuOffload | None = None, admission: Admission | None = None,
-        shares: TritonShares | None = None,
+        shares: TritonShares | None = None, shadow_budget: ShadowBudget | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
@@ -82,7 +84,8 @@ class RecognitionPipeline:
         self.offload = offload
         self.admission = admission
         self.shares = shares or TritonShares(capacity_tokens=1 << 30, request_tokens=1 << 30)
-        self._batchers: dict[str, Batcher] = {}
+        self.shadow_budget = shadow_budget or ShadowBudget(4, admission)
+        self._batchers: dict[tuple[str, str], Batcher] = {}
         self._model_metrics: dict[str, ModelMetrics] = {}
 
     def validate(self, request: RecognizeRequest) -> NerModel:
@@ -102,11 +105,11 @@ class RecognitionPipeline:
         if total > limits.max_request_chars:
             raise InvalidRequest(f"the texts hold {total} characters in all; the limit per request is "
                                  f"{limits.max_request_chars}")
-        return self.registry.get(request.model)
+        return self.registry.get(request.model, request.model_version)
 
     def batcher(self, model: NerModel) -> Batcher:
-        """The model's queue and calls (core/batching.py), made on its first request."""
-        batcher = self._batchers.get(model.name)
+        """The model version's queue and calls (core/batching.py), made on its first request."""
+        batcher = self._batchers.get(model.served.key)
         if batcher is None:
             served, shares = model.served, self.shares
             max_calls = shares.calls_in_flight or max(1, served.instances)
@@ -116,7 +119,7 @@ class RecognitionPipeline:
                                  cancel_calls=shares.cancel_calls,
                                  overlap_rows=shares.overlap_rows or served.preferred_batch_size,
                                  overlap_wait_s=shares.overlap_wait_s)
-            batcher = self._batchers[model.name] = Batcher(
+            batcher = self._batchers[model.served.key] = Batcher(
                 self.backend, served, model.manifest.output, model.encoder.encode, limits,
                 self._metrics_of(model.name))
         return batcher
@@ -130,35 +133,47 @@ class RecognitionPipeline:
         return bound
 
     async def recognize(self, request: RecognizeRequest, timeout_s: float | None = None,
-                        on_model: Callable[[str], None] | None = None) -> Recognition:
+                        on_model: Callable[[str, str], None] | None = None) -> Recognition:
         """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default);
-        ``on_model`` hears the model the request resolved to as soon as it is known (the RPC metrics' label).
-        Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all the work it may,
-        and with TooLate (DEADLINE_EXCEEDED) when less time is left than an inference takes now."""
+        ``on_model`` hears the model and version the request resolved to as soon as they are known (the RPC
+        metrics' labels). Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all
+        the work it may, and with TooLate (DEADLINE_EXCEEDED) when less time is left than an inference takes now."""
+        deadline = Deadline.after(timeout_s if timeout_s is not None else self.limits.default_timeout_s)
         try:
             with self.admission.request() if self.admission else _NOTHING:
-                return await self._recognize(request, timeout_s, on_model)
+                try:
+                    return await self._recognize(request, deadline, on_model)
+                except ModelUnavailable:
+                    # The version this call resolved to went out while it waited (unloaded in Triton: a rollout's
+                    # last step), and the backend now says so. A call that pinned no version is answered once more
+                    # by the version it resolves to now, if that one is ready.
+                    if request.model_version or not self.backend.model_ready(self.validate(request).served):
+                        raise
+                    return await self._recognize(request, deadline, on_model)
         except (Overloaded, TooLate) as e:
             if self.metrics is not None:
                 self.metrics.refused.labels(e.reason).inc()
             raise
 
-    async def _recognize(self, request: RecognizeRequest, timeout_s: float | None,
-                         on_model: Callable[[str], None] | None) -> Recognition:
+    async def _recognize(self, request: RecognizeRequest, deadline: Deadline,
+                         on_model: Callable[[str, str], None] | None, model: NerModel | None = None,
+                         live: bool = True) -> Recognition:
+        """``live`` False: a shadow call, outside the live admission and the per-request metrics."""
         loop = asyncio.get_running_loop()
-        deadline = Deadline.after(timeout_s if timeout_s is not None else self.limits.default_timeout_s)
+        admission = self.admission if live else None
         # Spans only when this request is traced (the RPC's span records); they carry sizes and names, never text.
         traced = trace.get_current_span().is_recording()
         t_start = time.perf_counter_ns()
         with _span("validate", traced) as span:
-            model = self.validate(request)
+            model = model or self.validate(request)
             if span is not None:
-                span.set_attributes({"ner.texts": len(request.texts), "ner.model": model.name})
+                span.set_attributes({"ner.texts": len(request.texts), "ner.model": model.name,
+                                     "ner.model_version": model.version})
         if on_model is not None:
-            on_model(model.name)
+            on_model(model.name, model.version)
         batcher = self.batcher(model)
-        if self.admission is not None:
-            self.admission.check_time(deadline, batcher.typical_wait_s)
+        if admission is not None:
+            admission.check_time(deadline, batcher.typical_wait_s)
         request_id = request.request_id or os.urandom(16).hex()
         texts = request.texts
         offload = self.offload if self.offload and sum(map(len, texts)) >= self.offload.min_chars else None
@@ -175,11 +190,11 @@ class RecognitionPipeline:
                 span.set_attributes({"ner.tokens": n_tokens, "ner.windows": len(windows),
                                      "ner.offloaded": bool(offload)})
         # The windows count against the admission limit from here to the answer.
-        with self.admission.windows_of(len(windows)) if self.admission else _NOTHING:
+        with admission.windows_of(len(windows)) if admission else _NOTHING:
             t1 = time.perf_counter_ns()
             with _span("triton.infer", traced) as span:
                 if span is not None:
-                    span.set_attributes({"ner.model": model.name, "ner.model_version": model.served.version,
+                    span.set_attributes({"ner.model": model.name, "ner.model_version": model.version,
                                          "ner.windows": len(windows), "ner.request_id": request_id})
                 rows = window_rows(tokens, windows, model.tokenizer.special.count, model.sequence_buckets)
                 window_logits = await batcher.infer(rows.contents, rows.lengths, rows.widths, deadline, request_id)
@@ -191,15 +206,48 @@ class RecognitionPipeline:
                                          "ner.entities": sum(len(d.entities) for d in documents)})
             t3 = time.perf_counter_ns()
             result = Recognition(
-                documents=documents, model=model.name, model_version=model.served.version, request_id=request_id,
+                documents=documents, model=model.name, model_version=model.version, request_id=request_id,
                 timings=StageTimings((t1 - t0) // 1000, (t2 - t1) // 1000, (t3 - t2) // 1000),
             )
-            bound = self._metrics_of(model.name)
+            bound = self._metrics_of(model.name) if live else None
             if bound is not None:
                 stages = {"validate": t0 - t_start, "tokenize": t1 - t0, "infer": t2 - t1, "decode": t3 - t2}
                 observe_recognition(bound, result, n_tokens, {k: v / 1e9 for k, v in stages.items()},
                                     exemplar() if traced else None)
             return result
+
+    def shadow_of(self, request: RecognizeRequest, live: Recognition) -> Mirrored | None:
+        """The mirrored call of an answered request, to run once its answer has been sent (it never delays or
+        changes it); None when the request is not mirrored (a pinned call, a version without shadow, the share's
+        draw) or when the shadow budget refuses it (counted)."""
+        if request.model_version:
+            return None
+        model = self.registry.find(live.model, live.model_version)
+        candidate = None if model is None else self.registry.shadow_for(model)
+        if model is None or candidate is None:
+            return None
+        counts = self.metrics.shadow(model.name, model.version, candidate.version) if self.metrics else None
+        if not self.shadow_budget.take():
+            if counts is not None:
+                counts.refused()
+            return None
+
+        async def mirrored() -> None:
+            try:
+                answer = await self._recognize(request, Deadline.after(self.limits.default_timeout_s), None,
+                                               candidate, live=False)
+            except NerError as e:
+                LOGGER.info("shadow call to %s version %s failed: %s", candidate.name, candidate.version, e)
+                if counts is not None:
+                    counts.failed()
+                return
+            finally:
+                self.shadow_budget.release()
+            score = compare(live.documents, answer.documents)
+            if counts is not None:
+                counts.scored(score.entities, score.same_documents, score.changed_documents)
+
+        return mirrored
 
     @staticmethod
     def _tokenize(model: NerModel, texts: list[str]) -> tuple[list[TextTokens], list[Window]]:

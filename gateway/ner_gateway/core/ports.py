@@ -30,6 +30,10 @@ class ServedModel:
     instances: int = 1  # execution instances (Triton's instance_group counts): calls it runs at once
     preferred_batch_size: int = 1  # the smallest batch its server prefers (Triton's dynamic_batching), else 1
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.version
+
 
 class InferenceBackend(Protocol):
     """Runs a model on a batch of rows; raises the core's errors (DeadlineExceeded, TritonUnavailable, ...)."""
@@ -40,13 +44,14 @@ class InferenceBackend(Protocol):
         included)."""
         ...
 
-    def model_ready(self, name: str) -> bool:
-        """The model can take calls now (as of the backend's last look; reads no network)."""
+    def model_ready(self, model: ServedModel) -> bool:
+        """The model version can take calls now (as of the backend's last look; reads no network)."""
         ...
 
 
 class ModelSource(Protocol):
-    """Where the registry learns which models are served and checks them (at startup)."""
+    """Where the registry learns which model versions are served and checks them (at startup, and as versions are
+    loaded and unloaded while the gateway runs: core/discovery.py)."""
 
     url: str
 
@@ -54,4 +59,10 @@ class ModelSource(Protocol):
 
     async def check_model(self, manifest: ModelManifest) -> ServedModel: ...
 
-    def watch(self, model: ServedModel) -> None: ...
+    def watch(self, model: ServedModel) -> None:
+        """From here on, follow where ``model`` is ready (``model_ready``)."""
+        ...
+
+    def unwatch(self, model: ServedModel) -> None: ...
+
+    def model_ready(self, model: ServedModel) -> bool: ...

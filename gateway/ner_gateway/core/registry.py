@@ -1,8 +1,10 @@
-"""The models the gateway serves and how a request finds its own (routing by name, the default)."""
+"""The models the gateway serves, every version of each, and how a request finds its own: by name (or the default),
+then by the version it pins, else the rollout policy's (core/rollout.py) stable version or its canary."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ner_gateway.artifact.manifest import ModelManifest
@@ -10,6 +12,7 @@ from ner_gateway.core.batching import InputEncoder
 from ner_gateway.core.decoding import LabelTable
 from ner_gateway.core.errors import ConfigurationError, ModelNotFound, echo
 from ner_gateway.core.ports import ServedModel
+from ner_gateway.core.rollout import Role, RolloutPolicy
 from ner_gateway.core.tokenizing import TextTokenizer
 
 
@@ -27,25 +30,137 @@ class NerModel:
         return self.manifest.name
 
     @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
     def sequence_buckets(self) -> tuple[int, ...]:
         """Lengths every input is padded up to: a TensorRT engine's profile maxima; () for ragged models."""
         engine = self.manifest.engine
         return engine.sequence_buckets if engine is not None else ()
 
 
-class ModelRegistry:
-    def __init__(self, models: list[NerModel], default_model: str | None = None) -> None:
-        self._models = {m.name: m for m in models}
-        self.default_name = default_model or sorted(self._models)[0]
-        if self.default_name not in self._models:
-            raise ConfigurationError(f"default model {self.default_name!r} is not in the repository "
-                                     f"(found: {', '.join(sorted(self._models))})")
+@dataclass(frozen=True)
+class ServedVersion:
+    """A version as ListModels shows it: its role and traffic share under the policy, and its readiness."""
 
-    def get(self, name: str) -> NerModel:
-        model = self._models.get(name or self.default_name)
-        if model is None:
-            raise ModelNotFound(f"model {echo(name)} not found; available: {', '.join(sorted(self._models))}")
-        return model
+    model: NerModel
+    role: Role
+    share: float
+    ready: bool
+
+
+def _number(model: NerModel) -> int:
+    return int(model.version)
+
+
+class ModelRegistry:
+    """Versions come and go while the gateway runs (core/discovery.py ``LiveVersions``); ``ready`` says whether a
+    version can take calls now (the inference server's last word), so that a version on its way out is passed over
+    before it is removed. ``draw`` returns a number in [0, 1) per canary or shadow decision."""
+
+    def __init__(self, models: list[NerModel], default_model: str | None = None,
+                 policy: RolloutPolicy | None = None, ready: Callable[[ServedModel], bool] | None = None,
+                 draw: Callable[[], float] = random.random) -> None:
+        self._versions: dict[str, dict[str, NerModel]] = {}
+        for model in models:
+            self.add(model)
+        self.policy = policy or RolloutPolicy()
+        self.ready = ready or (lambda served: True)
+        self.draw = draw
+        names = sorted(self._versions)
+        self.default_name = default_model or names[0]
+        if self.default_name not in self._versions:
+            raise ConfigurationError(f"default model {self.default_name!r} is not in the repository "
+                                     f"(found: {', '.join(names)})")
+
+    def add(self, model: NerModel) -> None:
+        self._versions.setdefault(model.name, {})[model.version] = model
+
+    def remove(self, model: NerModel) -> None:
+        """No new call resolves to ``model``; calls that already hold it finish with it."""
+        versions = self._versions.get(model.name, {})
+        if versions.get(model.version) is model:
+            del versions[model.version]
+
+    def versions(self, name: str) -> list[NerModel]:
+        """The served versions of ``name``, lowest first."""
+        return sorted(self._versions.get(name, {}).values(), key=_number)
+
+    def find(self, name: str, version: str) -> NerModel | None:
+        return self._versions.get(name or self.default_name, {}).get(version)
+
+    def all_versions(self) -> list[NerModel]:
+        return [model for name in sorted(self._versions) for model in self.versions(name)]
+
+    def stable(self, name: str) -> NerModel | None:
+        """The policy's stable version while it is served and ready; else the highest version ready; else (nothing
+        ready: calls fail UNAVAILABLE until it is back) the policy's, or the highest."""
+        versions = self._versions.get(name)
+        if not versions:
+            return None
+        chosen = versions.get(self.policy.of(name).stable or "")
+        if chosen is not None and self.ready(chosen.served):
+            return chosen
+        ready = [model for model in versions.values() if self.ready(model.served)]
+        if ready:
+            return max(ready, key=_number)
+        return chosen if chosen is not None else max(versions.values(), key=_number)
+
+    def get(self, name: str = "", version: str = "") -> NerModel:
+        """The model a call is answered by: ``version`` when it pins one, else the stable version, or the canary for
+        its share of calls. ModelNotFound names what is served."""
+        name = name or self.default_name
+        versions = self._versions.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {echo(name)} not found; available: {', '.join(sorted(self._names()))}")
+        if version:
+            model = versions.get(version)
+            if model is None:
+                raise ModelNotFound(f"model {echo(name)} has no version {echo(version)}; served: "
+                                    f"{', '.join(m.version for m in self.versions(name))}")
+            return model
+        canary = self.policy.of(name).canary
+        if canary is not None:
+            candidate = versions.get(canary.version)
+            if candidate is not None and self.ready(candidate.served) and self.draw() < canary.share:
+                return candidate
+        stable = self.stable(name)
+        assert stable is not None
+        return stable
+
+    def shadow_for(self, model: NerModel) -> NerModel | None:
+        """The version a call answered by ``model`` is mirrored to, if any: only the stable version's calls, for the
+        shadow's share of them, while the shadow is served and ready."""
+        shadow = self.policy.of(model.name).shadow
+        if shadow is None or shadow.version == model.version:
+            return None
+        candidate = self._versions.get(model.name, {}).get(shadow.version)
+        if candidate is None or not self.ready(candidate.served) or self.stable(model.name) is not model:
+            return None
+        return candidate if self.draw() < shadow.share else None
+
+    def listing(self, name: str) -> list[ServedVersion]:
+        """Every served version of ``name`` with its role now, lowest version first."""
+        policy, stable = self.policy.of(name), self.stable(name)
+        listed = []
+        for model in self.versions(name):
+            role, share = Role.PINNED, 0.0
+            if model is stable:
+                role = Role.STABLE
+            elif policy.canary is not None and policy.canary.version == model.version:
+                role, share = Role.CANARY, policy.canary.share
+            elif policy.shadow is not None and policy.shadow.version == model.version:
+                role, share = Role.SHADOW, policy.shadow.share
+            listed.append(ServedVersion(model, role, share, self.ready(model.served)))
+        return listed
+
+    def _names(self) -> list[str]:
+        return [name for name, versions in self._versions.items() if versions]
 
     def __iter__(self) -> Iterator[NerModel]:
-        return iter(self._models[name] for name in sorted(self._models))
+        """Each model's stable version, by name."""
+        for name in sorted(self._names()):
+            stable = self.stable(name)
+            if stable is not None:
+                yield stable

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -23,9 +23,9 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ner_requests", "RPCs by method, model and gRPC status code",
-                                ["method", "model", "code"], registry=r)
-        self.request_duration = Histogram("ner_request_duration_seconds", "RPC latency", ["method", "model"],
+        self.requests = Counter("ner_requests", "RPCs by method, model, the model version that answered and gRPC "
+                                "status code", ["method", "model", "version", "code"], registry=r)
+        self.request_duration = Histogram("ner_request_duration_seconds", "RPC latency", ["method", "model", "version"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("ner_stage_duration_seconds", "Latency of each pipeline stage",
                                         ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
@@ -58,8 +58,40 @@ class GatewayMetrics:
                                      "call", ["model"], buckets=COUNT_BUCKETS, registry=r)
         self.queue_wait = Histogram("ner_queue_wait_seconds", "Time a window waited in the gateway's queue before "
                                     "its Triton call left", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        # Model rollout (core/rollout.py): which versions serve in which role, and what a shadow candidate says.
+        self.model_versions = Gauge("ner_model_versions", "1 for each model version the gateway serves, by its role "
+                                    "(stable, canary, shadow, pinned: only callers that name it)",
+                                    ["model", "version", "role"], registry=r, multiprocess_mode="livemax")
+        self.version_refusals = Counter("ner_model_version_refusals", "Model versions that became READY in Triton "
+                                        "but failed the gateway's checks (manifest, tokenizer, tensors) and do not "
+                                        "serve", ["model", "version"], registry=r)
+        self.policy_reloads = Counter("ner_rollout_policy_reloads", "Rollout policy file reads, by outcome: applied, "
+                                      "or invalid (the last good policy stays)", ["outcome"], registry=r)
+        for outcome in ("applied", "invalid"):
+            self.policy_reloads.labels(outcome)
+        self.shadow_requests = Counter("ner_shadow_requests", "Requests mirrored to a shadow candidate version, by "
+                                       "outcome: scored, refused (its budget full or the gateway busy), failed",
+                                       ["model", "live_version", "candidate_version", "outcome"], registry=r)
+        self.shadow_entities = Counter("ner_shadow_entities", "A shadow candidate's entities against the live "
+                                       "answer's, by label and outcome: agreed (same label and span), added (span "
+                                       "only the candidate has), dropped (span only the live answer has), "
+                                       "relabeled_from (live label of a span the candidate labels otherwise), "
+                                       "relabeled_to (the candidate's label of that span)",
+                                       ["model", "live_version", "candidate_version", "label", "outcome"], registry=r)
+        self.shadow_documents = Counter("ner_shadow_documents", "Texts scored in shadow, by outcome: same (identical "
+                                        "entities) or changed", ["model", "live_version", "candidate_version",
+                                                                 "outcome"], registry=r)
+        self._shadow_counts: dict[tuple[str, str, str], ShadowCounts] = {}
         self.auth_failures = Counter("ner_auth_failures", "RPCs refused for their bearer token, by reason "
                                      "(missing, malformed, rejected)", ["reason"], registry=r)
+
+    def shadow(self, model: str, live_version: str, candidate_version: str) -> ShadowCounts:
+        """The shadow instruments of one version pair, bound once."""
+        key = (model, live_version, candidate_version)
+        counts = self._shadow_counts.get(key)
+        if counts is None:
+            counts = self._shadow_counts[key] = ShadowCounts(self, *key)
+        return counts
 
     @staticmethod
     def shared() -> bool:
@@ -118,3 +150,29 @@ class ModelMetrics:
 
     def abandoned(self, stage: str, windows: int) -> None:
         self._abandoned[stage].inc(windows)
+
+
+class ShadowCounts:
+    """What a shadow candidate said against the live answers, for one (model, live version, candidate version)."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str, live_version: str, candidate_version: str) -> None:
+        pair = (model, live_version, candidate_version)
+        self._requests = {outcome: metrics.shadow_requests.labels(*pair, outcome)
+                          for outcome in ("scored", "refused", "failed")}
+        self._documents = {outcome: metrics.shadow_documents.labels(*pair, outcome) for outcome in ("same", "changed")}
+        self._entities = metrics.shadow_entities
+        self._pair = pair
+
+    def refused(self) -> None:
+        self._requests["refused"].inc()
+
+    def failed(self) -> None:
+        self._requests["failed"].inc()
+
+    def scored(self, entities: Mapping[tuple[str, str], int], same_documents: int, changed_documents: int) -> None:
+        """``entities``: counts by (label, outcome)."""
+        self._requests["scored"].inc()
+        for (label, outcome), count in entities.items():
+            self._entities.labels(*self._pair, label, outcome).inc(count)
+        self._documents["same"].inc(same_documents)
+        self._documents["changed"].inc(changed_documents)

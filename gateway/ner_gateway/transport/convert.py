@@ -6,7 +6,8 @@ from ner_gateway.artifact.manifest import Precision
 from ner_gateway.artifact.schemes import TaggingScheme
 from ner_gateway.core.domain import Aggregation, OffsetUnit, Recognition, RecognizeRequest
 from ner_gateway.core.errors import InvalidRequest
-from ner_gateway.core.registry import NerModel
+from ner_gateway.core.registry import NerModel, ServedVersion
+from ner_gateway.core.rollout import Role
 from ner_gateway.pb.ner.v1 import ner_pb2
 
 _AGGREGATIONS = {
@@ -28,6 +29,7 @@ _SCHEMES: dict[TaggingScheme, ner_pb2.TaggingScheme] = {
     scheme: getattr(ner_pb2, f"TAGGING_SCHEME_{scheme.name}") for scheme in TaggingScheme}
 _PRECISIONS: dict[Precision, ner_pb2.Precision] = {
     precision: getattr(ner_pb2, f"PRECISION_{precision.name}") for precision in Precision}
+_ROLES: dict[Role, ner_pb2.VersionRole] = {role: getattr(ner_pb2, f"VERSION_ROLE_{role.name}") for role in Role}
 
 
 def request_from_pb(message: ner_pb2.RecognizeRequest) -> RecognizeRequest:
@@ -40,7 +42,7 @@ def request_from_pb(message: ner_pb2.RecognizeRequest) -> RecognizeRequest:
         raise InvalidRequest(f"unknown offset_unit value {message.offset_unit}")
     return RecognizeRequest(texts=list(message.texts), model=message.model, aggregation=aggregation,
                             offset_unit=offset_unit, request_id=message.request_id,
-                            constrained=message.constrained_decoding)
+                            constrained=message.constrained_decoding, model_version=message.model_version)
 
 
 def response_to_pb(result: Recognition) -> ner_pb2.RecognizeResponse:
@@ -59,10 +61,15 @@ def response_to_pb(result: Recognition) -> ner_pb2.RecognizeResponse:
     return response
 
 
-def model_info_to_pb(model: NerModel, is_default: bool, ready: bool) -> ner_pb2.ModelInfo:
+def model_info_to_pb(model: NerModel, is_default: bool, versions: list[ServedVersion]) -> ner_pb2.ModelInfo:
+    """``model``: the stable version; ``versions``: every served version (the registry's listing)."""
     manifest = model.manifest
-    return ner_pb2.ModelInfo(
-        name=manifest.name, version=model.served.version, labels=manifest.labels,
+    info = ner_pb2.ModelInfo(
+        name=manifest.name, version=model.version, labels=manifest.labels,
         tagging_scheme=_SCHEMES[manifest.tagging_scheme], max_sequence_length=manifest.max_sequence_length,
-        precision=_PRECISIONS[manifest.precision], is_default=is_default, ready=ready,
+        precision=_PRECISIONS[manifest.precision], is_default=is_default, ready=any(v.ready for v in versions),
     )
+    for v in versions:
+        info.versions.add(version=v.model.version, role=_ROLES[v.role], traffic_share=v.share, ready=v.ready,
+                          precision=_PRECISIONS[v.model.manifest.precision])
+    return info

@@ -14,14 +14,19 @@ from grpc_reflection.v1alpha import reflection
 
 from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.compatibility import EngineRuntime
-from ner_gateway.core.discovery import load_models
+from ner_gateway.core.discovery import LiveVersions, load_models
+from ner_gateway.core.errors import ConfigurationError
 from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
+from ner_gateway.core.registry import ModelRegistry
+from ner_gateway.core.rollout import PolicyFile, RolloutPolicy
+from ner_gateway.core.shadow import ShadowBudget
 from ner_gateway.observability.metrics import GatewayMetrics
 from ner_gateway.observability.tracing import Tracing, configure_tracing
 from ner_gateway.pb.ner.v1 import ner_pb2_grpc
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport import tls
 from ner_gateway.transport.auth import BearerAuthInterceptor, BearerTokens
+from ner_gateway.transport.background import BackgroundTasks
 from ner_gateway.transport.door import DoorInterceptor
 from ner_gateway.transport.health import SERVICE_NAME, TritonHealth, serving
 from ner_gateway.transport.interceptors import ErrorInterceptor
@@ -50,6 +55,11 @@ class Gateway:
         self.pipeline: RecognitionPipeline | None = None
         self.cpu_pool: ThreadPoolExecutor | None = None
         self.port: int | None = None
+        self.policy_file: PolicyFile | None = None
+        self.live_versions: LiveVersions | None = None
+        self._rollout_task: asyncio.Task[None] | None = None
+        self._shadows = BackgroundTasks()
+        self._versions_shown: set[tuple[str, str, str]] = set()  # ner_model_versions series set to 1
         self._stopped = False
 
     async def start(self) -> int:
@@ -68,8 +78,13 @@ class Gateway:
                                       refresh_interval_s=s.health_check_interval_s)
             await self.backend.wait_ready(s.triton_ready_timeout_s)
             self.health = TritonHealth(self.backend, self.metrics)
+            engines = EngineRuntime(s.tensorrt_version, s.gpu_compute_capability)
             registry = await load_models(s.model_repository, self.backend, s.default_model, s.window_stride,
-                                         EngineRuntime(s.tensorrt_version, s.gpu_compute_capability))
+                                         engines, self._read_policy())
+            self.live_versions = LiveVersions(
+                s.model_repository, self.backend, registry, s.window_stride, engines,
+                on_refused=lambda model, version: self.metrics.version_refusals.labels(model, version).inc())
+            self._show_versions(registry)
             self.backend.start()
             self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
             admission = Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows, s.retry_after_ms))
@@ -80,10 +95,13 @@ class Gateway:
                 offload=CpuOffload(self.cpu_pool, s.cpu_offload_chars), admission=admission,
                 shares=TritonShares(s.triton_inflight_tokens, s.request_inflight_tokens, s.triton_calls_in_flight,
                                     s.triton_cancel_calls, s.triton_overlap_rows, s.triton_overlap_wait_ms / 1000),
+                shadow_budget=ShadowBudget(s.shadow_max_inflight, admission),
             )
+            self._rollout_task = asyncio.create_task(self._follow_rollout(registry), name="rollout")
             rpc_metrics = MetricsInterceptor(self.metrics)
             self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics, admission))
-            ner_pb2_grpc.add_NerServiceServicer_to_server(NerServicer(pipeline, rpc_metrics.label_model), self.server)
+            ner_pb2_grpc.add_NerServiceServicer_to_server(
+                NerServicer(pipeline, rpc_metrics.label_model, self._shadows), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
             reflection.enable_server_reflection(
                 [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -100,6 +118,40 @@ class Gateway:
         LOGGER.info("ner-gateway listening on %s:%d (Triton %s: endpoints ready %s; default model %s)", s.host,
                     self.port, self.backend.url, self.backend.ready_endpoints, registry.default_name)
         return self.port
+
+    def _read_policy(self) -> RolloutPolicy | None:
+        """The rollout policy file's first read: a file that is missing or invalid refuses the startup."""
+        path = self.settings.rollout_policy_file
+        if path is None:
+            return None
+        self.policy_file = PolicyFile(path, on_read=lambda outcome: self.metrics.policy_reloads.labels(outcome).inc())
+        try:
+            return self.policy_file.load()
+        except (OSError, ValueError) as e:
+            raise ConfigurationError(f"rollout policy {path}: {e}") from e
+
+    async def _follow_rollout(self, registry: ModelRegistry) -> None:
+        """About once a second: re-read the policy file if it changed, pick up versions loaded in Triton and drop
+        those unloaded (core/discovery.py LiveVersions), and show the versions' roles (ner_model_versions)."""
+        assert self.live_versions is not None
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval_s)
+            try:
+                policy = self.policy_file.poll() if self.policy_file is not None else None
+                if policy is not None:
+                    registry.policy = policy
+                await self.live_versions.poll()
+                self._show_versions(registry)
+            except Exception:  # keep following whatever one round hit
+                LOGGER.exception("following the model versions failed")
+
+    def _show_versions(self, registry: ModelRegistry) -> None:
+        shown = {(v.model.name, v.model.version, v.role.value) for m in registry for v in registry.listing(m.name)}
+        for series in self._versions_shown - shown:
+            self.metrics.model_versions.labels(*series).set(0)
+        for series in shown:
+            self.metrics.model_versions.labels(*series).set(1)
+        self._versions_shown = shown
 
     def _interceptors(self, rpc_metrics: MetricsInterceptor, admission: Admission) -> list[grpc.aio.ServerInterceptor]:
         """Outermost first: the RPC's server span, then authentication (a refused call reaches nothing else),
@@ -159,6 +211,11 @@ class Gateway:
             LOGGER.info("no new RPCs; those in flight get up to %.1f s (NER_SHUTDOWN_GRACE_S)",
                         self.settings.shutdown_grace_s)
             await self.server.stop(self.settings.shutdown_grace_s)
+        if self._rollout_task is not None:
+            self._rollout_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rollout_task
+        await self._shadows.cancel_all()
         if self.backend is not None:
             await self.backend.close()
         if self.cpu_pool is not None:

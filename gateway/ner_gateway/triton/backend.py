@@ -89,8 +89,8 @@ class TritonBackend:
     async def check_model(self, manifest: ModelManifest) -> ServedModel:
         """Check that Triton serves the manifest's model version with the tensors the gateway sends."""
         try:
-            metadata = await self._client.get_model_metadata(manifest.name, as_json=True)
-            config = (await self._client.get_model_config(manifest.name, as_json=True))["config"]
+            metadata = await self._client.get_model_metadata(manifest.name, manifest.version, as_json=True)
+            config = (await self._client.get_model_config(manifest.name, manifest.version, as_json=True))["config"]
         except InferenceServerException as e:
             raise ConfigurationError(f"Triton at {self.url} does not serve model {manifest.name!r}: "
                                      f"{e.message()}") from e

@@ -7,9 +7,9 @@ endpoint or a model unavailable takes it out at once (``take_out``; triton/routi
 that gets no answer in time is no verdict (under load a busy Triton, or this gateway's busy event loop, misses the
 interval): the endpoint keeps its state until it leaves ``unanswered_polls_down`` polls in a row unanswered.
 
-Readiness is per model: one model unloaded or failing (on one endpoint or all) takes only that model out, never
-the endpoint or the other models. The pool reports facts and tells its listeners when they change; what they
-mean for the gateway's health is transport/health.py's policy.
+Readiness is per model version: one version unloaded or failing (on one endpoint or all) takes only that version
+out, never the endpoint or the other models and versions. The pool reports facts and tells its listeners when they
+change; what they mean for the gateway's health is transport/health.py's policy.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from ner_gateway.triton.backend import TritonBackend
 from ner_gateway.triton.endpoints import resolve
 
 LOGGER = logging.getLogger(__name__)
+ModelKey = tuple[str, str]  # (name, version): ServedModel.key
+
+
 class TritonPool:
     """Every endpoint of ``spec``: their states, and the core's ``ModelSource`` port (startup checks)."""
 
@@ -41,9 +44,9 @@ class TritonPool:
         self._backends: dict[str, TritonBackend] = {}
         self._ready: list[str] = []  # endpoints that are up
         self._served: list[ServedModel] = []
-        self._serving: dict[str, list[str]] = {}  # served model -> the up endpoints where it is ready
-        # (endpoint, model name; "" for the whole endpoint) -> when an inference last found it unavailable
-        self._failed_at: dict[tuple[str, str], float] = {}
+        self._serving: dict[ModelKey, list[str]] = {}  # served model version -> the up endpoints where it is ready
+        # (endpoint, model version; None for the whole endpoint) -> when an inference last found it unavailable
+        self._failed_at: dict[tuple[str, ModelKey | None], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
 
@@ -64,9 +67,9 @@ class TritonPool:
         for listener in self._listeners:
             listener()
 
-    def endpoints_for(self, name: str) -> list[str]:
-        """The up endpoints where model ``name`` is ready."""
-        return self._serving.get(name, [])
+    def endpoints_for(self, model: ServedModel) -> list[str]:
+        """The up endpoints where ``model`` (that version) is ready."""
+        return self._serving.get(model.key, [])
 
     def backend(self, endpoint: str) -> TritonBackend:
         return self._backends[endpoint]
@@ -85,7 +88,7 @@ class TritonPool:
                 self._backends[endpoint] = TritonBackend(endpoint)
         states = await asyncio.gather(*(self._endpoint_state(e, b) for e, b in self._backends.items()))
 
-        def fresh(endpoint: str, model: str = "") -> bool:
+        def fresh(endpoint: str, model: ModelKey | None = None) -> bool:
             """A poll that began before an inference saw it fail is stale: do not put it back yet."""
             return self._failed_at.get((endpoint, model), float("-inf")) < started
 
@@ -96,13 +99,12 @@ class TritonPool:
             LOGGER.info("Triton endpoints ready: %s of %s", list(up) or "none", list(self._backends))
         self._ready = list(up)
         for model in self._served:
-            self._set_serving(model.name, [e for e, models in up.items() if model.name in models
-                                           and fresh(e, model.name)])
+            self._set_serving(model, [e for e, models in up.items() if model.key in models and fresh(e, model.key)])
         if (self._ready, self._serving) != before:
             self._changed()
 
-    async def _endpoint_state(self, endpoint: str, backend: TritonBackend) -> set[str] | None:
-        """None: the endpoint is down; else the served models that are ready on it.
+    async def _endpoint_state(self, endpoint: str, backend: TritonBackend) -> set[ModelKey] | None:
+        """None: the endpoint is down; else the served model versions that are ready on it.
 
         Before any model is served (startup), "up" is Triton's own readiness: with its default strict
         readiness, every model it loads is loaded. Afterwards it is liveness, because a strict Triton reports
@@ -117,10 +119,10 @@ class TritonPool:
                                               for m in self._served))) if live else []
         if live is not None and None not in answers:
             self._unanswered.pop(endpoint, None)
-            return {m.name for m, ready in zip(self._served, answers, strict=True) if ready} if live else None
+            return {m.key for m, ready in zip(self._served, answers, strict=True) if ready} if live else None
         return self._without_answer(endpoint, answers or [None] * len(self._served))
 
-    def _without_answer(self, endpoint: str, answers: list[bool | None]) -> set[str] | None:
+    def _without_answer(self, endpoint: str, answers: list[bool | None]) -> set[ModelKey] | None:
         """The state of an endpoint whose poll went (partly) unanswered: as the last poll found it, where this one
         has no answer, until ``unanswered_polls_down`` polls in a row go unanswered."""
         unanswered = self._unanswered[endpoint] = self._unanswered.get(endpoint, 0) + 1
@@ -132,17 +134,18 @@ class TritonPool:
             return None
         LOGGER.info("Triton %s did not answer a poll within %.1f s (busy?); keeping its last state", endpoint,
                     self.refresh_interval_s)
-        return {m.name for m, ready in zip(self._served, answers, strict=True)
-                if ready or (ready is None and endpoint in self._serving.get(m.name, []))}
+        return {m.key for m, ready in zip(self._served, answers, strict=True)
+                if ready or (ready is None and endpoint in self._serving.get(m.key, []))}
 
-    def _set_serving(self, name: str, endpoints: list[str]) -> None:
-        if bool(endpoints) != bool(self._serving.get(name)):
+    def _set_serving(self, model: ServedModel, endpoints: list[str]) -> None:
+        if bool(endpoints) != bool(self._serving.get(model.key)):
             if endpoints:
-                LOGGER.info("model %s is ready again (on %s)", name, endpoints)
+                LOGGER.info("model %s version %s is ready again (on %s)", model.name, model.version, endpoints)
             else:
-                LOGGER.warning("model %s is not ready on any Triton endpoint; its calls fail with UNAVAILABLE "
-                               "until it is back (the other models are unaffected)", name)
-        self._serving[name] = endpoints
+                LOGGER.warning("model %s version %s is not ready on any Triton endpoint; its calls go to another "
+                               "version or fail with UNAVAILABLE until it is back (the other models are unaffected)",
+                               model.name, model.version)
+        self._serving[model.key] = endpoints
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh_forever(), name="triton-pool-refresh")
@@ -163,9 +166,12 @@ class TritonPool:
         for backend in self._backends.values():
             await backend.close()
 
-    def model_ready(self, name: str) -> bool:
-        """The model is ready on at least one endpoint (as of the last refresh or failed inference)."""
-        return bool(self._serving.get(name))
+    def model_ready(self, model: ServedModel | str) -> bool:
+        """The model version (or, given a name, any served version of it) is ready on at least one endpoint (as of
+        the last refresh or failed inference)."""
+        if isinstance(model, str):
+            return any(endpoints for (name, _), endpoints in self._serving.items() if name == model)
+        return bool(self._serving.get(model.key))
 
     async def wait_ready(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -191,7 +197,13 @@ class TritonPool:
     def watch(self, model: ServedModel) -> None:
         """Route ``model`` to the endpoints ready now, and from here on poll where it is ready."""
         self._served.append(model)
-        self._serving[model.name] = list(self._ready)
+        self._serving[model.key] = list(self._ready)
+        self._changed()
+
+    def unwatch(self, model: ServedModel) -> None:
+        """Stop polling ``model`` (a version that went away) and route nothing more to it."""
+        self._served = [m for m in self._served if m.key != model.key]
+        self._serving.pop(model.key, None)
         self._changed()
 
     async def take_out(self, endpoint: str, model: ServedModel, error: TritonUnavailable,
@@ -210,17 +222,19 @@ class TritonPool:
         if not live:
             LOGGER.warning("Triton %s unavailable; taking it out of rotation and retrying elsewhere", endpoint)
             self._ready = [e for e in self._ready if e != endpoint]
-            for name, endpoints in list(self._serving.items()):
-                self._set_serving(name, [e for e in endpoints if e != endpoint])
-            self._failed_at[(endpoint, "")] = now
+            for served in self._served:
+                self._set_serving(served, [e for e in self._serving.get(served.key, []) if e != endpoint])
+            self._failed_at[(endpoint, None)] = now
             self._changed()
             return error
         if not model_ready:
-            LOGGER.warning("model %s not ready on Triton %s; taking it out there", model.name, endpoint)
-            self._set_serving(model.name, [e for e in self._serving.get(model.name, []) if e != endpoint])
-            self._failed_at[(endpoint, model.name)] = now
+            LOGGER.warning("model %s version %s not ready on Triton %s; taking it out there", model.name,
+                           model.version, endpoint)
+            self._set_serving(model, [e for e in self._serving.get(model.key, []) if e != endpoint])
+            self._failed_at[(endpoint, model.key)] = now
             self._changed()
-            unavailable = ModelUnavailable(f"model {model.name!r} is not ready on any inference server; retry later")
+            unavailable = ModelUnavailable(f"model {model.name!r} version {model.version} is not ready on any "
+                                           "inference server; retry later")
             unavailable.__cause__ = error
             return unavailable
         return error  # up and ready: a refusal such as a full queue; it stays in rotation

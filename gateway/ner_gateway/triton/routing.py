@@ -23,17 +23,18 @@ class TritonRouter:
         self.max_attempts = max_attempts
         self._round_robin = itertools.count()
 
-    def model_ready(self, name: str) -> bool:
-        return self.pool.model_ready(name)
+    def model_ready(self, model: ServedModel) -> bool:
+        return self.pool.model_ready(model)
 
     async def infer(self, model: ServedModel, inputs: Mapping[str, npt.NDArray[np.int64]], output: str,
                     deadline: Deadline, request_id: str = "") -> npt.NDArray[np.float32]:
         pool = self.pool
-        candidates = pool.endpoints_for(model.name)
+        candidates = pool.endpoints_for(model)
         if not candidates:
             if not pool.ready_endpoints:
                 raise TritonUnavailable("no inference server is available; retry later")
-            raise ModelUnavailable(f"model {model.name!r} is not ready on any inference server; retry later")
+            raise ModelUnavailable(f"model {model.name!r} version {model.version} is not ready on any inference "
+                                   "server; retry later")
         start = next(self._round_robin)
         order = [candidates[(start + i) % len(candidates)] for i in range(len(candidates))]
         error: NerError | None = None
