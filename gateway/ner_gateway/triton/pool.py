@@ -86,7 +86,8 @@ class TritonPool:
         for endpoint in endpoints:
             if endpoint not in self._backends:
                 self._backends[endpoint] = TritonBackend(endpoint)
-        states = await asyncio.gather(*(self._endpoint_state(e, b) for e, b in self._backends.items()))
+        served = list(self._served)  # as of this poll: versions may be watched or unwatched while it runs
+        states = await asyncio.gather(*(self._endpoint_state(e, b, served) for e, b in self._backends.items()))
 
         def fresh(endpoint: str, model: ModelKey | None = None) -> bool:
             """A poll that began before an inference saw it fail is stale: do not put it back yet."""
@@ -98,12 +99,16 @@ class TritonPool:
         if list(up) != self._ready:
             LOGGER.info("Triton endpoints ready: %s of %s", list(up) or "none", list(self._backends))
         self._ready = list(up)
-        for model in self._served:
-            self._set_serving(model, [e for e, models in up.items() if model.key in models and fresh(e, model.key)])
+        watched = {m.key for m in self._served}
+        for model in served:
+            if model.key in watched:
+                self._set_serving(model, [e for e, models in up.items() if model.key in models
+                                          and fresh(e, model.key)])
         if (self._ready, self._serving) != before:
             self._changed()
 
-    async def _endpoint_state(self, endpoint: str, backend: TritonBackend) -> set[ModelKey] | None:
+    async def _endpoint_state(self, endpoint: str, backend: TritonBackend,
+                              served: list[ServedModel]) -> set[ModelKey] | None:
         """None: the endpoint is down; else the served model versions that are ready on it.
 
         Before any model is served (startup), "up" is Triton's own readiness: with its default strict
@@ -112,17 +117,18 @@ class TritonPool:
         without an answer in time keeps what the last poll found, up to ``unanswered_polls_down`` polls in a row.
         """
         timeout = self.refresh_interval_s
-        if not self._served:
+        if not served:
             return set() if await backend.is_ready(timeout) else None
         live = await backend.is_live(timeout)
         answers = list(await asyncio.gather(*(backend.is_model_ready(m.name, m.version, timeout)
-                                              for m in self._served))) if live else []
+                                              for m in served))) if live else []
         if live is not None and None not in answers:
             self._unanswered.pop(endpoint, None)
-            return {m.key for m, ready in zip(self._served, answers, strict=True) if ready} if live else None
-        return self._without_answer(endpoint, answers or [None] * len(self._served))
+            return {m.key for m, ready in zip(served, answers, strict=True) if ready} if live else None
+        return self._without_answer(endpoint, served, answers or [None] * len(served))
 
-    def _without_answer(self, endpoint: str, answers: list[bool | None]) -> set[ModelKey] | None:
+    def _without_answer(self, endpoint: str, served: list[ServedModel],
+                        answers: list[bool | None]) -> set[ModelKey] | None:
         """The state of an endpoint whose poll went (partly) unanswered: as the last poll found it, where this one
         has no answer, until ``unanswered_polls_down`` polls in a row go unanswered."""
         unanswered = self._unanswered[endpoint] = self._unanswered.get(endpoint, 0) + 1
@@ -134,7 +140,7 @@ class TritonPool:
             return None
         LOGGER.info("Triton %s did not answer a poll within %.1f s (busy?); keeping its last state", endpoint,
                     self.refresh_interval_s)
-        return {m.key for m, ready in zip(self._served, answers, strict=True)
+        return {m.key for m, ready in zip(served, answers, strict=True)
                 if ready or (ready is None and endpoint in self._serving.get(m.key, []))}
 
     def _set_serving(self, model: ServedModel, endpoints: list[str]) -> None:
