@@ -32,7 +32,10 @@ TRITON_TENSORRT = "10.13.3.9"  # TensorRT in NVIDIA's 25.09 Triton/TensorRT imag
 
 # The metric contract: what the gateway (gateway/ner_gateway/observability/metrics.py) and Triton export, by name.
 GATEWAY_METRICS = {"ner_requests_total", "ner_request_duration_seconds", "ner_stage_duration_seconds",
-                   "ner_inflight_requests", "ner_triton_up", "ner_entities_total"}
+                   "ner_inflight_requests", "ner_triton_up", "ner_entities_total",
+                   # model rollout: deploy/prometheus/rules/ner-rollout.yml and the dashboard's rollout row
+                   "ner_model_versions", "ner_model_version_refusals_total", "ner_rollout_policy_reloads_total",
+                   "ner_shadow_requests_total", "ner_shadow_entities_total", "ner_shadow_documents_total"}
 
 
 def _load(path: Path) -> ModuleType:
@@ -352,11 +355,15 @@ def test_prometheus_rule_is_generated_from_the_alert_rules() -> None:
     committed = (K8S / "base" / "prometheusrule.yaml").read_text()
     assert committed == gen_prometheusrule.render(), "stale: run `make prometheus-rule`"
     groups = yaml.safe_load(committed)["spec"]["groups"]
-    assert groups and groups == yaml.safe_load(gen_prometheusrule.SOURCE.read_text())["groups"]
+    sources = gen_prometheusrule.SOURCES
+    assert [p.name for p in sources] == ["ner-alerts.yml", "ner-rollout.yml"]  # prometheus.yml's rules/*.yml
+    assert groups and groups == [g for p in sources for g in yaml.safe_load(p.read_text())["groups"]]
+    with pytest.raises(ValueError, match="repeat"):
+        gen_prometheusrule.load_groups([sources[0], sources[0]])
 
 
 def test_alert_rules_select_the_scrape_jobs(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    wanted = set(re.findall(r'job="([^"]+)"', gen_prometheusrule.SOURCE.read_text()))
+    wanted = set(re.findall(r'job="([^"]+)"', "\n".join(p.read_text() for p in gen_prometheusrule.SOURCES)))
     for name, docs in rendered.items():
         jobs = set()
         for monitor in objects(docs, "ServiceMonitor"):
