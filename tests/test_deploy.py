@@ -263,6 +263,27 @@ def test_gateway_settings_match_the_cluster(rendered: dict[str, list[dict[str, A
         assert ("NER_TENSORRT_VERSION" in settings) == (name in GPU_OVERLAYS), name
 
 
+def test_rollout_policy_reaches_running_gateways(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The rollout policy is a ConfigMap without a hash suffix (editing it must not roll the gateways), mounted as a
+    directory (a subPath mount never sees an update) where NER_ROLLOUT_POLICY_FILE points; the base's is empty."""
+    for name, docs in rendered.items():
+        (policy,) = [d for d in objects(docs, "ConfigMap") if d["metadata"]["name"] == "ner-rollout"]
+        assert list(policy["data"]) == ["policy.yaml"], name
+        assert yaml.safe_load(policy["data"]["policy.yaml"]) == {"models": {}}, name
+        deployment = one(docs, "Deployment", "ner-gateway")
+        (volume,) = [v for v in pod_spec(deployment)["volumes"] if v.get("configMap", {}).get("name") == "ner-rollout"]
+        (mount,) = [m for m in container(deployment, "gateway")["volumeMounts"] if m["name"] == volume["name"]]
+        assert "subPath" not in mount and mount["readOnly"] is True, name
+        path = config_map(docs, "ner-gateway-config")["NER_ROLLOUT_POLICY_FILE"]
+        assert path == f"{mount['mountPath']}/policy.yaml" == "/etc/ner/rollout/policy.yaml", name
+    # The format's example in the comment is a policy the same shape as the empty one's.
+    text = (K8S / "base" / "gateway" / "rollout-policy.yaml").read_text()
+    example = yaml.safe_load("\n".join(line.removeprefix("#")[1:] for line in text.splitlines()
+                                       if line.startswith("#   ")))
+    assert example == {"models": {"wnut16": {"stable": "3", "canary": {"version": "4", "share": 0.1},
+                                             "shadow": {"version": "4", "share": 1.0}}}}
+
+
 def test_triton_args_resolve(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for name, docs in rendered.items():
         deployment = one(docs, "Deployment", "triton")
