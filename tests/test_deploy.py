@@ -32,7 +32,10 @@ TRITON_TENSORRT = "10.13.3.9"  # TensorRT in NVIDIA's 25.09 Triton/TensorRT imag
 
 # The metric contract: what the gateway (gateway/ner_gateway/observability/metrics.py) and Triton export, by name.
 GATEWAY_METRICS = {"ner_requests_total", "ner_request_duration_seconds", "ner_stage_duration_seconds",
-                   "ner_inflight_requests", "ner_triton_up", "ner_entities_total"}
+                   "ner_inflight_requests", "ner_triton_up", "ner_entities_total",
+                   # model rollout: deploy/prometheus/rules/ner-rollout.yml and the dashboard's rollout row
+                   "ner_model_versions", "ner_model_version_refusals_total", "ner_rollout_policy_reloads_total",
+                   "ner_shadow_requests_total", "ner_shadow_entities_total", "ner_shadow_documents_total"}
 
 
 def _load(path: Path) -> ModuleType:
@@ -260,6 +263,27 @@ def test_gateway_settings_match_the_cluster(rendered: dict[str, list[dict[str, A
         assert ("NER_TENSORRT_VERSION" in settings) == (name in GPU_OVERLAYS), name
 
 
+def test_rollout_policy_reaches_running_gateways(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The rollout policy is a ConfigMap without a hash suffix (editing it must not roll the gateways), mounted as a
+    directory (a subPath mount never sees an update) where NER_ROLLOUT_POLICY_FILE points; the base's is empty."""
+    for name, docs in rendered.items():
+        (policy,) = [d for d in objects(docs, "ConfigMap") if d["metadata"]["name"] == "ner-rollout"]
+        assert list(policy["data"]) == ["policy.yaml"], name
+        assert yaml.safe_load(policy["data"]["policy.yaml"]) == {"models": {}}, name
+        deployment = one(docs, "Deployment", "ner-gateway")
+        (volume,) = [v for v in pod_spec(deployment)["volumes"] if v.get("configMap", {}).get("name") == "ner-rollout"]
+        (mount,) = [m for m in container(deployment, "gateway")["volumeMounts"] if m["name"] == volume["name"]]
+        assert "subPath" not in mount and mount["readOnly"] is True, name
+        path = config_map(docs, "ner-gateway-config")["NER_ROLLOUT_POLICY_FILE"]
+        assert path == f"{mount['mountPath']}/policy.yaml" == "/etc/ner/rollout/policy.yaml", name
+    # The format's example in the comment is a policy the same shape as the empty one's.
+    text = (K8S / "base" / "gateway" / "rollout-policy.yaml").read_text()
+    example = yaml.safe_load("\n".join(line.removeprefix("#")[1:] for line in text.splitlines()
+                                       if line.startswith("#   ")))
+    assert example == {"models": {"wnut16": {"stable": "3", "canary": {"version": "4", "share": 0.1},
+                                             "shadow": {"version": "4", "share": 1.0}}}}
+
+
 def test_triton_args_resolve(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for name, docs in rendered.items():
         deployment = one(docs, "Deployment", "triton")
@@ -352,11 +376,15 @@ def test_prometheus_rule_is_generated_from_the_alert_rules() -> None:
     committed = (K8S / "base" / "prometheusrule.yaml").read_text()
     assert committed == gen_prometheusrule.render(), "stale: run `make prometheus-rule`"
     groups = yaml.safe_load(committed)["spec"]["groups"]
-    assert groups and groups == yaml.safe_load(gen_prometheusrule.SOURCE.read_text())["groups"]
+    sources = gen_prometheusrule.SOURCES
+    assert [p.name for p in sources] == ["ner-alerts.yml", "ner-rollout.yml"]  # prometheus.yml's rules/*.yml
+    assert groups and groups == [g for p in sources for g in yaml.safe_load(p.read_text())["groups"]]
+    with pytest.raises(ValueError, match="repeat"):
+        gen_prometheusrule.load_groups([sources[0], sources[0]])
 
 
 def test_alert_rules_select_the_scrape_jobs(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    wanted = set(re.findall(r'job="([^"]+)"', gen_prometheusrule.SOURCE.read_text()))
+    wanted = set(re.findall(r'job="([^"]+)"', "\n".join(p.read_text() for p in gen_prometheusrule.SOURCES)))
     for name, docs in rendered.items():
         jobs = set()
         for monitor in objects(docs, "ServiceMonitor"):

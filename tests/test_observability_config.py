@@ -20,8 +20,9 @@ from conftest import TRITON_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-RULES = DEPLOY / "prometheus" / "rules" / "ner-alerts.yml"
-RULE_TESTS = DEPLOY / "prometheus" / "tests" / "ner-alerts.test.yml"
+# Every rule file prometheus.yml loads (`rules/*.yml`), each with its promtool unit tests beside the rules directory.
+RULE_FILES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+RULE_TESTS = [DEPLOY / "prometheus" / "tests" / f"{path.stem}.test.yml" for path in RULE_FILES]
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 PROMETHEUS_README = DEPLOY / "prometheus" / "README.md"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
@@ -43,16 +44,20 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, check=False)
 
 
-def rule_names(kind: str) -> list[str]:
-    """Names of the `- alert:` or `- record:` rules of the rule file, in order."""
-    return re.findall(rf"^\s*- {kind}: (\S+)$", RULES.read_text(), flags=re.MULTILINE)
+def rule_names(kind: str, path: Path | None = None) -> list[str]:
+    """Names of the `- alert:` or `- record:` rules of one rule file (default: of all), in order."""
+    return [name for file in ([path] if path else RULE_FILES)
+            for name in re.findall(rf"^\s*- {kind}: (\S+)$", file.read_text(), flags=re.MULTILINE)]
 
 
 def alert_blocks() -> dict[str, str]:
-    text = RULES.read_text()
-    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*- alert: (\S+)$", text, flags=re.MULTILINE)]
-    ends = [s for s, _ in starts[1:]] + [len(text)]
-    return {name: text[start:end] for (start, name), end in zip(starts, ends, strict=True)}
+    blocks = {}
+    for file in RULE_FILES:
+        text = file.read_text()
+        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*- alert: (\S+)$", text, flags=re.MULTILINE)]
+        ends = [s for s, _ in starts[1:]] + [len(text)]
+        blocks |= {name: text[start:end] for (start, name), end in zip(starts, ends, strict=True)}
+    return blocks
 
 
 def gateway_series() -> set[str]:
@@ -69,31 +74,48 @@ def gateway_series() -> set[str]:
 # --- alert rules ---------------------------------------------------------------------------------
 
 
-def test_rules_pass_promtool_check() -> None:
-    result = run(tool("promtool"), "check", "rules", RULES)
+def test_rule_files_and_their_tests() -> None:
+    assert [p.name for p in RULE_FILES] == ["ner-alerts.yml", "ner-rollout.yml"]
+    assert sorted((DEPLOY / "prometheus" / "tests").glob("*.yml")) == RULE_TESTS
+    for path, tests in zip(RULE_FILES, RULE_TESTS, strict=True):
+        assert yaml.safe_load(tests.read_text())["rule_files"] == [f"../rules/{path.name}"]
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
+def test_rules_pass_promtool_check(path: Path) -> None:
+    result = run(tool("promtool"), "check", "rules", path)
     assert result.returncode == 0, result.stdout + result.stderr
-    count = len(rule_names("alert")) + len(rule_names("record"))
+    count = len(rule_names("alert", path)) + len(rule_names("record", path))
     assert f"SUCCESS: {count} rules found" in result.stdout
     assert "WARNING" not in result.stdout + result.stderr
 
 
-def test_rule_unit_tests_pass() -> None:
-    result = run(tool("promtool"), "test", "rules", RULE_TESTS)
+@pytest.mark.parametrize("path", RULE_TESTS, ids=lambda p: p.name)
+def test_rule_unit_tests_pass(path: Path) -> None:
+    result = run(tool("promtool"), "test", "rules", path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
     assert "FAILED" not in result.stdout + result.stderr
 
 
-def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
-    alerts = set(rule_names("alert"))
-    assert alerts >= {"NerHighErrorRatio", "NerLatencyBudgetFastBurn", "NerLatencyBudgetSlowBurn", "NerTritonDown",
-                      "NerTritonNotReady", "NerTritonSaturated", "NerNoTraffic", "NerEntityLabelMixDrift"}
-    cases = re.findall(r"alertname: (\S+)\n\s+exp_alerts:(.*)\n(\s+- exp_labels:)?", RULE_TESTS.read_text())
+@pytest.mark.parametrize(("path", "tests"), list(zip(RULE_FILES, RULE_TESTS, strict=True)), ids=lambda p: p.name)
+def test_every_alert_has_a_firing_and_a_quiet_case(path: Path, tests: Path) -> None:
+    alerts = set(rule_names("alert", path))
+    assert alerts, path.name
+    cases = re.findall(r"alertname: (\S+)\n\s+exp_alerts:(.*)\n(\s+- exp_labels:)?", tests.read_text())
     firing = {name for name, inline, labels in cases if labels and not inline.strip()}
     quiet = {name for name, inline, _ in cases if inline.strip() == "[]"}
     assert alerts - firing == set(), "alerts without a firing case"
     assert alerts - quiet == set(), "alerts without a non-firing case"
     assert {name for name, _, _ in cases} <= alerts, "tests of alerts that do not exist"
+
+
+def test_the_alerts() -> None:
+    assert set(rule_names("alert")) >= {
+        "NerHighErrorRatio", "NerLatencyBudgetFastBurn", "NerLatencyBudgetSlowBurn", "NerTritonDown",
+        "NerTritonNotReady", "NerTritonSaturated", "NerNoTraffic", "NerEntityLabelMixDrift",
+        "NerShadowCandidateDisagrees", "NerRolloutPolicyInvalid", "NerModelVersionRefused"}
+    assert len(set(rule_names("alert"))) == len(rule_names("alert"))
 
 
 @pytest.mark.parametrize("name", rule_names("alert"))
@@ -111,11 +133,14 @@ def test_alert_has_severity_summary_description_and_runbook(name: str) -> None:
 
 def test_rules_and_dashboard_use_only_exposed_metrics() -> None:
     exposed = gateway_series() | TRITON_METRICS
-    rules = re.sub(r"^\s*#.*$", "", RULES.read_text(), flags=re.MULTILINE)  # expressions and annotations
+    rules = "\n".join(re.sub(r"^\s*#.*$", "", path.read_text(), flags=re.MULTILINE)  # expressions and annotations
+                      for path in RULE_FILES)
     used = set(re.findall(r"\b(?:ner|nv)_[a-z0-9_]+", rules + "\n".join(dashboard_exprs())))
     assert used - exposed == set()
     assert {"ner_requests_total", "ner_request_duration_seconds_bucket", "ner_triton_up",
-            "ner_entities_total"} <= used
+            "ner_entities_total", "ner_model_versions", "ner_model_version_refusals_total",
+            "ner_rollout_policy_reloads_total", "ner_shadow_requests_total", "ner_shadow_entities_total",
+            "ner_shadow_documents_total"} <= used
 
 
 # --- Prometheus and Alertmanager configs -----------------------------------------------------------
@@ -125,8 +150,10 @@ def test_prometheus_config_passes_promtool_check() -> None:
     result = run(tool("promtool"), "check", "config", PROMETHEUS_CONFIG)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "is valid prometheus config file syntax" in result.stdout
-    assert "SUCCESS: 1 rule files found" in result.stdout  # rules/*.yml, checked along with the config
-    assert f"SUCCESS: {len(rule_names('alert')) + len(rule_names('record'))} rules found" in result.stdout
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in result.stdout  # rules/*.yml, checked with the config
+    for path in RULE_FILES:
+        assert f"SUCCESS: {len(rule_names('alert', path)) + len(rule_names('record', path))} rules found" \
+            in result.stdout, path.name
     text = PROMETHEUS_CONFIG.read_text()
     assert "job_name: ner-gateway" in text and "job_name: triton" in text
 
