@@ -54,7 +54,7 @@ deploy-check: install
 	$(VENV)/bin/hadolint deploy/docker/*.Dockerfile
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/docker/compose*.yaml
 
-# Rewrite deploy/k8s/base/prometheusrule.yaml after changing deploy/prometheus/rules/ner-alerts.yml.
+# Rewrite deploy/k8s/base/prometheusrule.yaml after changing deploy/prometheus/rules/*.yml.
 prometheus-rule: install
 	$(PY) deploy/k8s/gen_prometheusrule.py
 

@@ -92,7 +92,7 @@ async def test_errors_map_to_status_and_internal_details_stay_private(server, er
         assert (info.value.code(), info.value.details()) == (code, details)
     sample = metrics.registry.get_sample_value
     for method in ("Recognize", "RecognizeStream"):
-        assert sample("ner_requests_total", {"method": method, "model": "", "code": code.name}) == 1
+        assert sample("ner_requests_total", {"method": method, "model": "", "version": "", "code": code.name}) == 1
         assert sample("ner_inflight_requests", {"method": method}) == 0
 
 
@@ -155,6 +155,7 @@ async def test_undecodable_requests_are_invalid_argument_and_counted(caplog) -> 
                 assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
     sample = metrics.registry.get_sample_value
     for method in ("Recognize", "RecognizeStream"):
-        assert sample("ner_requests_total", {"method": method, "model": "", "code": "INVALID_ARGUMENT"}) == 1
+        refused = {"method": method, "model": "", "version": "", "code": "INVALID_ARGUMENT"}
+        assert sample("ner_requests_total", refused) == 1
         assert sample("ner_inflight_requests", {"method": method}) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

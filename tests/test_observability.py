@@ -130,9 +130,9 @@ def test_metrics_count_requests_stages_and_labels(traced_gateway) -> None:
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("ner_requests_total", method="Recognize", model=TINY_MODEL, code="OK") == 3
-    assert delta("ner_requests_total", method="Recognize", model="", code="INVALID_ARGUMENT") == 1
-    assert delta("ner_request_duration_seconds_count", method="Recognize", model=TINY_MODEL) == 3
+    assert delta("ner_requests_total", method="Recognize", model=TINY_MODEL, version="1", code="OK") == 3
+    assert delta("ner_requests_total", method="Recognize", model="", version="", code="INVALID_ARGUMENT") == 1
+    assert delta("ner_request_duration_seconds_count", method="Recognize", model=TINY_MODEL, version="1") == 3
     for stage in ("validate", "tokenize", "infer", "decode"):
         assert delta("ner_stage_duration_seconds_count", stage=stage, model=TINY_MODEL) == 3
     assert delta("ner_request_texts_sum", model=TINY_MODEL) == 9

@@ -107,8 +107,8 @@ class LiveVersions:
     """Follows the repository and the inference server while the gateway runs (``poll``, about once a second):
 
     - a version (of a served model or a new one) that becomes READY is checked exactly as at startup and serves only
-      if it passes; one that fails is refused with a log line and ``on_refused`` (a metric), once per manifest, and
-      the others carry on;
+      if it passes; one that fails is refused with a log line and ``on_refused`` (a metric), and the others carry on;
+      it is checked again once its files change, or after it leaves READY in Triton;
     - a version that is no longer ready while another version of its model is goes away: no new call resolves to
       it (the registry already passes over versions that are not ready), calls that hold it finish.
     """
@@ -122,7 +122,7 @@ class LiveVersions:
         self.stride = stride
         self.engines = engines or EngineRuntime()
         self.on_refused = on_refused
-        self._refused: dict[VersionKey, float] = {}  # -> the manifest's mtime when it was refused
+        self._refused: dict[VersionKey, int] = {}  # -> its files' latest mtime when it was refused
 
     async def poll(self) -> bool:
         """One look; True when the served versions changed."""
@@ -131,8 +131,11 @@ class LiveVersions:
         for key, version_dir in sorted(repository_versions(self.repository).items()):
             if key in served:
                 continue
-            stamp = (version_dir / MANIFEST_FILE).stat().st_mtime
-            if self._refused.get(key) == stamp or not await self.source.is_model_ready(*key, timeout_s=1.0):
+            if not await self.source.is_model_ready(*key, timeout_s=1.0):
+                self._refused.pop(key, None)  # unloaded: loaded again, it is checked again
+                continue
+            stamp = max(f.stat().st_mtime_ns for f in version_dir.iterdir())
+            if self._refused.get(key) == stamp:
                 continue
             try:
                 model = await check_version(version_dir, read_manifest(version_dir), self.source, self.stride,
