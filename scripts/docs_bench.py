@@ -170,6 +170,26 @@ def soak_table(name: str = "soak.json") -> str:
     return "\n".join(lines)
 
 
+def rollout_table(name: str = "rollout.json") -> str:
+    """A rollout under load, step by step (bench/rollout.py)."""
+    d = load(name)
+    lines = [f"{d['clients']} callers, 1 text per call, back to back through every step: {d['calls']:,} calls, "
+             f"{d['failed']} failed (`bench/results/{name}`).", "",
+             "| step | calls/s | failed | answered by version | p50 / p99 ms | shadow scored / refused | "
+             "shadow precision / recall |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for step in d["steps"]:
+        shadow, answered = step["shadow"], ", ".join(f"{v}: {n:,}" for v, n in step["answered_by"].items())
+        scored, refused = shadow["requests"]["scored"], shadow["requests"]["refused"]
+        ratios = shadow["all"]
+        agreement = "-" if not scored else " / ".join("-" if ratios[k] is None else f"{ratios[k]:.2f}"
+                                                      for k in ("precision", "recall"))
+        failed = sum(step["failed"].values())
+        lines.append(f"| {step['step']} | {_n(step['calls_per_s'])} | {failed} | {answered} | "
+                     f"{_n(step['p50_ms'])} / {_n(step['p99_ms'])} | "
+                     f"{f'{scored:,} / {refused:,}' if scored or refused else '-'} | {agreement} |")
+    return "\n".join(lines)
+
+
 def sizing() -> str:
     """How many gateway cores (workers) an engine needs: engine sentences/s x gateway CPU s per sentence."""
     d = load(SERVED_PATH)

@@ -53,6 +53,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "large-requests-fair": lambda: docs_bench.large_requests_table("large_requests_fair.json"),
     "flood": docs_bench.flood_table,
     "soak": docs_bench.soak_table,
+    "rollout": docs_bench.rollout_table,
     "sizing": docs_bench.sizing,
 }
 GEN_LINE = re.compile(r"^<!-- gen:([a-z0-9-]+) -->$", re.MULTILINE)

@@ -12,6 +12,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +21,10 @@ import grpc
 import pytest
 import tritonclient.grpc.aio as triton_grpc
 
+from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.domain import Document, Entity
 from ner_gateway.core.rollout import RolloutPolicy
-from ner_gateway.core.shadow import compare
+from ner_gateway.core.shadow import ShadowBudget, compare
 from ner_gateway.net import free_port
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 from ner_gateway.triton.process import EmbeddedTriton
@@ -69,6 +72,23 @@ def test_entities_are_compared_by_span_then_label() -> None:
                                       ("PER", "relabeled_to"): 1, ("ORG", "dropped"): 1, ("ORG", "added"): 1,
                                       ("LOC", "added"): 1})
     assert (score.same_documents, score.changed_documents) == (1, 2)
+
+
+def test_shadow_work_is_refused_first_its_budget_full_or_live_work_at_half_the_limits() -> None:
+    admission = Admission(AdmissionLimits(max_requests=8, max_windows=100, retry_after_ms=0))
+    budget = ShadowBudget(2, admission)
+    assert budget.take() and budget.take() and not budget.take()  # its own budget: 2 at once
+    budget.release()
+    with admission.request(), admission.request(), admission.request(), admission.request():
+        assert budget.take()  # live work at half the requests limit: still room
+        budget.release()
+        with admission.request():
+            assert not budget.take()  # past half: shadow first refused, live calls still admitted
+            with admission.request():
+                pass
+    with admission.windows_of(51):
+        assert not budget.take()
+    assert budget.take() and budget.running == 2
 
 
 # On real servers.
@@ -188,13 +208,18 @@ async def test_a_version_loaded_in_triton_serves_pinned_calls_without_a_restart(
     pinned, unpinned = await rollout.recognize(TEXTS, "2"), await rollout.recognize(TEXTS)
     assert (pinned.model_version, unpinned.model_version) == ("2", "1")
     assert entities(pinned) == entities(unpinned) and any(entities(unpinned))  # identical weights
+    # The CLI pins it too.
+    printed = await asyncio.to_thread(subprocess.run, [
+        str(Path(sys.executable).parent / "ner-gateway"), "query", "--address", rollout.gateway.address,
+        "--model", TINY_MODEL, "--model-version", "2", TEXTS[0]], capture_output=True, text=True, check=True)
+    assert json.loads(printed.stdout)["model_version"] == "2"
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await rollout.recognize(TEXTS, "7")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert error.value.details() == f"model '{TINY_MODEL}' has no version '7'; served: 1, 2"
     # Every answer is counted under the version that gave it.
     samples = rollout.metrics()
-    assert metric_sum(samples, "ner_requests_total", version="2", code="OK") == 1
+    assert metric_sum(samples, "ner_requests_total", version="2", code="OK") == 2  # gRPC and the CLI
     assert metric_sum(samples, "ner_requests_total", version="1", code="OK") == 1
     assert metric_sum(samples, "ner_model_versions", model=TINY_MODEL, version="2", role="pinned") == 1
 

@@ -116,19 +116,21 @@ def _in_field_order(message: Any, fields: dict[str, Any]) -> dict[str, Any]:
 @click.argument("texts", nargs=-1)
 @_client_options
 @click.option("--model", default="", help="Model name (default: the gateway's default model).")
+@click.option("--model-version", default="", help="Pin a served version of the model (`ner-gateway models` lists "
+              "them; default: its stable version).")
 @click.option("--aggregation", type=click.Choice([a.value for a in Aggregation]),
               default=Aggregation.SIMPLE.value, show_default=True)
 @click.option("--offset-unit", type=click.Choice([u.value for u in OffsetUnit]),
               default=OffsetUnit.CODE_POINT.value, show_default=True)
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Deadline in seconds.")
-def query(texts: tuple[str, ...], model: str, aggregation: str, offset_unit: str, timeout: float,
-          **connection: Any) -> None:
+def query(texts: tuple[str, ...], model: str, model_version: str, aggregation: str, offset_unit: str,
+          timeout: float, **connection: Any) -> None:
     """Recognize entities in TEXTS (or in stdin lines when none are given) and print JSON."""
     lines = list(texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
         with _client(**connection) as client:
             _print(client.recognize(lines, model=model, aggregation=aggregation, offset_unit=offset_unit,
-                                    timeout=timeout))
+                                    timeout=timeout, model_version=model_version))
     except grpc.RpcError as e:
         raise click.ClickException(f"{e.code().name}: {e.details()}") from e
 

@@ -106,9 +106,9 @@ class _ClientBase:
             self.metadata = (("authorization", f"Bearer {token}"),)
 
     def request(self, texts: Sequence[str], model: str, aggregation: str | int, offset_unit: str | int,
-                constrained_decoding: bool) -> ner_pb2.RecognizeRequest:
+                constrained_decoding: bool, model_version: str = "") -> ner_pb2.RecognizeRequest:
         return ner_pb2.RecognizeRequest(
-            texts=list(texts), model=model, constrained_decoding=constrained_decoding,
+            texts=list(texts), model=model, model_version=model_version, constrained_decoding=constrained_decoding,
             aggregation=_enum(ner_pb2.AggregationStrategy, "AGGREGATION_STRATEGY", aggregation),
             offset_unit=_enum(ner_pb2.OffsetUnit, "OFFSET_UNIT", offset_unit),
         )
@@ -129,8 +129,9 @@ class NerClient(_ClientBase):
 
     def recognize(self, texts: Sequence[str], *, model: str = "", aggregation: str | int = "simple",
                   offset_unit: str | int = "code_point", constrained_decoding: bool = False,
-                  timeout: float | None = None) -> ner_pb2.RecognizeResponse:
-        request = self.request(texts, model, aggregation, offset_unit, constrained_decoding)
+                  timeout: float | None = None, model_version: str = "") -> ner_pb2.RecognizeResponse:
+        """``model_version``: pin a served version (ListModels' versions); empty: the model's stable version."""
+        request = self.request(texts, model, aggregation, offset_unit, constrained_decoding, model_version)
         response: ner_pb2.RecognizeResponse = self._ner.Recognize(request, **self.call(timeout))
         return response
 
@@ -163,8 +164,9 @@ class AsyncNerClient(_ClientBase):
 
     async def recognize(self, texts: Sequence[str], *, model: str = "", aggregation: str | int = "simple",
                         offset_unit: str | int = "code_point", constrained_decoding: bool = False,
-                        timeout: float | None = None) -> ner_pb2.RecognizeResponse:
-        request = self.request(texts, model, aggregation, offset_unit, constrained_decoding)
+                        timeout: float | None = None, model_version: str = "") -> ner_pb2.RecognizeResponse:
+        """``model_version``: pin a served version (ListModels' versions); empty: the model's stable version."""
+        request = self.request(texts, model, aggregation, offset_unit, constrained_decoding, model_version)
         response: ner_pb2.RecognizeResponse = await self._ner.Recognize(request, **self.call(timeout))
         return response
 
