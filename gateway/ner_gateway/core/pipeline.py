@@ -124,6 +124,11 @@ class RecognitionPipeline:
                 self._metrics_of(model.name))
         return batcher
 
+    def keep_batchers(self, served: set[tuple[str, str]]) -> None:
+        """Forget the batchers of versions no longer served (``served``: their keys); work they hold finishes."""
+        for key in set(self._batchers) - served:
+            del self._batchers[key]
+
     def _metrics_of(self, model: str) -> ModelMetrics | None:
         if self.metrics is None:
             return None

@@ -86,6 +86,7 @@ class RolloutPolicy(_Strict):
 
 
 _NO_POLICY = ModelPolicy()
+_UNREADABLE: FileStamp = (-1, -1, -1)
 
 
 class PolicyFile:
@@ -115,6 +116,10 @@ class PolicyFile:
             self._stamp = stamp
             policy = RolloutPolicy.parse(self.path.read_text())
         except (OSError, ValueError) as e:
+            if isinstance(e, OSError):
+                if self._stamp == _UNREADABLE:
+                    return None  # said once: until it can be read again
+                self._stamp = _UNREADABLE
             LOGGER.warning("rollout policy %s not applied, the last good one stays: %s", self.path, e)
             self._heard("invalid")
             return None

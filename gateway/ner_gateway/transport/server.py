@@ -140,7 +140,8 @@ class Gateway:
                 policy = self.policy_file.poll() if self.policy_file is not None else None
                 if policy is not None:
                     registry.policy = policy
-                await self.live_versions.poll()
+                if await self.live_versions.poll() and self.pipeline is not None:
+                    self.pipeline.keep_batchers({m.served.key for m in registry.all_versions()})
                 self._show_versions(registry)
             except Exception:  # keep following whatever one round hit
                 LOGGER.exception("following the model versions failed")
