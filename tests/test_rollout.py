@@ -4,7 +4,8 @@ by entity, a canary's share, promotion, rollback and retirement under load with 
 file that keeps the last good one.
 
 The versions of ``tiny``: 1 and 2 have identical weights; 3's classifier head swaps PER and LOC (every PER entity
-of version 1 is a LOC entity of version 3 with the same span, and the reverse)."""
+of version 1 is a LOC entity of version 3 with the same span, and the reverse). The real-server tests are the steps
+of one rollout, in order, on one gateway: each starts where the previous one left off."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -23,6 +25,8 @@ import tritonclient.grpc.aio as triton_grpc
 
 from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.domain import Document, Entity
+from ner_gateway.core.ports import ServedModel
+from ner_gateway.core.registry import ModelRegistry
 from ner_gateway.core.rollout import RolloutPolicy
 from ner_gateway.core.shadow import ShadowBudget, compare
 from ner_gateway.net import free_port
@@ -89,6 +93,37 @@ def test_shadow_work_is_refused_first_its_budget_full_or_live_work_at_half_the_l
     with admission.windows_of(51):
         assert not budget.take()
     assert budget.take() and budget.running == 2
+
+
+def test_calls_resolve_to_the_stable_version_and_candidates_take_over_only_when_nothing_else_is_ready() -> None:
+    def version(number: str) -> SimpleNamespace:
+        return SimpleNamespace(name="m", version=number, served=ServedModel("m", number, 8))
+
+    v1, v2, v3 = version("1"), version("2"), version("3")
+    down: set[str] = set()
+    draws = iter([0.05, 0.5] * 100)
+    registry = ModelRegistry([v1, v2, v3], ready=lambda served: served.version not in down, draw=lambda: next(draws))
+    assert registry.get("m") is v3  # no policy: the highest
+    registry.policy = RolloutPolicy.parse("models: {m: {stable: 1, canary: {version: 3, share: 0.1}}}")
+    assert [registry.get("m") for _ in range(2)] == [v3, v1]  # the canary on a draw under its share
+    assert registry.get("m", "2") is v2  # pinned: whatever the policy says
+    down.add("3")
+    assert [registry.get("m") for _ in range(2)] == [v1, v1]  # a canary not ready takes nothing
+    down.clear()
+    # A policy with a candidate and no stable: the highest version that is not a candidate, never the candidate.
+    registry.policy = RolloutPolicy.parse("models: {m: {shadow: {version: 3, share: 1.0}}}")
+    assert registry.get("m") is v2 and registry.shadow_for(v2) is v3 and registry.shadow_for(v1) is None
+    assert registry.shadow_for(v3) is None
+    # The stable not served (a typo) or not ready: the highest ready non-candidate; a candidate only as a last resort.
+    registry.policy = RolloutPolicy.parse("models: {m: {stable: 7, canary: {version: 3, share: 0.1}}}")
+    assert registry.unserved() == ["model m: version 7 not served (served: 1, 2, 3)"]
+    assert registry.get("m") in (v2, v3) and registry.stable("m") is v2
+    down.update({"1", "2"})
+    assert registry.stable("m") is v3
+    down.update({"3"})
+    assert registry.stable("m") is v3  # nothing ready: the highest (calls fail UNAVAILABLE until one is back)
+    assert [(v.model.version, v.role.value, v.share) for v in registry.listing("m")] == [
+        ("1", "pinned", 0.0), ("2", "pinned", 0.0), ("3", "stable", 0.0)]
 
 
 # On real servers.
@@ -205,6 +240,8 @@ async def test_a_version_loaded_in_triton_serves_pinned_calls_without_a_restart(
     await rollout.load(add="2")
     await rollout.wait_versions({"1": "stable", "2": "pinned"}, "version 2 loaded")
 
+    models = (await rollout.ner.ListModels(ner_pb2.ListModelsRequest(), timeout=5)).models
+    assert [list(v.labels) for v in models[0].versions] == [list(models[0].labels)] * 2
     pinned, unpinned = await rollout.recognize(TEXTS, "2"), await rollout.recognize(TEXTS)
     assert (pinned.model_version, unpinned.model_version) == ("2", "1")
     assert entities(pinned) == entities(unpinned) and any(entities(unpinned))  # identical weights
@@ -224,7 +261,8 @@ async def test_a_version_loaded_in_triton_serves_pinned_calls_without_a_restart(
     assert metric_sum(samples, "ner_model_versions", model=TINY_MODEL, version="2", role="pinned") == 1
 
 
-async def test_a_version_that_fails_its_checks_is_refused_and_the_others_carry_on(rollout: Rollout) -> None:
+async def test_a_version_that_fails_its_checks_is_refused_and_the_others_carry_on(rollout: Rollout,
+                                                                                   start_gateway) -> None:
     broken = rollout.held / "4"
     shutil.copytree(rollout.repository / TINY_MODEL / "2", broken)
     manifest = json.loads((broken / "manifest.json").read_text())
@@ -243,6 +281,17 @@ async def test_a_version_that_fails_its_checks_is_refused_and_the_others_carry_o
         await rollout.recognize(TEXTS, "4")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert (await rollout.recognize(TEXTS)).model_version == "1"
+    # A gateway that starts meanwhile (a new pod) serves the others too, and refuses 4 in the same way.
+    metrics_port = free_port()
+    other = await asyncio.to_thread(start_gateway, rollout.repository, "--triton-url", rollout.triton.grpc_url,
+                                    env={"NER_METRICS_PORT": str(metrics_port)})
+    try:
+        assert "refusing model tiny version 4, READY in Triton" in other.output()
+        assert metric_sum(scrape(metrics_port), "ner_model_version_refusals_total", version="4") == 1
+    finally:
+        await asyncio.to_thread(stop_process, other.process)
+    # Refused once, not once per poll (the second gateway's start took many of the first one's polls).
+    assert metric_sum(rollout.metrics(), "ner_model_version_refusals_total", version="4") == 1
     await rollout.load(remove="4")
     shutil.rmtree(rollout.held / "4")
 
@@ -276,8 +325,12 @@ def shadow_counts(samples: dict, live: str, candidate: str) -> Counter[tuple[str
 async def test_shadow_of_identical_weights_agrees_on_every_entity(rollout: Rollout) -> None:
     rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '1'\n    shadow: {{version: '2', share: 1.0}}\n")
     await rollout.wait_versions({"1": "stable", "2": "shadow"}, "the shadow policy applied")
+    for _ in range(3):  # pinned: answered, not mirrored (if they were, the counts below would be off)
+        await rollout.recognize(TEXTS[:1], "1")
     answers = [await rollout.recognize([text]) for text in TEXTS * 3]
-    await rollout.recognize(TEXTS[:1], "1")  # pinned: answered, not mirrored
+    # On a stream too: each message's answer is mirrored once it is written.
+    requests = [ner_pb2.RecognizeRequest(texts=[text], model=TINY_MODEL) for text in TEXTS]
+    answers += [answer async for answer in rollout.ner.RecognizeStream(iter(requests), timeout=20)]
     samples = await shadow_scored(rollout, "1", "2", len(answers))
     live = Counter(e[0] for answer in answers for document in entities(answer) for e in document)
     assert live and shadow_counts(samples, "1", "2") == Counter({(label, "agreed"): n for label, n in live.items()})
@@ -323,15 +376,21 @@ async def test_the_canary_answers_its_share_of_unpinned_calls(rollout: Rollout) 
 
 
 async def test_a_bad_policy_file_keeps_the_last_good_one(rollout: Rollout) -> None:
-    before = metric_sum(rollout.metrics(), "ner_rollout_policy_reloads_total", outcome="invalid")
-    rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '1'\n    canary: {{version: '2', share: 7}}\n")
+    def reads(outcome: str) -> float:
+        return metric_sum(rollout.metrics(), "ner_rollout_policy_reloads_total", outcome=outcome)
 
-    async def refused() -> bool:
-        return metric_sum(rollout.metrics(), "ner_rollout_policy_reloads_total", outcome="invalid") == before + 1
-
-    await wait_for(refused, 30, "the bad policy to be refused")
+    invalid, applied = reads("invalid"), reads("applied")
+    # Valid YAML whose stable would change everything, with one value out of bounds: none of it applies.
+    rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '3'\n    canary: {{version: '2', share: 7}}\n")
+    await wait_for(lambda: reads("invalid") == invalid + 1, 30, "the bad policy to be refused")
     assert "not applied, the last good one stays" in rollout.gateway.output()
     assert await rollout.versions() == {"1": "stable", "2": "canary", "3": "pinned"}
+    # A file that goes away (a ConfigMap deleted): the same, said once.
+    rollout.policy.unlink()
+    await wait_for(lambda: reads("invalid") == invalid + 2, 30, "the missing policy to be refused")
+    rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '1'\n")
+    await rollout.wait_versions({"1": "stable", "2": "pinned", "3": "pinned"}, "the policy back")
+    assert reads("invalid") == invalid + 2 and reads("applied") == applied + 1
 
 
 async def under_load(rollout: Rollout, steps, clients: int = 8) -> Counter[str]:
@@ -363,12 +422,15 @@ async def answers_from(rollout: Rollout, version: str) -> None:
     await wait_for(answered, 30, f"unpinned calls answered by version {version}")
 
 
-async def test_promotion_rollback_and_retirement_under_load_fail_no_call(rollout: Rollout) -> None:
+async def test_loading_promotion_rollback_and_retirement_under_load_fail_no_call(rollout: Rollout) -> None:
     await rollout.load(remove="3")
-    rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '1'\n")
     await rollout.wait_versions({"1": "stable", "2": "pinned"}, "version 3 gone")
 
     async def steps() -> None:
+        await rollout.load(add="3")  # a new version appears: pinned only, nothing changes for these callers
+        await rollout.wait_versions({"1": "stable", "2": "pinned", "3": "pinned"}, "version 3 loaded")
+        await rollout.load(remove="3")
+        await rollout.wait_versions({"1": "stable", "2": "pinned"}, "version 3 unloaded")
         rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '2'\n")  # promote
         await answers_from(rollout, "2")
         rollout.write_policy(f"models:\n  {TINY_MODEL}:\n    stable: '1'\n")  # roll back

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -24,7 +24,7 @@ from ner_gateway.core.batching import Batcher, BatchLimits
 from ner_gateway.core.deadline import Deadline
 from ner_gateway.core.decoding import decode_texts, merge
 from ner_gateway.core.domain import Document, Recognition, RecognizeRequest, StageTimings
-from ner_gateway.core.errors import InvalidRequest, ModelUnavailable, NerError, Overloaded, TooLate
+from ner_gateway.core.errors import InvalidRequest, ModelUnavailable, Overloaded, TooLate
 from ner_gateway.core.offsets import convert_entities
 from ner_gateway.core.ports import InferenceBackend
 from ner_gateway.core.registry import ModelRegistry, NerModel
@@ -85,7 +85,7 @@ class RecognitionPipeline:
         self.admission = admission
         self.shares = shares or TritonShares(capacity_tokens=1 << 30, request_tokens=1 << 30)
         self.shadow_budget = shadow_budget or ShadowBudget(4, admission)
-        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self._batchers: dict[tuple[str, ...], Batcher] = {}  # (name, version) or (name, version, "shadow")
         self._model_metrics: dict[str, ModelMetrics] = {}
 
     def validate(self, request: RecognizeRequest) -> NerModel:
@@ -107,9 +107,11 @@ class RecognitionPipeline:
                                  f"{limits.max_request_chars}")
         return self.registry.get(request.model, request.model_version)
 
-    def batcher(self, model: NerModel) -> Batcher:
-        """The model version's queue and calls (core/batching.py), made on its first request."""
-        batcher = self._batchers.get(model.served.key)
+    def batcher(self, model: NerModel, shadow: bool = False) -> Batcher:
+        """The model version's queue and calls (core/batching.py), made on its first request; shadow calls have
+        their own, so that they never hold up the version's live calls (a canary that is also the shadow)."""
+        key = model.served.key if not shadow else (*model.served.key, "shadow")
+        batcher = self._batchers.get(key)
         if batcher is None:
             served, shares = model.served, self.shares
             max_calls = shares.calls_in_flight or max(1, served.instances)
@@ -119,14 +121,14 @@ class RecognitionPipeline:
                                  cancel_calls=shares.cancel_calls,
                                  overlap_rows=shares.overlap_rows or served.preferred_batch_size,
                                  overlap_wait_s=shares.overlap_wait_s)
-            batcher = self._batchers[model.served.key] = Batcher(
+            batcher = self._batchers[key] = Batcher(
                 self.backend, served, model.manifest.output, model.encoder.encode, limits,
                 self._metrics_of(model.name))
         return batcher
 
     def keep_batchers(self, served: set[tuple[str, str]]) -> None:
         """Forget the batchers of versions no longer served (``served``: their keys); work they hold finishes."""
-        for key in set(self._batchers) - served:
+        for key in [key for key in self._batchers if key[:2] not in served]:
             del self._batchers[key]
 
     def _metrics_of(self, model: str) -> ModelMetrics | None:
@@ -152,9 +154,10 @@ class RecognitionPipeline:
                     # The version this call resolved to went out while it waited (unloaded in Triton: a rollout's
                     # last step), and the backend now says so. A call that pinned no version is answered once more
                     # by the version it resolves to now, if that one is ready.
-                    if request.model_version or not self.backend.model_ready(self.validate(request).served):
+                    model = None if request.model_version else self.validate(request)
+                    if model is None or not self.backend.model_ready(model.served):
                         raise
-                    return await self._recognize(request, deadline, on_model)
+                    return await self._recognize(request, deadline, on_model, model)
         except (Overloaded, TooLate) as e:
             if self.metrics is not None:
                 self.metrics.refused.labels(e.reason).inc()
@@ -176,7 +179,7 @@ class RecognitionPipeline:
                                      "ner.model_version": model.version})
         if on_model is not None:
             on_model(model.name, model.version)
-        batcher = self.batcher(model)
+        batcher = self.batcher(model, shadow=not live)
         if admission is not None:
             admission.check_time(deadline, batcher.typical_wait_s)
         request_id = request.request_id or os.urandom(16).hex()
@@ -222,9 +225,10 @@ class RecognitionPipeline:
             return result
 
     def shadow_of(self, request: RecognizeRequest, live: Recognition) -> Mirrored | None:
-        """The mirrored call of an answered request, to run once its answer has been sent (it never delays or
+        """The mirrored call of an answered request, to start once its answer has been sent (it never delays or
         changes it); None when the request is not mirrored (a pinned call, a version without shadow, the share's
-        draw) or when the shadow budget refuses it (counted)."""
+        draw). It takes a slot of the shadow budget when it starts, or is refused (counted): a mirrored call that
+        never starts (a cancelled stream, a gateway stopping) holds nothing."""
         if request.model_version:
             return None
         model = self.registry.find(live.model, live.model_version)
@@ -232,17 +236,18 @@ class RecognitionPipeline:
         if model is None or candidate is None:
             return None
         counts = self.metrics.shadow(model.name, model.version, candidate.version) if self.metrics else None
-        if not self.shadow_budget.take():
-            if counts is not None:
-                counts.refused()
-            return None
+        mirror = replace(request, request_id=f"{live.request_id}-shadow")
 
         async def mirrored() -> None:
+            if not self.shadow_budget.take():
+                if counts is not None:
+                    counts.refused()
+                return
             try:
-                answer = await self._recognize(request, Deadline.after(self.limits.default_timeout_s), None,
+                answer = await self._recognize(mirror, Deadline.after(self.limits.default_timeout_s), None,
                                                candidate, live=False)
-            except NerError as e:
-                LOGGER.info("shadow call to %s version %s failed: %s", candidate.name, candidate.version, e)
+            except Exception as e:  # counted; a candidate that fails every call must not flood the log
+                LOGGER.debug("shadow call to %s version %s failed: %r", candidate.name, candidate.version, e)
                 if counts is not None:
                     counts.failed()
                 return

@@ -7,7 +7,7 @@ these methods.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -29,10 +29,10 @@ class ServedModel:
     max_batch_size: int
     instances: int = 1  # execution instances (Triton's instance_group counts): calls it runs at once
     preferred_batch_size: int = 1  # the smallest batch its server prefers (Triton's dynamic_batching), else 1
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)  # (name, version), made once
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.name, self.version
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.name, self.version))
 
 
 class InferenceBackend(Protocol):

@@ -63,6 +63,7 @@ class ModelRegistry:
                  policy: RolloutPolicy | None = None, ready: Callable[[ServedModel], bool] | None = None,
                  draw: Callable[[], float] = random.random) -> None:
         self._versions: dict[str, dict[str, NerModel]] = {}
+        self._ordered: dict[str, list[NerModel]] = {}  # highest version first (resolution walks it per call)
         for model in models:
             self.add(model)
         self.policy = policy or RolloutPolicy()
@@ -76,16 +77,21 @@ class ModelRegistry:
 
     def add(self, model: NerModel) -> None:
         self._versions.setdefault(model.name, {})[model.version] = model
+        self._order(model.name)
 
     def remove(self, model: NerModel) -> None:
         """No new call resolves to ``model``; calls that already hold it finish with it."""
         versions = self._versions.get(model.name, {})
         if versions.get(model.version) is model:
             del versions[model.version]
+            self._order(model.name)
+
+    def _order(self, name: str) -> None:
+        self._ordered[name] = sorted(self._versions[name].values(), key=_number, reverse=True)
 
     def versions(self, name: str) -> list[NerModel]:
         """The served versions of ``name``, lowest first."""
-        return sorted(self._versions.get(name, {}).values(), key=_number)
+        return self._ordered.get(name, [])[::-1]
 
     def find(self, name: str, version: str) -> NerModel | None:
         return self._versions.get(name or self.default_name, {}).get(version)
@@ -94,18 +100,38 @@ class ModelRegistry:
         return [model for name in sorted(self._versions) for model in self.versions(name)]
 
     def stable(self, name: str) -> NerModel | None:
-        """The policy's stable version while it is served and ready; else the highest version ready; else (nothing
-        ready: calls fail UNAVAILABLE until it is back) the policy's, or the highest."""
-        versions = self._versions.get(name)
-        if not versions:
+        """The policy's stable version while it is served and ready. Else (no stable in the policy, or it is not
+        served or not ready) the highest ready version that is not the policy's canary or shadow: a candidate takes
+        over only when nothing else is ready. Nothing ready at all (calls fail UNAVAILABLE until a version is back):
+        the policy's stable, or the highest."""
+        ordered = self._ordered.get(name)
+        if not ordered:
             return None
-        chosen = versions.get(self.policy.of(name).stable or "")
+        if len(ordered) == 1:
+            return ordered[0]
+        policy = self.policy.of(name)
+        chosen = self._versions[name].get(policy.stable or "")
         if chosen is not None and self.ready(chosen.served):
             return chosen
-        ready = [model for model in versions.values() if self.ready(model.served)]
-        if ready:
-            return max(ready, key=_number)
-        return chosen if chosen is not None else max(versions.values(), key=_number)
+        candidates = policy.candidates
+        fallback = None
+        for model in ordered:
+            if self.ready(model.served):
+                if model.version not in candidates:
+                    return model
+                fallback = fallback or model
+        return fallback or chosen or ordered[0]
+
+    def unserved(self) -> list[str]:
+        """What the policy names that is not served (a typo, a version not loaded yet), as log lines."""
+        found = []
+        for name, policy in self.policy.models.items():
+            named = [policy.stable] + [share.version for share in (policy.canary, policy.shadow) if share]
+            missing = [v for v in named if v and v not in self._versions.get(name, {})]
+            if missing:
+                found.append(f"model {name}: version {', '.join(missing)} not served (served: "
+                             f"{', '.join(m.version for m in self.versions(name)) or 'none'})")
+        return found
 
     def get(self, name: str = "", version: str = "") -> NerModel:
         """The model a call is answered by: ``version`` when it pins one, else the stable version, or the canary for

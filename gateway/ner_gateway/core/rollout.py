@@ -55,15 +55,10 @@ class ModelPolicy(_Strict):
                 raise ValueError(f"the {role} version {share.version} is the stable version")
         return self
 
-    def role_of(self, version: str) -> Role | None:
-        """The role the policy gives ``version`` (None: the policy does not name it)."""
-        if version == self.stable:
-            return Role.STABLE
-        if self.canary is not None and version == self.canary.version:
-            return Role.CANARY
-        if self.shadow is not None and version == self.shadow.version:
-            return Role.SHADOW
-        return None
+    @property
+    def candidates(self) -> frozenset[str]:
+        """The canary and shadow versions."""
+        return frozenset(share.version for share in (self.canary, self.shadow) if share is not None)
 
 
 class RolloutPolicy(_Strict):

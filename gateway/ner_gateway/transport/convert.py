@@ -71,5 +71,5 @@ def model_info_to_pb(model: NerModel, is_default: bool, versions: list[ServedVer
     )
     for v in versions:
         info.versions.add(version=v.model.version, role=_ROLES[v.role], traffic_share=v.share, ready=v.ready,
-                          precision=_PRECISIONS[v.model.manifest.precision])
+                          precision=_PRECISIONS[v.model.manifest.precision], labels=v.model.manifest.labels)
     return info

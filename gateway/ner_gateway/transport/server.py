@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.compatibility import EngineRuntime
-from ner_gateway.core.discovery import LiveVersions, load_models
+from ner_gateway.core.discovery import LiveVersions
 from ner_gateway.core.errors import ConfigurationError
 from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
 from ner_gateway.core.registry import ModelRegistry
@@ -79,11 +79,12 @@ class Gateway:
             await self.backend.wait_ready(s.triton_ready_timeout_s)
             self.health = TritonHealth(self.backend, self.metrics)
             engines = EngineRuntime(s.tensorrt_version, s.gpu_compute_capability)
-            registry = await load_models(s.model_repository, self.backend, s.default_model, s.window_stride,
-                                         engines, self._read_policy())
             self.live_versions = LiveVersions(
-                s.model_repository, self.backend, registry, s.window_stride, engines,
+                s.model_repository, self.backend, s.window_stride, engines,
                 on_refused=lambda model, version: self.metrics.version_refusals.labels(model, version).inc())
+            registry = await self.live_versions.load(s.default_model, self._read_policy())
+            for line in registry.unserved():
+                LOGGER.warning("rollout policy: %s", line)
             self._show_versions(registry)
             self.backend.start()
             self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
@@ -140,6 +141,8 @@ class Gateway:
                 policy = self.policy_file.poll() if self.policy_file is not None else None
                 if policy is not None:
                     registry.policy = policy
+                    for line in registry.unserved():
+                        LOGGER.warning("rollout policy: %s", line)
                 if await self.live_versions.poll() and self.pipeline is not None:
                     self.pipeline.keep_batchers({m.served.key for m in registry.all_versions()})
                 self._show_versions(registry)
