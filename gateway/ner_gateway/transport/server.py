@@ -16,6 +16,7 @@ from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.compatibility import EngineRuntime
 from ner_gateway.core.discovery import LiveVersions
 from ner_gateway.core.errors import ConfigurationError
+from ner_gateway.core.following import RolloutFollower
 from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
 from ner_gateway.core.registry import ModelRegistry
 from ner_gateway.core.rollout import PolicyFile, RolloutPolicy
@@ -57,7 +58,7 @@ class Gateway:
         self.port: int | None = None
         self.policy_file: PolicyFile | None = None
         self.live_versions: LiveVersions | None = None
-        self._rollout_task: asyncio.Task[None] | None = None
+        self.rollout: RolloutFollower | None = None
         self._shadows = BackgroundTasks()
         self._versions_shown: set[tuple[str, str, str]] = set()  # ner_model_versions series set to 1
         self._stopped = False
@@ -85,7 +86,7 @@ class Gateway:
             registry = await self.live_versions.load(s.default_model, self._read_policy())
             for line in registry.unserved():
                 LOGGER.warning("rollout policy: %s", line)
-            self._show_versions(registry)
+            self._rollout_changed(registry)
             self.backend.start()
             self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
             admission = Admission(AdmissionLimits(s.max_inflight_requests, s.max_inflight_windows, s.retry_after_ms))
@@ -98,7 +99,9 @@ class Gateway:
                                     s.triton_cancel_calls, s.triton_overlap_rows, s.triton_overlap_wait_ms / 1000),
                 shadow_budget=ShadowBudget(s.shadow_max_inflight, admission),
             )
-            self._rollout_task = asyncio.create_task(self._follow_rollout(registry), name="rollout")
+            self.rollout = RolloutFollower(registry, self.live_versions, self.policy_file,
+                                           s.health_check_interval_s, self._rollout_changed)
+            self.rollout.start()
             rpc_metrics = MetricsInterceptor(self.metrics)
             self.server = grpc.aio.server(interceptors=self._interceptors(rpc_metrics, admission))
             ner_pb2_grpc.add_NerServiceServicer_to_server(
@@ -131,25 +134,10 @@ class Gateway:
         except (OSError, ValueError) as e:
             raise ConfigurationError(f"rollout policy {path}: {e}") from e
 
-    async def _follow_rollout(self, registry: ModelRegistry) -> None:
-        """About once a second: re-read the policy file if it changed, pick up versions loaded in Triton and drop
-        those unloaded (core/discovery.py LiveVersions), and show the versions' roles (ner_model_versions)."""
-        assert self.live_versions is not None
-        while True:
-            await asyncio.sleep(self.settings.health_check_interval_s)
-            try:
-                policy = self.policy_file.poll() if self.policy_file is not None else None
-                if policy is not None:
-                    registry.policy = policy
-                    for line in registry.unserved():
-                        LOGGER.warning("rollout policy: %s", line)
-                if await self.live_versions.poll() and self.pipeline is not None:
-                    self.pipeline.keep_batchers({m.served.key for m in registry.all_versions()})
-                self._show_versions(registry)
-            except Exception:  # keep following whatever one round hit
-                LOGGER.exception("following the model versions failed")
-
-    def _show_versions(self, registry: ModelRegistry) -> None:
+    def _rollout_changed(self, registry: ModelRegistry) -> None:
+        """The versions' roles (ner_model_versions), and the batchers of the versions still served."""
+        if self.pipeline is not None:
+            self.pipeline.keep_batchers({m.served.key for m in registry.all_versions()})
         shown = {(v.model.name, v.model.version, v.role.value) for m in registry for v in registry.listing(m.name)}
         for series in self._versions_shown - shown:
             self.metrics.model_versions.labels(*series).set(0)
@@ -215,10 +203,8 @@ class Gateway:
             LOGGER.info("no new RPCs; those in flight get up to %.1f s (NER_SHUTDOWN_GRACE_S)",
                         self.settings.shutdown_grace_s)
             await self.server.stop(self.settings.shutdown_grace_s)
-        if self._rollout_task is not None:
-            self._rollout_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rollout_task
+        if self.rollout is not None:
+            await self.rollout.stop()
         await self._shadows.cancel_all()
         if self.backend is not None:
             await self.backend.close()
