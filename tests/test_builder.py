@@ -101,9 +101,12 @@ async def test_keep_versions_lets_triton_serve_old_and_new_side_by_side(tiny_che
     from ner_gateway.triton.process import EmbeddedTriton
 
     for _ in range(2):
-        assert _build_cli(tiny_checkpoint, tmp_path, "--name", "kept", "--keep-versions", "2")[0] == 0
+        assert _build_cli(tiny_checkpoint, tmp_path, "--name", "kept", "--keep-versions", "2",
+                          "--max-queue-delay-us", "250")[0] == 0
         assert _build_cli(tiny_checkpoint, tmp_path, "--name", "latest")[0] == 0
     kept = _parse_config(tmp_path / "kept")[1]
+    assert kept.dynamic_batching.max_queue_delay_microseconds == 250
+    assert _parse_config(tmp_path / "latest")[1].dynamic_batching.max_queue_delay_microseconds == 0
     assert kept.version_policy.WhichOneof("policy_choice") == "latest"
     assert kept.version_policy.latest.num_versions == 2
     assert not _parse_config(tmp_path / "latest")[1].HasField("version_policy")
@@ -145,7 +148,7 @@ def _check_config(config: model_config_pb2.ModelConfig, name: str, max_batch: in
     assert list(config.output[0].dims) == [-1, len(TINY_LABELS)]
     assert config.HasField("dynamic_batching")
     assert list(config.dynamic_batching.preferred_batch_size) == preferred
-    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0  # the gateway coalesces; Triton need not wait
     assert len(config.instance_group) == 1
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert config.instance_group[0].count == instances

@@ -188,6 +188,9 @@ def _int_list(value: str, option: str) -> tuple[int, ...]:
               help="Triton dynamic batching preferred sizes (capped by --max-batch-size).")
 @click.option("--instances", type=click.IntRange(min=1), default=2, show_default=True,
               help="Triton model instances (CPU for ONNX targets, per GPU for TensorRT targets).")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Triton's dynamic batcher: how long a request waits at an idle instance for a preferred batch. "
+                   "The gateway coalesces already; raise it where many gateways feed one Triton.")
 @click.option("--ort-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="ONNX Runtime intra-op threads per instance (0 = automatic).")
 @click.option("--keep-versions", type=click.IntRange(min=1), default=1, show_default=True,
@@ -196,8 +199,8 @@ def build(checkpoint: Path, repository: Path, name: str, targets: str, version: 
           tagging_scheme: str | None, opset: int, atol: float, sample_texts: TextIO | None, dataset: str | None,
           eval_fraction: float, seed: int, max_f1_drop: float, verify: bool, calibration_texts: Path | None,
           calibration_size: int, int8_mode: str, prune_heads: int, seq_buckets: str, trt_library: str,
-          max_batch_size: int, preferred_batch_sizes: str, instances: int, ort_threads: int,
-          keep_versions: int) -> None:
+          max_batch_size: int, preferred_batch_sizes: str, instances: int, max_queue_delay_us: int,
+          ort_threads: int, keep_versions: int) -> None:
     """Export CHECKPOINT to ONNX, derive the targets, gate them on accuracy and install them for Triton."""
     from ner_builder.build import BuildOptions, build_model
     from ner_builder.engine import EngineOptions
@@ -213,7 +216,7 @@ def build(checkpoint: Path, repository: Path, name: str, targets: str, version: 
             version=version, opset=opset, atol=atol, sample_texts=texts, max_length=max_length,
             tagging_scheme=TaggingScheme(tagging_scheme) if tagging_scheme else None,
             serving=ServingOptions(max_batch_size=max_batch_size, instances=instances, intra_op_threads=ort_threads,
-                                   keep_versions=keep_versions,
+                                   keep_versions=keep_versions, max_queue_delay_us=max_queue_delay_us,
                                    preferred_batch_sizes=list(_int_list(preferred_batch_sizes,
                                                                         "--preferred-batch-sizes"))),
             targets=tuple(parse_targets(targets)), dataset=dataset, eval_fraction=eval_fraction, seed=seed,
