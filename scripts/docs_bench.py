@@ -167,6 +167,14 @@ def soak_table(name: str = "soak.json") -> str:
     growth = ", ".join(f"{k} {v * 100:+.1f}%" for k, v in d["rss_growth_after_warmup"].items())
     lines += ["", f"Resident memory after the first slice: {growth}; p50 max / min over the slices after the "
               f"first: {d['p50_ms_after_warmup']['max / min']:.2f}."]
+    if "fewer_texts_answered_first_in_every_slice" in d:
+        by_texts = [c["p50_ms_by_texts_per_call"] for c in d["slices"]]
+        lines[-1] += (f" Models {s['model']}; every other caller sends {s['mix_texts']} texts per call: "
+                      f"p50 of 1-text calls {min(c['1'] for c in by_texts):.0f}-{max(c['1'] for c in by_texts):.0f} "
+                      f"ms, of {s['mix_texts']}-text calls "
+                      f"{min(c[str(s['mix_texts'])] for c in by_texts):.0f}-"
+                      f"{max(c[str(s['mix_texts'])] for c in by_texts):.0f} ms; the 1-text calls first in every "
+                      f"slice: {'yes' if d['fewer_texts_answered_first_in_every_slice'] else 'no'}.")
     return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "large-requests-fair": lambda: docs_bench.large_requests_table("large_requests_fair.json"),
     "flood": docs_bench.flood_table,
     "soak": docs_bench.soak_table,
+    "soak-mixed": lambda: docs_bench.soak_table("served_path/soak-mixed-final.json"),
     "rollout": docs_bench.rollout_table,
     "sizing": docs_bench.sizing,
 }
