@@ -56,21 +56,30 @@ def _only_cell(run: dict[str, Any]) -> dict[str, Any]:
     return cell
 
 
-def demo_overlap_table(pattern: str = "served_path/demo-overlap-{side}-{shape}-*.json") -> str:
+DEMO_RUNS = (("on (default)", "served_path/demo-overlap-on-{shape}-*.json"),
+             ("off", "served_path/demo-overlap-off-{shape}-*.json"),
+             ("on (default), int8 model", "served_path/demo-int8-{shape}-*.json"))
+
+
+def demo_overlap_table(runs: tuple[tuple[str, str], ...] = DEMO_RUNS) -> str:
     """The demo model served with and without the overlap rule (a call beside one in flight waits for a fuller
-    batch): sentences/s, the ratio to ONNX Runtime's sorted batches measured in the same run, Triton's batch."""
+    batch), and its default int8 build: sentences/s, the ratio to ONNX Runtime's sorted batches of the same graph
+    measured in the same run, Triton's batch."""
     lines = ["| clients x texts | overlap rule | sentences/s | ÷ ORT, sorted batches | Triton batch | gateway CPU ms |",
              "| --- | --- | --- | --- | --- | --- |"]
     for shape, label in (("16", "16 x 1"), ("32", "4 x 32")):
-        for side, rule in (("on", "on (default)"), ("off", "off")):
-            runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern.format(side=side, shape=shape)))]
-            cells = [_only_cell(d) for d in runs]
-            ratios = [next(v for k, v in d["ratios"].items() if k.endswith("/ ort-sorted")) for d in runs]
+        for rule, pattern in runs:
+            found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern.format(shape=shape)))]
+            if not found:
+                continue
+            cells = [_only_cell(d) for d in found]
+            ratios = [next(v for k, v in d["ratios"].items() if k.endswith("/ ort-sorted")) for d in found]
             lines.append(f"| {label} | {rule} | " + ", ".join(_n(c["sentences_per_s"]) for c in cells) + " | "
                          + ", ".join(f"{r:.2f}" for r in ratios) + " | "
                          + ", ".join(f"{c['triton_avg_batch']:.1f}" for c in cells) + " | "
                          + ", ".join(f"{c['cpu_ms_per_sentence_gateway']:.2f}" for c in cells) + " |")
-    lines += ["", f"One value per interleaved round (`bench/results/{pattern.format(side='*', shape='*')}`)."]
+    files = ", ".join(f"`bench/results/{pattern.format(shape='*')}`" for _, pattern in runs)
+    lines += ["", f"One value per interleaved round ({files})."]
     return "\n".join(lines)
 
 
@@ -248,8 +257,8 @@ def _env(path: Path) -> dict[str, str]:
 
 def readme_demo() -> str:
     """The README's demo-model table."""
-    return ("The demo model (MiniLM-L6, fp32) served with NER_TRITON_OVERLAP_ROWS / _WAIT_MS at their defaults and\n"
-            "off, against ONNX Runtime in-process on the same graph:\n\n" + demo_overlap_table())
+    return ("The demo model (MiniLM-L6, fp32 and its default int8), the overlap rule on and off, against ONNX Runtime "
+            "in-process:\n\n" + demo_overlap_table())
 
 
 def readme_served_path() -> str:
