@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ner_gateway.core.deadline import Deadline
-from ner_gateway.core.discovery import read_manifests
+from ner_gateway.core.discovery import read_manifest
 from ner_gateway.core.domain import RecognizeRequest
 from ner_gateway.settings import GatewaySettings
 from ner_gateway.transport.health import serving
@@ -24,7 +24,7 @@ from ner_gateway.triton.pool import TritonPool
 from ner_gateway.triton.process import EmbeddedTriton
 from ner_gateway.triton.routing import TritonRouter
 
-from conftest import wait_for
+from conftest import TINY_MODEL, wait_for
 
 
 def test_resolve_lists_and_dns_entries() -> None:
@@ -101,7 +101,7 @@ async def test_a_triton_that_does_not_answer_a_poll_stays_until_it_misses_severa
     triton = EmbeddedTriton(tiny_repository)
     await triton.start()
     pool = TritonPool(triton.grpc_url, refresh_interval_s=0.25, unanswered_polls_down=4)
-    _, manifest = read_manifests(tiny_repository)[0]
+    manifest = read_manifest(tiny_repository / TINY_MODEL / "1")
 
     def polls_unanswered() -> int:
         return sum("did not answer a poll" in r.getMessage() for r in caplog.records)

@@ -48,17 +48,6 @@ def read_manifest(version_dir: Path) -> ModelManifest:
     return manifest
 
 
-def read_manifests(repository: Path) -> list[tuple[Path, ModelManifest]]:
-    """The manifest of each model's highest version, the one Triton's default version policy serves."""
-    latest: dict[str, Path] = {}
-    for (name, version), version_dir in repository_versions(repository).items():
-        if name not in latest or int(version) > int(latest[name].name):
-            latest[name] = version_dir
-    if not latest:
-        raise ConfigurationError(f"no ner-builder models in {repository}")
-    return [(version_dir, read_manifest(version_dir)) for _, version_dir in sorted(latest.items())]
-
-
 def files_stamp(version_dir: Path) -> int:
     """The latest modification time (ns) of any file of a version: what changes when it is rebuilt or fixed."""
     return max((Path(root, f).stat().st_mtime_ns for root, _, files in os.walk(version_dir) for f in files),
@@ -107,19 +96,23 @@ class LiveVersions:
         with a log line: e.g. TensorRT engines on a CPU Triton). Every TensorRT engine's manifest, loaded or not, is
         checked against ``engines`` (NER_TENSORRT_VERSION / NER_GPU_COMPUTE_CAPABILITY): a mismatch refuses the
         startup."""
-        policy = policy or RolloutPolicy()
         source, engines = self.source, self.engines
-        latest = {version_dir: manifest for version_dir, manifest in read_manifests(self.repository)}
+        on_disk = repository_versions(self.repository)
+        if not on_disk:
+            raise ConfigurationError(f"no ner-builder models in {self.repository}")
         models: list[NerModel] = []
         skipped: list[str] = []
         failed: dict[str, Exception] = {}  # model -> its highest READY version's error
-        for (name, version), version_dir in sorted(repository_versions(self.repository).items(),
-                                                   key=lambda item: (item[0][0], -int(item[0][1]))):
-            manifest = latest.get(version_dir) or read_manifest(version_dir)
-            if version_dir in latest and (manifest.engine is not None or manifest.model_format != "onnx"):
+        seen: set[str] = set()
+        # Each model's versions highest first: the first is the one Triton's default version policy serves.
+        for (name, version), version_dir in sorted(on_disk.items(), key=lambda item: (item[0][0], -int(item[0][1]))):
+            manifest = read_manifest(version_dir)
+            latest = name not in seen
+            seen.add(name)
+            if latest and (manifest.engine is not None or manifest.model_format != "onnx"):
                 check_engine(manifest, engines)
             if not await source.is_model_ready(name, version):
-                if version_dir in latest:
+                if latest:
                     hint = " (TensorRT engines need NVIDIA's Triton on a GPU: deploy/README.md)" \
                         if manifest.engine else ""
                     LOGGER.warning("skipping model %s version %s: Triton at %s does not have it READY%s", name,

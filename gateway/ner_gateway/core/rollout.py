@@ -92,14 +92,13 @@ class PolicyFile:
         self.path = path
         self.on_read = on_read
         self._stamp: FileStamp | None = None
-        self.policy = RolloutPolicy()
 
     def load(self) -> RolloutPolicy:
         """The first read, at startup: a missing or bad file is an error (ValueError or OSError) there."""
         self._stamp = file_stamp(self.path)
-        self.policy = RolloutPolicy.parse(self.path.read_text())
+        policy = RolloutPolicy.parse(self.path.read_text())
         self._heard("applied")
-        return self.policy
+        return policy
 
     def poll(self) -> RolloutPolicy | None:
         """The new policy when the file changed and holds a valid one; None when it did not change, or when it
@@ -118,7 +117,6 @@ class PolicyFile:
             LOGGER.warning("rollout policy %s not applied, the last good one stays: %s", self.path, e)
             self._heard("invalid")
             return None
-        self.policy = policy
         self._heard("applied")
         LOGGER.info("rollout policy %s applied: %s", self.path, policy.model_dump(exclude_none=True))
         return policy

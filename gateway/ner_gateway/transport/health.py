@@ -34,7 +34,7 @@ def serving(pool: TritonPool) -> bool:
     served = pool.served
     if not served:
         return bool(pool.ready_endpoints)
-    return any(pool.model_ready(model.name) for model in served)
+    return any(pool.model_ready(model) for model in served)
 
 
 class TritonHealth:
