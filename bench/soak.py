@@ -10,9 +10,13 @@ soak   --clients (64) callers without pause for --minutes, cut into --slice-s sl
        status code, p50/p99, and the resident memory (RSS) of the gateway, tritonserver and its Python-backend
        stubs. Reported: errors in all, the p50 spread over the slices (max/min), and RSS growth from the end of
        the first slice (warm-up: models loaded, pools and caches filled) to the end.
-flood  --clients (256) callers with --deadline-ms (100) deadlines for --seconds: calls by status code, how fast
-       RESOURCE_EXHAUSTED came back, and the windows Triton ran (its inference_count) against the answers the
-       callers got: work for calls that had given up shows as the difference.
+flood  first the gateway unloaded (--unloaded-clients callers, 30 s deadlines, --unloaded-s): its answers per second;
+       then --clients (256) callers with --deadline-ms (100) deadlines for --seconds, twice: callers that call
+       again at once whatever the answer, and callers that, refused, wait the server's retry hint
+       (grpc-retry-pushback-ms) before their next call, as gRPC's retry policy does. Per flood: calls by status
+       code, answers per second against the unloaded rate, the share of the calls not answered that were refused
+       (RESOURCE_EXHAUSTED), how fast refusals came back, the windows Triton ran (its inference_count) against
+       the answers (work for calls that had given up shows as the difference), and each process's CPU (cores).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from throughput import children, percentiles, start_gateway, triton_counts, wnut_texts  # bench/throughput.py
+from throughput import children, percentiles, process_stat, server_cpu_s, start_gateway, triton_counts, wnut_texts
 
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
@@ -53,9 +58,10 @@ def server_rss_mb(gateway_pid: int, triton_pid: int) -> dict[str, float]:
 
 
 async def callers(address: str, model: str, texts: list[str], clients: int, seconds: float, deadline_s: float,
-                  on_result: Any, mix_texts: int = 1) -> None:
+                  on_result: Any, mix_texts: int = 1, pushback: bool = False) -> None:
     """``clients`` callers sending one text per call, back to back, for ``seconds``; with ``mix_texts`` > 1 every
-    other caller sends that many texts per call. ``model``: comma-separated models, spread over the callers."""
+    other caller sends that many texts per call; with ``pushback``, a caller refused with a retry hint
+    (grpc-retry-pushback-ms) waits that long first. ``model``: comma-separated models, spread over the callers."""
     stop_at = time.monotonic() + seconds
     models = model.split(",")
     async with grpc.aio.insecure_channel(address) as channel:
@@ -67,14 +73,20 @@ async def callers(address: str, model: str, texts: list[str], clients: int, seco
             while time.monotonic() < stop_at:
                 batch = [texts[(i + j) % len(texts)] for j in range(count)]
                 started = time.monotonic()
+                wait_ms = 0
                 try:
                     await stub.Recognize(ner_pb2.RecognizeRequest(texts=batch, model=models[k // 2 % len(models)]),
                                          timeout=deadline_s)
                     code = "OK"
                 except grpc.aio.AioRpcError as e:
                     code = e.code().name
+                    if pushback:
+                        wait_ms = next((int(v) for key, v in e.trailing_metadata() or ()
+                                        if key == "grpc-retry-pushback-ms"), 0)
                 on_result(code, time.monotonic() - started, count)
                 i += clients * count
+                if wait_ms:
+                    await asyncio.sleep(wait_ms / 1000)
 
         await asyncio.gather(*(caller(k) for k in range(clients)))
 
@@ -131,32 +143,64 @@ def soak_summary(slices: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def flood(args: argparse.Namespace, address: str, triton_url: str, texts: list[str]) -> dict:
-    codes: dict[str, int] = {}
-    refused_s: list[float] = []
+def cpu_cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Each process's CPU between two readings, in cores."""
+    return {name: round((after[name] - before.get(name, 0.0)) / seconds, 2) for name in after}
 
-    def record(code: str, seconds: float, count: int) -> None:
-        codes[code] = codes.get(code, 0) + 1
-        if code == "RESOURCE_EXHAUSTED":
-            refused_s.append(seconds)
 
-    before = triton_counts(triton_url, args.model)[0]
+def flood(args: argparse.Namespace, address: str, gateway_pid: int, triton_pid: int, triton_url: str,
+          texts: list[str]) -> dict[str, Any]:
+    def processes() -> dict[str, float]:
+        return {**server_cpu_s(gateway_pid, triton_pid), "callers": process_stat(os.getpid())[1]}
+
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
-                                        args.deadline_ms / 1000, record))
-        loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
+        unloaded: dict[str, int] = {}
+
+        def count(code: str, seconds: float, texts_per_call: int) -> None:
+            unloaded[code] = unloaded.get(code, 0) + 1
+
+        loop.run_until_complete(callers(address, args.model, texts, args.unloaded_clients, args.unloaded_s, 30.0,
+                                        count))
+        unloaded_per_s = unloaded.get("OK", 0) / args.unloaded_s
+        result: dict[str, Any] = {"unloaded": {"clients": args.unloaded_clients, "codes": unloaded,
+                                               "answers_per_s": round(unloaded_per_s, 1)}}
+        for name, pushback in (("callers_call_again_at_once", False), ("callers_wait_the_retry_hint", True)):
+            codes: dict[str, int] = {}
+            refused_s: list[float] = []
+
+            def record(code: str, seconds: float, count: int, codes: dict[str, int] = codes,
+                       refused_s: list[float] = refused_s) -> None:
+                codes[code] = codes.get(code, 0) + 1
+                if code == "RESOURCE_EXHAUSTED":
+                    refused_s.append(seconds)
+
+            before, cpu_before, started = triton_counts(triton_url, args.model)[0], processes(), time.monotonic()
+            loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
+                                            args.deadline_ms / 1000, record, pushback=pushback))
+            cores = cpu_cores(cpu_before, processes(), time.monotonic() - started)
+            loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
+            ran = triton_counts(triton_url, args.model)[0] - before
+            result[name] = {**flood_summary(codes, refused_s, ran, args.deadline_ms, args.seconds, unloaded_per_s),
+                            "cpu_cores": cores}
+            print(json.dumps({name: result[name]}), flush=True)
     finally:
         loop.close()
-    ran = triton_counts(triton_url, args.model)[0] - before
-    return flood_summary(codes, refused_s, ran, args.deadline_ms)
+    return result
 
 
-def flood_summary(codes: dict[str, int], refused_s: list[float], ran: int, deadline_ms: float) -> dict[str, Any]:
-    """The flood's result: calls by code, Triton's windows (``ran``) per answer, how fast refusals came back."""
+def flood_summary(codes: dict[str, int], refused_s: list[float], ran: int, deadline_ms: float, seconds: float,
+                  unloaded_per_s: float) -> dict[str, Any]:
+    """One flood's result: calls by code, answers per second against the unloaded rate, the share of the calls
+    not answered that were refused (RESOURCE_EXHAUSTED), Triton's windows (``ran``) per answer, how fast refusals
+    came back."""
     ok = codes.get("OK", 0)
+    unanswered = sum(codes.values()) - ok
     return {
         "codes": codes,
+        "answers_per_s": round(ok / seconds, 1),
+        "answers_of_unloaded": round(ok / seconds / unloaded_per_s, 3) if unloaded_per_s else None,
+        "refused_of_unanswered": round(codes.get("RESOURCE_EXHAUSTED", 0) / unanswered, 3) if unanswered else None,
         "triton_windows_run": ran,
         "triton_windows_per_answer": round(ran / ok, 2) if ok else None,
         "resource_exhausted_ms": percentiles(refused_s) if refused_s else None,
@@ -175,6 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slice-s", type=float, default=30.0, help="soak: seconds per slice")
     parser.add_argument("--seconds", type=float, default=20.0, help="flood: how long")
     parser.add_argument("--deadline-ms", type=float, default=100.0, help="flood: each call's deadline")
+    parser.add_argument("--unloaded-clients", type=int, default=16, help="flood: callers measuring the unloaded rate")
+    parser.add_argument("--unloaded-s", type=float, default=10.0, help="flood: how long the unloaded rate is measured")
     parser.add_argument("--mix-texts", type=int, default=1,
                         help="soak: every other caller sends this many texts per call (the others one)")
     parser.add_argument("--json-out", type=Path)
@@ -202,7 +248,7 @@ def main() -> None:
                       **soak(args, address, gateway.pid, triton.pid, texts)}
         else:
             result = {"setup": {**setup, "seconds": args.seconds, "deadline_ms": args.deadline_ms},
-                      **flood(args, address, triton.grpc_url, texts)}
+                      **flood(args, address, gateway.pid, triton.pid, triton.grpc_url, texts)}
     finally:
         if gateway is not None:
             gateway.terminate()

@@ -189,11 +189,15 @@ def test_soak_and_flood_results(bench) -> None:  # type: ignore[no-untyped-def]
     assert result["rss_total_growth_after_warmup"] == 0.125
 
     flood = json.loads(json.dumps(soak.flood_summary({"OK": 40, "RESOURCE_EXHAUSTED": 4, "DEADLINE_EXCEEDED": 2},
-                                                     [0.001, 0.002, 0.003, 1.5], 50, 1000.0)))
-    assert set(flood) == {"codes", "triton_windows_run", "triton_windows_per_answer", "resource_exhausted_ms",
+                                                     [0.001, 0.002, 0.003, 1.5], 50, 1000.0, 10.0, 20.0)))
+    assert set(flood) == {"codes", "answers_per_s", "answers_of_unloaded", "refused_of_unanswered",
+                          "triton_windows_run", "triton_windows_per_answer", "resource_exhausted_ms",
                           "share_refused_within_deadline"}
+    assert (flood["answers_per_s"], flood["answers_of_unloaded"], flood["refused_of_unanswered"]) == (4.0, 0.2, 0.667)
     assert (flood["triton_windows_run"], flood["triton_windows_per_answer"]) == (50, 1.25)
     assert flood["resource_exhausted_ms"]["p50_ms"] == 2.5
     assert flood["share_refused_within_deadline"] == 0.75
-    none_refused = soak.flood_summary({"DEADLINE_EXCEEDED": 3}, [], 7, 100.0)
+    none_refused = soak.flood_summary({"DEADLINE_EXCEEDED": 3}, [], 7, 100.0, 10.0, 0.0)
+    assert none_refused["answers_of_unloaded"] is None and none_refused["refused_of_unanswered"] == 0.0
+    assert soak.cpu_cores({"gateway": 1.0}, {"gateway": 3.0, "callers": 1.0}, 4.0) == {"gateway": 0.5, "callers": 0.25}
     assert none_refused["triton_windows_per_answer"] is None and none_refused["resource_exhausted_ms"] is None

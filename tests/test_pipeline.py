@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -89,6 +91,64 @@ async def test_deadline_is_enforced_inside_the_pipeline(gateway: Gateway, triton
     assert abandoned_in_triton() - before == 8  # its 8 rows were in Triton when the deadline passed
     await wait_for(lambda: gateway.backend.model_ready(TINY_MODEL), 20, "the resumed Triton in rotation")
     assert len((await pipeline.recognize(request, timeout_s=10)).documents) == 8
+
+
+@pytest.fixture
+async def patient_gateway(triton: EmbeddedTriton, tiny_repository: Path):
+    """A gateway whose health checks wait a minute (a Triton held for a few seconds stays in rotation) and that
+    admits thousands of requests at once."""
+    settings = settings_for(tiny_repository, triton.grpc_url)
+    service = Gateway(settings.model_copy(update={"health_check_interval_s": 60, "max_inflight_requests": 5000,
+                                                      "max_inflight_windows": 5000}))
+    await service.start()
+    yield service
+    await service.stop()
+
+
+async def test_a_deadline_shorter_than_the_queue_is_refused_at_once_with_a_retry_hint(patient_gateway: Gateway,
+                                                                                       triton: EmbeddedTriton) -> None:
+    """Admission weighs what is left of a call's deadline against the wait the model's queue means now. Triton is
+    held (SIGSTOP), so that the queue of single-sentence requests stands still: a call over gRPC whose deadline is
+    half that wait is answered RESOURCE_EXHAUSTED by the server, in its own words, with the retry hint, counted as
+    refused for the queue, without a Triton call; one with time enough waits its turn, and once Triton runs again
+    every queued request and it are answered."""
+    gateway = patient_gateway
+    pipeline = gateway.pipeline
+    batcher = pipeline.batcher(pipeline.registry.get(""))
+    sentence = RecognizeRequest(texts=["Angela Merkel visited Paris"])
+    for _ in range(8):
+        await pipeline.recognize(sentence, timeout_s=10)
+    # Enough requests that the queue means >= 0.2 s: a deadline of half that outlasts the trip to the handler.
+    queued = min(4000, max(64, int(0.5 * batcher.limits.max_calls / batcher.row_s)))
+    refused = gateway.metrics.refused.labels("queue")
+    refused_before = refused._value.get()
+    assert triton.pid is not None
+    os.killpg(triton.pid, signal.SIGSTOP)
+    try:
+        waiting = [asyncio.ensure_future(pipeline.recognize(sentence, timeout_s=120)) for _ in range(queued)]
+        in_flight = batcher.limits.max_calls * batcher.limits.max_rows
+        await wait_for(lambda: batcher.calls_in_flight == batcher.limits.max_calls
+                       and batcher.queued_requests >= queued - in_flight, 60, "the requests queued")
+        expected_s = batcher.expected_wait_s()
+        assert expected_s >= 0.2, (expected_s, batcher.row_s, batcher.queued_requests)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = ner_pb2_grpc.NerServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Recognize(ner_pb2.RecognizeRequest(texts=[sentence.texts[0]]), timeout=expected_s / 2)
+            patient = asyncio.ensure_future(
+                stub.Recognize(ner_pb2.RecognizeRequest(texts=[sentence.texts[0]]), timeout=60))
+            await wait_for(lambda: batcher.queued_requests >= queued - in_flight + 1, 10, "the patient call queued")
+            os.killpg(triton.pid, signal.SIGCONT)
+            assert (await patient).documents[0].entities
+    finally:
+        os.killpg(triton.pid, signal.SIGCONT)
+    assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, error.value.details()
+    assert re.fullmatch(r"the gateway's queue for this model would take ~(\d+) ms, more than the (\d+) ms left of "
+                        r"the deadline; retry in 200 ms or on another replica", error.value.details() or "")
+    assert ("grpc-retry-pushback-ms", "200") in tuple(error.value.trailing_metadata() or ())
+    assert refused._value.get() - refused_before == 1
+    answers = await asyncio.gather(*waiting)
+    assert all(answer.documents[0].entities for answer in answers)
 
 
 class CountingPool(ThreadPoolExecutor):

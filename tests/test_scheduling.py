@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from ner_gateway.core.admission import Admission, AdmissionLimits
-from ner_gateway.core.batching import Batcher, BatchLimits
+from ner_gateway.core.batching import CALL_WEIGHT, Batcher, BatchLimits
 from ner_gateway.core.deadline import Deadline
-from ner_gateway.core.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from ner_gateway.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, TooLate
 from ner_gateway.core.ports import ServedModel
 from ner_gateway.transport.status import status_of
 
@@ -151,6 +151,64 @@ async def release_all(backend: HeldBackend, tasks: list[asyncio.Future]) -> None
             if not future.done():
                 future.set_result(None)
         await settle()
+
+
+async def test_the_expected_wait_follows_the_queue_and_admission_weighs_each_deadline_against_it() -> None:
+    """``row_s`` is a moving average of a call's duration per row. ``expected_wait_s``: half the rows in flight and
+    the first row of each queued request none of whose rows has left (the fair order sends those first), over the
+    model's calls, then the request's own call with up to ``max_rows`` rows. Admission answers a deadline shorter
+    than that RESOURCE_EXHAUSTED with the retry hint, one shorter than the model's fastest call so far
+    DEADLINE_EXCEEDED (no wait would help), and admits the rest; the refusals end as the queue drains."""
+    loop = asyncio.get_running_loop()
+    backend = HeldBackend()
+    queue = batcher(backend, max_rows=4, max_calls=2)
+    admission = Admission(AdmissionLimits(max_requests=100, max_windows=1000, retry_after_ms=150))
+    assert queue.expected_wait_s() == 0.0  # nothing measured yet: everything is admitted
+
+    timed = send(queue, [[1], [2]])  # one call of 2 rows, held about 50 ms
+    await settle()
+    held_from = loop.time()
+    await asyncio.sleep(0.05)
+    backend.release(0)
+    await timed
+    assert queue.row_s == pytest.approx(CALL_WEIGHT * (loop.time() - held_from) / 2, rel=0.25)
+
+    def expected(unserved: int, in_flight: int) -> float:
+        return queue.row_s * ((unserved + in_flight / 2) / 2 + min(unserved + 1, 4))
+
+    large = send(queue, [[7] * 3] * 6)  # 6 rows: 4 in one call, 2 in another; none left queued
+    await settle()
+    sentences = [send(queue, [[9]]) for _ in range(5)]  # no call free: all 5 queued
+    await settle()
+    assert [ids.shape[0] for ids, _ in backend.calls[1:]] == [4, 2]
+    assert queue.expected_wait_s() == pytest.approx(expected(5, 6))
+    queue.row_s = 0.01  # from here the thresholds are round numbers (0.08 s)
+    assert queue.expected_wait_s() == pytest.approx(0.08)
+    fastest_s = queue.fastest_call_s
+    assert fastest_s == pytest.approx(loop.time() - held_from, rel=0.25)  # the one call so far
+    queue.fastest_call_s = 0.004
+    for short_s in (0.05, 0.005):  # a retry later can pass
+        with pytest.raises(Overloaded) as refused:
+            admission.check_time(Deadline.after(short_s), queue.fastest_call_s, queue.expected_wait_s())
+        assert status_of(refused.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (refused.value.reason, refused.value.retry_after_ms) == ("queue", 150)
+        assert str(refused.value).startswith("the gateway's queue for this model would take ~80 ms, more than the ")
+    admission.check_time(Deadline.after(0.5), queue.fastest_call_s, queue.expected_wait_s())  # admitted
+    with pytest.raises(TooLate, match=r"the \d ms left of the deadline are less than an inference takes \(~4 ms\)"):
+        admission.check_time(Deadline.after(0.003), queue.fastest_call_s, queue.expected_wait_s())  # nothing helps
+
+    gone = send(queue, [[5]], timeout_s=0.01)  # queued, then out of time: it no longer counts
+    await settle()
+    assert queue.expected_wait_s() == pytest.approx(expected(6, 6))
+    with pytest.raises(DeadlineExceeded):
+        await gone
+    assert queue.expected_wait_s() == pytest.approx(expected(5, 6))
+    backend.release(1)  # the large request's 4 rows: the sentences' first 4 go
+    await settle()
+    assert queue.expected_wait_s() == pytest.approx(expected(1, 6))
+    await release_all(backend, [large, *sentences])
+    assert queue.expected_wait_s() == pytest.approx(queue.row_s)  # an idle model: one call of its own
+    assert queue.fastest_call_s < 0.004  # the calls released at once
 
 
 async def test_a_call_beside_another_waits_for_a_fuller_batch_or_a_bounded_time() -> None:

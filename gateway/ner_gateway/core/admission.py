@@ -1,9 +1,10 @@
 """Admission at the door: the work the gateway accepts.
 
 ``Admission`` bounds the requests and windows being served; past it a call is refused at once with
-RESOURCE_EXHAUSTED and a retry hint, instead of queueing work that would only time out. A request whose deadline
-is shorter than an inference takes now (queue and call) is refused at once with DEADLINE_EXCEEDED. What is
-admitted waits for Triton in the model's queue (core/batching.py), in fair order.
+RESOURCE_EXHAUSTED and a retry hint, instead of queueing work that would only time out. So is a request whose
+deadline is shorter than the model's queue would make it wait; one whose deadline is shorter than the model's
+fastest Triton call gets DEADLINE_EXCEEDED. What is admitted waits for Triton in the model's queue
+(core/batching.py), in fair order.
 """
 
 from __future__ import annotations
@@ -53,17 +54,23 @@ class Admission:
         finally:
             self.requests -= 1
 
-    @staticmethod
-    def check_time(deadline: Deadline, typical_wait_s: float) -> None:
-        """Refuse (DEADLINE_EXCEEDED, at once) a request whose remaining deadline is shorter than an inference
-        takes now (the model's queue in the gateway and its Triton call): it could only time out, after using
-        Triton for nothing (a flood of short deadlines)."""
+    def check_time(self, deadline: Deadline, fastest_s: float, wait_s: float) -> None:
+        """Refuse at once a request that could only time out, after using Triton for nothing (a flood of short
+        deadlines). DEADLINE_EXCEEDED when what is left of its deadline is shorter than the model's fastest call
+        so far (``fastest_s``: no wait would help); RESOURCE_EXHAUSTED with the retry hint when it is shorter than
+        the model's queue would make it wait (``wait_s``): a retry later or elsewhere can pass, and it is what makes
+        callers that honour the hint back off, so that a gateway swamped by calls that expire recovers."""
         remaining_s = deadline.remaining()
         if remaining_s <= 0:
             raise TooLate("deadline exceeded before the request was read")
-        if remaining_s < typical_wait_s:
+        if remaining_s < fastest_s:
             raise TooLate(f"the {remaining_s * 1000:.0f} ms left of the deadline are less than an inference takes "
-                          f"now (~{typical_wait_s * 1000:.0f} ms): not started")
+                          f"(~{fastest_s * 1000:.0f} ms): not started")
+        if remaining_s < wait_s:
+            raise Overloaded(f"the gateway's queue for this model would take ~{wait_s * 1000:.0f} ms, more than the "
+                             f"{remaining_s * 1000:.0f} ms left of the deadline; retry in "
+                             f"{self.limits.retry_after_ms} ms or on another replica", "queue",
+                             self.limits.retry_after_ms)
 
     @contextmanager
     def windows_of(self, count: int) -> Iterator[None]:

@@ -48,7 +48,7 @@ from ner_gateway.core.tokenizing import SpecialTokens, TextTokens
 from ner_gateway.core.windowing import Window, window_rows
 from ner_gateway.observability.tracing import TRACER
 
-WAIT_WEIGHT = 0.05  # of the latest request in typical_wait_s: follows a change of load within ~20 requests
+CALL_WEIGHT = 0.05  # of the latest call in row_s: follows a change of load within ~20 calls
 # Without cancellation (BatchLimits.cancel_calls), a call's timeout in Triton is its requests' latest deadline plus
 # this: its requests leave at their own deadlines, and the gateway does not cancel the call (no client timeout)
 # unless Triton hangs.
@@ -195,9 +195,14 @@ class Batcher:
         self._queued_rows = 0  # rows not yet sent, of the requests still waiting
         self._overlap_timer: asyncio.TimerHandle | None = None  # the queued rows' wait for a call beside the others
         self._overlap_due = False  # they waited long enough: the next call starts even if it is small
-        # Moving average of a request's wait for its logits (the gateway's queue and its calls): what a request
-        # arriving now can expect, which admission compares with what is left of its deadline.
-        self.typical_wait_s = 0.0
+        # What a request arriving now can expect to wait (expected_wait_s), which admission compares with what is
+        # left of its deadline: a moving average of a call's duration per row, the rows in calls in flight, and the
+        # requests queued none of whose rows has left yet (the fair order sends each one's first row before a new
+        # request's).
+        self.row_s = 0.0
+        self.fastest_call_s = 0.0  # the shortest call so far: a deadline shorter than that cannot be met
+        self._rows_in_flight = 0
+        self._unserved = 0
 
     @property
     def calls_in_flight(self) -> int:
@@ -206,6 +211,14 @@ class Batcher:
     @property
     def queued_requests(self) -> int:
         return len(self._queue)
+
+    def expected_wait_s(self) -> float:
+        """How long a request arriving now waits for its first row's logits: the rest of the calls in flight
+        (half, on average) and the first rows of the requests queued before it, spread over the model's calls in
+        flight, then its own call with the rows that go with it. It follows the queue as it is now, so refusals
+        end the moment the queue drains."""
+        ahead = self._unserved + self._rows_in_flight / 2
+        return self.row_s * (ahead / self.limits.max_calls + min(self._unserved + 1, self.limits.max_rows))
 
     async def infer(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int],
                     deadline: Deadline, request_id: str = "") -> list[Float32Array]:
@@ -218,6 +231,7 @@ class Batcher:
                    span if span.is_recording() else None)
         heapq.heappush(self._queue, job)
         self._queued_rows += len(rows)
+        self._unserved += 1
         self._schedule()
         try:
             async with asyncio.timeout_at(deadline.at):
@@ -228,7 +242,6 @@ class Batcher:
         except BaseException:
             self._abandon(job)
             raise
-        self.typical_wait_s += WAIT_WEIGHT * (loop.time() - job.queued_at - self.typical_wait_s)
         return job.results  # type: ignore[return-value]  # every row delivered
 
     def _schedule(self) -> None:
@@ -286,6 +299,8 @@ class Batcher:
                 continue
             entries.append((job, index))
             self._queued_rows -= 1
+            if not job.next:
+                self._unserved -= 1
             width = new_width
             job.next += 1
             job.served += row_width
@@ -303,6 +318,7 @@ class Batcher:
             job.calls.add(call)
         self.observer.call_formed(len(entries), call.tokens, [now - job.queued_at for job, _ in entries])
         self._calls.add(call)
+        self._rows_in_flight += len(entries)
         call.task = asyncio.get_running_loop().create_task(self._run(call))
         # Released by a done callback: it runs even for a task cancelled before it started (its coroutine's
         # finally would not).
@@ -317,8 +333,13 @@ class Batcher:
             deadline = Deadline.latest(job.deadline for job in jobs)
             if not self.limits.cancel_calls:
                 deadline = Deadline(deadline.at + UNCANCELLED_CALL_GRACE_S)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             with _call_span(jobs, self.model, len(call.entries)):
                 logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
+            took = loop.time() - started
+            self.row_s += CALL_WEIGHT * (took / len(call.entries) - self.row_s)
+            self.fastest_call_s = min(self.fastest_call_s, took) if self.fastest_call_s else took
         except asyncio.CancelledError:
             return  # nobody wants it any more (see _abandon)
         except Exception as e:  # every request in it fails with the call's error
@@ -337,6 +358,7 @@ class Batcher:
     def _release(self, call: _Call) -> None:
         """The call ended (answered, failed or cancelled): its place and its requests' shares go back."""
         self._calls.discard(call)
+        self._rows_in_flight -= len(call.entries)
         for job, index in call.entries:
             job.inflight -= job.widths[index]
             job.calls.discard(call)
@@ -348,6 +370,8 @@ class Batcher:
         if not job.done.done():
             job.done.cancel()
         queued = len(job.order) - job.next
+        if queued and not job.next:
+            self._unserved -= 1
         if queued:
             self.observer.abandoned("queued", queued)
             self._queued_rows -= queued

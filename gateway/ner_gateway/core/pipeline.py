@@ -181,7 +181,7 @@ class RecognitionPipeline:
             on_model(model.name, model.version)
         batcher = self.batcher(model, shadow=not live)
         if admission is not None:
-            admission.check_time(deadline, batcher.typical_wait_s)
+            admission.check_time(deadline, batcher.fastest_call_s, batcher.expected_wait_s())
         request_id = request.request_id or os.urandom(16).hex()
         texts = request.texts
         offload = self.offload if self.offload and sum(map(len, texts)) >= self.offload.min_chars else None

@@ -45,9 +45,10 @@ class GatewayMetrics:
                                multiprocess_mode="livemax")
         self.refused = Counter("ner_refused_requests", "Requests refused at once, before any work (load "
                                "shedding), by reason: requests or windows (at capacity: RESOURCE_EXHAUSTED), "
+                               "queue (less time left than the model's queue would take: RESOURCE_EXHAUSTED), "
                                "deadline (less time left than a Triton call takes now: DEADLINE_EXCEEDED)",
                                ["reason"], registry=r)
-        for reason in ("requests", "windows", "deadline"):  # exported from the start: rules rate() them
+        for reason in ("requests", "windows", "queue", "deadline"):  # exported from the start: rules rate() them
             self.refused.labels(reason)
         self.abandoned_windows = Counter(
             "ner_abandoned_windows", "Windows of requests that failed, timed out or were cancelled before their "
