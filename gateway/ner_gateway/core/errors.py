@@ -39,14 +39,15 @@ class DeadlineExceeded(NerError):
 
 
 class TooLate(DeadlineExceeded):
-    """Refused at once: what is left of the deadline is shorter than an inference takes now (load shedding)."""
+    """Refused at once: what is left of the deadline is shorter than the model's fastest call (no wait helps)."""
 
     reason = "deadline"
 
 
 class Overloaded(NerError):
-    """Refused at the door: the gateway holds as much work as it may. ``retry_after_ms`` goes to the client
-    as ``grpc-retry-pushback-ms``, which gRPC's retry policy honours."""
+    """Refused at once: the gateway holds as much work as it may, or the model's queue would outlast the request's
+    deadline (``reason``). ``retry_after_ms`` goes to the client as ``grpc-retry-pushback-ms``, which gRPC's retry
+    policy honours."""
 
     def __init__(self, message: str, reason: str, retry_after_ms: int) -> None:
         super().__init__(message)

@@ -144,7 +144,8 @@ class RecognitionPipeline:
         """Run one request; ``timeout_s`` is what remains of the caller's deadline (None: the default);
         ``on_model`` hears the model and version the request resolved to as soon as they are known (the RPC
         metrics' labels). Refused at once with Overloaded (RESOURCE_EXHAUSTED) when the gateway already holds all
-        the work it may, and with TooLate (DEADLINE_EXCEEDED) when less time is left than an inference takes now."""
+        the work it may or the model's queue would outlast the deadline, and with TooLate (DEADLINE_EXCEEDED) when
+        less time is left than the model's fastest call (``Admission.check_time``)."""
         deadline = Deadline.after(timeout_s if timeout_s is not None else self.limits.default_timeout_s)
         try:
             with self.admission.request() if self.admission else _NOTHING:
