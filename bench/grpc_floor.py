@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--deadline-ms", type=float, default=100.0)
-    parser.add_argument("--json-out", type=Path, default=Path("bench/results/grpc_floor.json"))
+    parser.add_argument("--json-out", type=Path, help="e.g. bench/results/grpc_floor.json")
     args = parser.parse_args()
 
     from ner_gateway.net import free_port
@@ -80,6 +80,8 @@ def main() -> None:
         server.terminate()
         server.wait(30)
     calls_per_s = sum(codes.values()) / elapsed
+    if not calls_per_s:
+        raise SystemExit(f"no call ended in {elapsed:.1f} s")
     result: dict[str, Any] = {
         "setup": {"clients": args.clients, "seconds": args.seconds, "deadline_ms": args.deadline_ms},
         "codes": codes,
@@ -89,8 +91,9 @@ def main() -> None:
         "cpu_ms_per_call": {name: round(value * 1000 / calls_per_s, 3) for name, value in cores.items()},
     }
     print(json.dumps(result, indent=2))
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ soak   --clients (64) callers without pause for --minutes, cut into --slice-s sl
        status code, p50/p99, and the resident memory (RSS) of the gateway, tritonserver and its Python-backend
        stubs. Reported: errors in all, the p50 spread over the slices (max/min), and RSS growth from the end of
        the first slice (warm-up: models loaded, pools and caches filled) to the end.
-flood  first the gateway unloaded (--unloaded-clients callers, 30 s deadlines, --unloaded-s): its answers per second;
-       then --clients (256) callers with --deadline-ms (100) deadlines for --seconds, twice: callers that call
-       again at once whatever the answer, and callers that, refused, wait the server's retry hint
-       (grpc-retry-pushback-ms) before their next call, as gRPC's retry policy does. Per flood: calls by status
-       code, answers per second against the unloaded rate, the share of the calls not answered that were refused
-       (RESOURCE_EXHAUSTED), how fast refusals came back, the windows Triton ran (its inference_count) against
-       the answers (work for calls that had given up shows as the difference), and each process's CPU (cores).
+flood  twice, each against a fresh gateway: callers that call again at once whatever the answer, and callers that,
+       refused, wait the server's retry hint (grpc-retry-pushback-ms) before their next call, as gRPC's retry
+       policy does. Each time the gateway runs unloaded first (--unloaded-clients callers, 30 s deadlines,
+       --unloaded-s: its answers per second), then --clients (256) callers with --deadline-ms (100) deadlines
+       for --seconds. Per flood: calls by status code, answers per second against the unloaded rate, the share
+       of the calls not answered that were refused (RESOURCE_EXHAUSTED), how fast refusals came back, the
+       windows Triton ran (its inference_count) against the answers (work for calls that had given up shows as
+       the difference), and each process's CPU (cores).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,40 +150,48 @@ def cpu_cores(before: dict[str, float], after: dict[str, float], seconds: float)
     return {name: round((after[name] - before.get(name, 0.0)) / seconds, 2) for name in after}
 
 
-def flood(args: argparse.Namespace, address: str, gateway_pid: int, triton_pid: int, triton_url: str,
-          texts: list[str]) -> dict[str, Any]:
-    def processes() -> dict[str, float]:
-        return {**server_cpu_s(gateway_pid, triton_pid), "callers": process_stat(os.getpid())[1]}
-
+def flood(args: argparse.Namespace, start: Callable[[], tuple[subprocess.Popen[bytes], str]], triton_pid: int,
+          triton_url: str, texts: list[str]) -> dict[str, Any]:
+    """Each kind of callers against a gateway of its own (so that neither inherits what the other taught it),
+    first unloaded, then flooded."""
+    result: dict[str, Any] = {}
     loop = asyncio.new_event_loop()
     try:
-        unloaded: dict[str, int] = {}
-
-        def count(code: str, seconds: float, texts_per_call: int) -> None:
-            unloaded[code] = unloaded.get(code, 0) + 1
-
-        loop.run_until_complete(callers(address, args.model, texts, args.unloaded_clients, args.unloaded_s, 30.0,
-                                        count))
-        unloaded_per_s = unloaded.get("OK", 0) / args.unloaded_s
-        result: dict[str, Any] = {"unloaded": {"clients": args.unloaded_clients, "codes": unloaded,
-                                               "answers_per_s": round(unloaded_per_s, 1)}}
         for name, pushback in (("callers_call_again_at_once", False), ("callers_wait_the_retry_hint", True)):
-            codes: dict[str, int] = {}
-            refused_s: list[float] = []
+            gateway, address = start()
+            try:
+                unloaded: dict[str, int] = {}
 
-            def record(code: str, seconds: float, count: int, codes: dict[str, int] = codes,
-                       refused_s: list[float] = refused_s) -> None:
-                codes[code] = codes.get(code, 0) + 1
-                if code == "RESOURCE_EXHAUSTED":
-                    refused_s.append(seconds)
+                def count(code: str, seconds: float, texts_per_call: int, unloaded: dict[str, int] = unloaded) -> None:
+                    unloaded[code] = unloaded.get(code, 0) + 1
 
-            before, cpu_before, started = triton_counts(triton_url, args.model)[0], processes(), time.monotonic()
-            loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
-                                            args.deadline_ms / 1000, record, pushback=pushback))
-            cores = cpu_cores(cpu_before, processes(), time.monotonic() - started)
-            loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
-            ran = triton_counts(triton_url, args.model)[0] - before
-            result[name] = {**flood_summary(codes, refused_s, ran, args.deadline_ms, args.seconds, unloaded_per_s),
+                loop.run_until_complete(callers(address, args.model, texts, args.unloaded_clients, args.unloaded_s,
+                                                30.0, count))
+                unloaded_per_s = unloaded.get("OK", 0) / args.unloaded_s
+                codes: dict[str, int] = {}
+                refused_s: list[float] = []
+
+                def record(code: str, seconds: float, texts_per_call: int, codes: dict[str, int] = codes,
+                           refused_s: list[float] = refused_s) -> None:
+                    codes[code] = codes.get(code, 0) + 1
+                    if code == "RESOURCE_EXHAUSTED":
+                        refused_s.append(seconds)
+
+                def processes(gateway_pid: int = gateway.pid) -> dict[str, float]:
+                    return {**server_cpu_s(gateway_pid, triton_pid), "callers": process_stat(os.getpid())[1]}
+
+                before, cpu_before, started = triton_counts(triton_url, args.model)[0], processes(), time.monotonic()
+                loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
+                                                args.deadline_ms / 1000, record, pushback=pushback))
+                cores = cpu_cores(cpu_before, processes(), time.monotonic() - started)
+                loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
+                ran = triton_counts(triton_url, args.model)[0] - before
+            finally:
+                gateway.terminate()
+                gateway.wait(60)
+            result[name] = {"unloaded": {"clients": args.unloaded_clients, "codes": unloaded,
+                                         "answers_per_s": round(unloaded_per_s, 1)},
+                            **flood_summary(codes, refused_s, ran, args.deadline_ms, args.seconds, unloaded_per_s),
                             "cpu_cores": cores}
             print(json.dumps({name: result[name]}), flush=True)
     finally:
@@ -240,15 +250,16 @@ def main() -> None:
     loop.run_until_complete(triton.start())
     gateway = None
     try:
-        gateway, address = start_gateway(args.repository, triton.grpc_url, {"NER_METRICS_PORT": "0"})
         assert triton.pid is not None
         setup = {"mode": args.mode, "model": args.model, "clients": args.clients}
         if args.mode == "soak":
+            gateway, address = start_gateway(args.repository, triton.grpc_url, {"NER_METRICS_PORT": "0"})
             result = {"setup": {**setup, "minutes": args.minutes, "slice_s": args.slice_s, "mix_texts": args.mix_texts},
                       **soak(args, address, gateway.pid, triton.pid, texts)}
         else:
             result = {"setup": {**setup, "seconds": args.seconds, "deadline_ms": args.deadline_ms},
-                      **flood(args, address, gateway.pid, triton.pid, triton.grpc_url, texts)}
+                      **flood(args, lambda: start_gateway(args.repository, triton.grpc_url, {"NER_METRICS_PORT": "0"}),
+                              triton.pid, triton.grpc_url, texts)}
     finally:
         if gateway is not None:
             gateway.terminate()

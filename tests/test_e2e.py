@@ -279,8 +279,9 @@ def test_a_short_deadline_beside_long_requests_is_admitted_and_answered_in_time(
     """What counts against a deadline is the queue ahead of the request in the fair order (the first window of
     each request none of whose windows has left yet), not the windows the requests already served still queue:
     a sentence sent with 0.5 s left while 32 long requests hold well over that in the gateway's queue is admitted,
-    overtakes them, and is answered in time; nothing is refused. (Counting every queued window would have refused
-    it: the long requests run on for longer than its whole deadline after it was sent.)"""
+    overtakes them, and is answered in time; nothing is refused. This guards the estimate's fair order: counting
+    every queued window would have refused it, since the long requests run on for longer than its whole deadline
+    after it was sent. (The refusals themselves: test_pipeline.py, test_scheduling.py, test_load_shedding.py.)"""
     gateway, port = queueing_gateway
     stub = ner_pb2_grpc.NerServiceStub(gateway.channel())
     sentence = "Angela Merkel visited Paris"

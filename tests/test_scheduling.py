@@ -154,11 +154,12 @@ async def release_all(backend: HeldBackend, tasks: list[asyncio.Future]) -> None
 
 
 async def test_the_expected_wait_follows_the_queue_and_admission_weighs_each_deadline_against_it() -> None:
-    """``row_s`` is a moving average of a call's duration per row. ``expected_wait_s``: half the rows in flight and
-    the first row of each queued request none of whose rows has left (the fair order sends those first), over the
-    model's calls, then the request's own call with up to ``max_rows`` rows. Admission answers a deadline shorter
-    than that RESOURCE_EXHAUSTED with the retry hint, one shorter than the model's fastest call so far
-    DEADLINE_EXCEEDED (no wait would help), and admits the rest; the refusals end as the queue drains."""
+    """``row_s``: a call's duration per row (the first call's whole, then a moving average). ``expected_wait_s``:
+    half the rows in flight over the model's calls, then the first row of each queued request none of whose rows
+    has left (the fair order sends those first) and the request's own, over the model's calls but never less than
+    the one call of up to ``max_rows`` rows that carries its row. Admission answers a deadline shorter than that
+    RESOURCE_EXHAUSTED with the retry hint, one shorter than the model's fastest call so far DEADLINE_EXCEEDED (no
+    wait would help), and admits the rest; the refusals end as the queue drains."""
     loop = asyncio.get_running_loop()
     backend = HeldBackend()
     queue = batcher(backend, max_rows=4, max_calls=2)
@@ -171,44 +172,90 @@ async def test_the_expected_wait_follows_the_queue_and_admission_weighs_each_dea
     await asyncio.sleep(0.05)
     backend.release(0)
     await timed
-    assert queue.row_s == pytest.approx(CALL_WEIGHT * (loop.time() - held_from) / 2, rel=0.25)
+    held_s = loop.time() - held_from
+    assert queue.row_s == pytest.approx(held_s / 2, rel=0.25)
+    assert queue.fastest_call_s == pytest.approx(held_s, rel=0.25)
 
     def expected(unserved: int, in_flight: int) -> float:
-        return queue.row_s * ((unserved + in_flight / 2) / 2 + min(unserved + 1, 4))
+        return queue.wait_scale * queue.row_s * (in_flight / 2 / 2 + max((unserved + 1) / 2, min(unserved + 1, 4)))
 
     large = send(queue, [[7] * 3] * 6)  # 6 rows: 4 in one call, 2 in another; none left queued
     await settle()
-    sentences = [send(queue, [[9]]) for _ in range(5)]  # no call free: all 5 queued
+    sentences = [send(queue, [[9]]) for _ in range(9)]  # no call free: all 9 queued
     await settle()
     assert [ids.shape[0] for ids, _ in backend.calls[1:]] == [4, 2]
-    assert queue.expected_wait_s() == pytest.approx(expected(5, 6))
-    queue.row_s = 0.01  # from here the thresholds are round numbers (0.08 s)
-    assert queue.expected_wait_s() == pytest.approx(0.08)
-    fastest_s = queue.fastest_call_s
-    assert fastest_s == pytest.approx(loop.time() - held_from, rel=0.25)  # the one call so far
-    queue.fastest_call_s = 0.004
+    assert queue.expected_wait_s() == pytest.approx(expected(9, 6))
+    queue.row_s, queue.fastest_call_s, queue.wait_scale = 0.01, 0.004, 1.0  # round thresholds from here
+    assert queue.expected_wait_s() == pytest.approx(0.065)
     for short_s in (0.05, 0.005):  # a retry later can pass
         with pytest.raises(Overloaded) as refused:
             admission.check_time(Deadline.after(short_s), queue.fastest_call_s, queue.expected_wait_s())
         assert status_of(refused.value) is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert (refused.value.reason, refused.value.retry_after_ms) == ("queue", 150)
-        assert str(refused.value).startswith("the gateway's queue for this model would take ~80 ms, more than the ")
+        assert str(refused.value).startswith("the gateway's queue for this model would take ~65 ms, more than the ")
     admission.check_time(Deadline.after(0.5), queue.fastest_call_s, queue.expected_wait_s())  # admitted
-    with pytest.raises(TooLate, match=r"the \d ms left of the deadline are less than an inference takes \(~4 ms\)"):
-        admission.check_time(Deadline.after(0.003), queue.fastest_call_s, queue.expected_wait_s())  # nothing helps
+    with pytest.raises(TooLate, match=r"the \d ms left of the deadline are less than this model's fastest call so "
+                                      r"far \(~4 ms\)"):
+        admission.check_time(Deadline.after(0.003), queue.fastest_call_s, queue.expected_wait_s())
 
     gone = send(queue, [[5]], timeout_s=0.01)  # queued, then out of time: it no longer counts
     await settle()
-    assert queue.expected_wait_s() == pytest.approx(expected(6, 6))
+    assert queue.expected_wait_s() == pytest.approx(expected(10, 6))
     with pytest.raises(DeadlineExceeded):
         await gone
-    assert queue.expected_wait_s() == pytest.approx(expected(5, 6))
+    assert queue.expected_wait_s() == pytest.approx(expected(9, 6))
     backend.release(1)  # the large request's 4 rows: the sentences' first 4 go
     await settle()
-    assert queue.expected_wait_s() == pytest.approx(expected(1, 6))
+    assert queue.expected_wait_s() == pytest.approx(expected(5, 6))
     await release_all(backend, [large, *sentences])
-    assert queue.expected_wait_s() == pytest.approx(queue.row_s)  # an idle model: one call of its own
+    assert queue.expected_wait_s() == pytest.approx(queue.wait_scale * queue.row_s)  # idle: one call of its own
     assert queue.fastest_call_s < 0.004  # the calls released at once
+
+
+async def test_the_estimate_learns_how_long_one_row_requests_actually_waited() -> None:
+    """``wait_scale``: a moving average of one-row requests' waits against what the queue's formula said when each
+    came (what the formula leaves out, such as a busy event loop, shows as a ratio above 1). A request that gives
+    up counts only where it had already waited longer than the scale says; requests of several rows never."""
+    loop = asyncio.get_running_loop()
+    backend = HeldBackend()
+    queue = batcher(backend, max_calls=1)
+    first = send(queue, [[1]])
+    await settle()
+    backend.release(0)
+    await first
+    queue.row_s, queue.wait_scale = 0.01, 1.0  # the formula's numbers from here: round
+    sent = loop.time()
+    held = send(queue, [[2]])  # alone: its own call, 10 ms; held in flight
+    await settle()
+    waiting = send(queue, [[3]])  # half the row in flight, then its own call: 1.5 x 10 ms
+    await settle()
+    await asyncio.sleep(0.06)
+    backend.release(1)
+    await held
+    held_ratio = (loop.time() - sent) / 0.010
+    await settle()
+    backend.release(2)
+    await waiting
+    ratio = (loop.time() - sent) / 0.015
+    after_held = 1 + CALL_WEIGHT * (held_ratio - 1)
+    assert ratio > 4 and queue.wait_scale == pytest.approx(after_held + CALL_WEIGHT * (ratio - after_held), rel=0.1)
+    learnt = queue.wait_scale
+
+    quick = send(queue, [[4]], timeout_s=0.001)  # gives up at once: it had not waited longer than the scale says
+    with pytest.raises(DeadlineExceeded):
+        await quick
+    several = send(queue, [[5], [6]])
+    await settle()
+    backend.release(len(backend.calls) - 1)
+    await several
+    assert queue.wait_scale == learnt
+    queue.wait_scale = 1.0
+    queue.row_s = 0.001
+    stuck = send(queue, [[7]], timeout_s=0.05)  # a call held past its deadline: it waited 50 ms against ~1.5 ms
+    with pytest.raises(DeadlineExceeded):
+        await stuck
+    assert queue.wait_scale > 1 + CALL_WEIGHT * 20
+    await release_all(backend, [])
 
 
 async def test_a_call_beside_another_waits_for_a_fuller_batch_or_a_bounded_time() -> None:

@@ -64,8 +64,8 @@ class Admission:
         if remaining_s <= 0:
             raise TooLate("deadline exceeded before the request was read")
         if remaining_s < fastest_s:
-            raise TooLate(f"the {remaining_s * 1000:.0f} ms left of the deadline are less than an inference takes "
-                          f"(~{fastest_s * 1000:.0f} ms): not started")
+            raise TooLate(f"the {remaining_s * 1000:.0f} ms left of the deadline are less than this model's fastest "
+                          f"call so far (~{fastest_s * 1000:.0f} ms): not started")
         if remaining_s < wait_s:
             raise Overloaded(f"the gateway's queue for this model would take ~{wait_s * 1000:.0f} ms, more than the "
                              f"{remaining_s * 1000:.0f} ms left of the deadline; retry in "

@@ -48,7 +48,8 @@ from ner_gateway.core.tokenizing import SpecialTokens, TextTokens
 from ner_gateway.core.windowing import Window, window_rows
 from ner_gateway.observability.tracing import TRACER
 
-CALL_WEIGHT = 0.05  # of the latest call in row_s: follows a change of load within ~20 calls
+CALL_WEIGHT = 0.05  # of the latest call in row_s (after the first, taken whole): follows load within ~20 calls
+MAX_WAIT_SCALE = 10.0  # wait_scale's bound: a burst of late answers cannot make it refuse all for long
 # Without cancellation (BatchLimits.cancel_calls), a call's timeout in Triton is its requests' latest deadline plus
 # this: its requests leave at their own deadlines, and the gateway does not cancel the call (no client timeout)
 # unless Triton hangs.
@@ -201,6 +202,9 @@ class Batcher:
         # request's).
         self.row_s = 0.0
         self.fastest_call_s = 0.0  # the shortest call so far: a deadline shorter than that cannot be met
+        # How long one-row requests actually waited against what the queue said when they came (a moving average
+        # of the ratio): corrects the estimate for what it leaves out, chiefly the event loop's own backlog.
+        self.wait_scale = 1.0
         self._rows_in_flight = 0
         self._unserved = 0
 
@@ -214,11 +218,36 @@ class Batcher:
 
     def expected_wait_s(self) -> float:
         """How long a request arriving now waits for its first row's logits: the rest of the calls in flight
-        (half, on average) and the first rows of the requests queued before it, spread over the model's calls in
-        flight, then its own call with the rows that go with it. It follows the queue as it is now, so refusals
-        end the moment the queue drains."""
-        ahead = self._unserved + self._rows_in_flight / 2
-        return self.row_s * (ahead / self.limits.max_calls + min(self._unserved + 1, self.limits.max_rows))
+        (half, on average, spread over the model's calls), then the first rows of the requests queued before it
+        and its own, spread over the model's calls but never less than the one call that carries its row. It
+        follows the queue as it is now, so refusals end the moment the queue drains. Rows count alike whatever
+        their width, and a request's later rows are not counted: a long document with a short deadline can still
+        be admitted and time out."""
+        return self.wait_scale * self._queue_wait_s()
+
+    def _queue_wait_s(self) -> float:
+        rows = self._unserved + 1
+        calls = self.limits.max_calls
+        return self.row_s * (self._rows_in_flight / 2 / calls + max(rows / calls, min(rows, self.limits.max_rows)))
+
+    def _waited(self, predicted_s: float, waited_s: float, answered: bool) -> None:
+        """A one-row request's wait against the queue's estimate when it came, into ``wait_scale``; one that gave
+        up first only where it already waited longer than the estimate says (its full wait is at least that)."""
+        if predicted_s <= 0:
+            return
+        ratio = waited_s / predicted_s
+        if answered or ratio > self.wait_scale:
+            self.wait_scale = min(MAX_WAIT_SCALE, self.wait_scale + CALL_WEIGHT * (ratio - self.wait_scale))
+
+    def _timed(self, took: float, rows: int, finished: bool) -> None:
+        """A call's duration into ``row_s`` and ``fastest_call_s``; one cut short (cancelled, failed) only where
+        it already took longer per row than the average, since its full duration is at least that."""
+        per_row = took / rows
+        if finished:
+            self.row_s = self.row_s + CALL_WEIGHT * (per_row - self.row_s) if self.row_s else per_row
+            self.fastest_call_s = min(self.fastest_call_s, took) if self.fastest_call_s else took
+        elif self.row_s and per_row > self.row_s:
+            self.row_s += CALL_WEIGHT * (per_row - self.row_s)
 
     async def infer(self, rows: Sequence[Sequence[int]], lengths: Sequence[int], widths: Sequence[int],
                     deadline: Deadline, request_id: str = "") -> list[Float32Array]:
@@ -229,6 +258,7 @@ class Batcher:
         span = trace.get_current_span()
         job = _Job(rows, lengths, widths, deadline, request_id, next(self._seq), loop.time(),
                    span if span.is_recording() else None)
+        predicted_s = self._queue_wait_s() if len(rows) == 1 else 0.0
         heapq.heappush(self._queue, job)
         self._queued_rows += len(rows)
         self._unserved += 1
@@ -238,10 +268,12 @@ class Batcher:
                 await job.done
         except TimeoutError:
             self._abandon(job)
+            self._waited(predicted_s, loop.time() - job.queued_at, answered=False)
             raise DeadlineExceeded("deadline exceeded while waiting for the inference server") from None
         except BaseException:
             self._abandon(job)
             raise
+        self._waited(predicted_s, loop.time() - job.queued_at, answered=True)
         return job.results  # type: ignore[return-value]  # every row delivered
 
     def _schedule(self) -> None:
@@ -335,11 +367,13 @@ class Batcher:
                 deadline = Deadline(deadline.at + UNCANCELLED_CALL_GRACE_S)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            with _call_span(jobs, self.model, len(call.entries)):
-                logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
-            took = loop.time() - started
-            self.row_s += CALL_WEIGHT * (took / len(call.entries) - self.row_s)
-            self.fastest_call_s = min(self.fastest_call_s, took) if self.fastest_call_s else took
+            try:
+                with _call_span(jobs, self.model, len(call.entries)):
+                    logits = await self.backend.infer(self.model, arrays, self.output, deadline, jobs[0].request_id)
+            except BaseException:
+                self._timed(loop.time() - started, len(call.entries), finished=False)
+                raise
+            self._timed(loop.time() - started, len(call.entries), finished=True)
         except asyncio.CancelledError:
             return  # nobody wants it any more (see _abandon)
         except Exception as e:  # every request in it fails with the call's error

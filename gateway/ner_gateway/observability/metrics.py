@@ -46,7 +46,7 @@ class GatewayMetrics:
         self.refused = Counter("ner_refused_requests", "Requests refused at once, before any work (load "
                                "shedding), by reason: requests or windows (at capacity: RESOURCE_EXHAUSTED), "
                                "queue (less time left than the model's queue would take: RESOURCE_EXHAUSTED), "
-                               "deadline (less time left than a Triton call takes now: DEADLINE_EXCEEDED)",
+                               "deadline (less time left than the model's fastest call: DEADLINE_EXCEEDED)",
                                ["reason"], registry=r)
         for reason in ("requests", "windows", "queue", "deadline"):  # exported from the start: rules rate() them
             self.refused.labels(reason)
