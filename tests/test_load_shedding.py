@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -47,6 +48,41 @@ def recognize(channel: grpc.aio.Channel, text: str, timeout: float) -> grpc.aio.
     return stub.Recognize(ner_pb2.RecognizeRequest(texts=[text]), timeout=timeout)
 
 
+@dataclass
+class Flood:
+    """What the callers of one flood got: calls by code, the details by code (digits as N), the retry hints."""
+
+    codes: dict[grpc.StatusCode, int] = field(default_factory=dict)
+    details: dict[grpc.StatusCode, set[str]] = field(default_factory=dict)
+    pushback: set[str] = field(default_factory=set)
+
+
+async def flood(channel: grpc.aio.Channel, seconds: float, deadline_s: float, wait_the_hint: bool) -> Flood:
+    """256 callers sending one sentence per call for ``seconds``; with ``wait_the_hint``, a caller refused with a
+    retry hint waits that long before its next call (as gRPC's retry policy does), else it calls again at once."""
+    result = Flood()
+    stop_at = time.monotonic() + seconds
+
+    async def caller() -> None:
+        while time.monotonic() < stop_at:
+            wait_ms = 0
+            try:
+                await recognize(channel, SENTENCE, deadline_s)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                result.details.setdefault(code, set()).add(re.sub(r"\d+", "N", e.details() or ""))
+                hints = [v for k, v in (e.trailing_metadata() or ()) if k == "grpc-retry-pushback-ms"]
+                result.pushback.update(hints)
+                wait_ms = int(hints[0]) if hints and wait_the_hint else 0
+            result.codes[code] = result.codes.get(code, 0) + 1
+            if wait_ms:
+                await asyncio.sleep(wait_ms / 1000)
+
+    await asyncio.gather(*(caller() for _ in range(256)))
+    return result
+
+
 async def test_a_sentence_overtakes_a_large_request_whose_windows_wait_in_the_gateway(shedding_gateway) -> None:  # type: ignore[no-untyped-def]
     gateway, ports = shedding_gateway
     async with grpc.aio.insecure_channel(gateway.address) as channel:
@@ -74,27 +110,11 @@ async def test_a_sentence_overtakes_a_large_request_whose_windows_wait_in_the_ga
 
 async def test_a_flood_is_shed_with_a_retry_hint_and_triton_runs_nothing_given_up(shedding_gateway) -> None:  # type: ignore[no-untyped-def]
     gateway, ports = shedding_gateway
-    codes: dict[grpc.StatusCode, int] = {}
-    details: dict[grpc.StatusCode, set[str]] = {}
-    pushback: set[str] = set()
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         await recognize(channel, SENTENCE, 30)
         triton_before = total(ports["triton"], "nv_inference_count_total")
-        stop_at = time.monotonic() + 4.0
-
-        async def client() -> None:
-            while time.monotonic() < stop_at:
-                try:
-                    await recognize(channel, SENTENCE, FLOOD_DEADLINE)
-                    code = grpc.StatusCode.OK
-                except grpc.aio.AioRpcError as e:
-                    code = e.code()
-                    details.setdefault(code, set()).add(re.sub(r"\d+", "N", e.details() or ""))
-                    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        pushback.update(v for k, v in (e.trailing_metadata() or ()) if k == "grpc-retry-pushback-ms")
-                codes[code] = codes.get(code, 0) + 1
-
-        await asyncio.gather(*(client() for _ in range(256)))
+        result = await flood(channel, 4.0, FLOOD_DEADLINE, wait_the_hint=False)
+        codes, details, pushback = result.codes, result.details, result.pushback
         await asyncio.sleep(0.5)
         rows_run = total(ports["triton"], "nv_inference_count_total") - triton_before
         # Still serving normally afterwards.
@@ -135,31 +155,12 @@ async def test_a_flood_of_short_deadlines_is_refused_for_the_queue_and_callers_t
     call's deadline, at once and with the hint, so the callers back off, the gateway keeps answering, and Triton's
     work goes to answers."""
     gateway, ports = default_gateway
-    codes: dict[grpc.StatusCode, int] = {}
-    details: dict[grpc.StatusCode, set[str]] = {}
-    pushback: set[str] = set()
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         await recognize(channel, SENTENCE, 30)
         triton_before = total(ports["triton"], "nv_inference_count_total")
         refused_before = total(ports["gateway"], "ner_refused_requests_total")
-        stop_at = time.monotonic() + 5.0
-
-        async def client() -> None:
-            while time.monotonic() < stop_at:
-                wait_ms = 0
-                try:
-                    await recognize(channel, SENTENCE, 0.1)
-                    code = grpc.StatusCode.OK
-                except grpc.aio.AioRpcError as e:
-                    code = e.code()
-                    details.setdefault(code, set()).add(re.sub(r"\d+", "N", e.details() or ""))
-                    hints = [v for k, v in (e.trailing_metadata() or ()) if k == "grpc-retry-pushback-ms"]
-                    pushback.update(hints)
-                    wait_ms = int(hints[0]) if hints else 0
-                codes[code] = codes.get(code, 0) + 1
-                await asyncio.sleep(wait_ms / 1000)
-
-        await asyncio.gather(*(client() for _ in range(256)))
+        result = await flood(channel, 5.0, 0.1, wait_the_hint=True)
+        codes, details, pushback = result.codes, result.details, result.pushback
         await asyncio.sleep(0.5)
         rows_run = total(ports["triton"], "nv_inference_count_total") - triton_before
         assert (await recognize(channel, SENTENCE, 30)).documents[0].entities
