@@ -98,8 +98,8 @@ async def patient_gateway(triton: EmbeddedTriton, tiny_repository: Path):
     """A gateway whose health checks wait a minute (a Triton held for a few seconds stays in rotation) and that
     admits thousands of requests at once."""
     settings = settings_for(tiny_repository, triton.grpc_url)
-    service = Gateway(settings.model_copy(update={"health_check_interval_s": 60, "max_inflight_requests": 5000,
-                                                      "max_inflight_windows": 5000}))
+    service = Gateway(settings.model_copy(update={"health_check_interval_s": 60, "max_inflight_requests": 10000,
+                                                      "max_inflight_windows": 10000}))
     await service.start()
     yield service
     await service.stop()
@@ -118,8 +118,8 @@ async def test_a_deadline_shorter_than_the_queue_is_refused_at_once_with_a_retry
     sentence = RecognizeRequest(texts=["Angela Merkel visited Paris"])
     for _ in range(8):
         await pipeline.recognize(sentence, timeout_s=10)
-    # Enough requests that the queue means >= 0.2 s: a deadline of half that outlasts the trip to the handler.
-    queued = min(4000, max(64, int(0.5 * batcher.limits.max_calls / batcher.row_s)))
+    # Enough requests that the queue means ~1 s: a deadline of half that outlasts the trip to the handler.
+    queued = min(8000, max(64, int(batcher.limits.max_calls / batcher.row_s)))
     refused = gateway.metrics.refused.labels("queue")
     refused_before = refused._value.get()
     assert triton.pid is not None
