@@ -10,14 +10,15 @@ soak   --clients (64) callers without pause for --minutes, cut into --slice-s sl
        status code, p50/p99, and the resident memory (RSS) of the gateway, tritonserver and its Python-backend
        stubs. Reported: errors in all, the p50 spread over the slices (max/min), and RSS growth from the end of
        the first slice (warm-up: models loaded, pools and caches filled) to the end.
-flood  twice, each against a fresh gateway: callers that call again at once whatever the answer, and callers that,
-       refused, wait the server's retry hint (grpc-retry-pushback-ms) before their next call, as gRPC's retry
-       policy does. Each time the gateway runs unloaded first (--unloaded-clients callers, 30 s deadlines,
-       --unloaded-s: its answers per second), then --clients (256) callers with --deadline-ms (100) deadlines
-       for --seconds. Per flood: calls by status code, answers per second against the unloaded rate, the share
-       of the calls not answered that were refused (RESOURCE_EXHAUSTED), how fast refusals came back, the
-       windows Triton ran (its inference_count) against the answers (work for calls that had given up shows as
-       the difference), and each process's CPU (cores).
+flood  three times, each against a fresh gateway: callers that call again at once whatever the answer; callers
+       that, refused, wait the server's retry hint (grpc-retry-pushback-ms) before their next call; and callers
+       on a channel with the Python client's retry policy (gRPC retries after the hint, within the deadline),
+       calling again once a call ends. Each time the gateway runs unloaded first (--unloaded-clients callers,
+       30 s deadlines, --unloaded-s: its answers per second), then --clients (256) callers with --deadline-ms
+       (100) deadlines for --seconds. Per flood: calls by status code, answers per second against the unloaded
+       rate, the share of the calls not answered that were refused (RESOURCE_EXHAUSTED), how fast refusals came
+       back, the windows Triton ran (its inference_count) against the answers (work for calls that had given up
+       shows as the difference), and each process's CPU (cores).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import grpc
 import numpy as np
 from throughput import children, percentiles, process_stat, server_cpu_s, start_gateway, triton_counts, wnut_texts
 
+from ner_gateway.client import service_config
 from ner_gateway.pb.ner.v1 import ner_pb2, ner_pb2_grpc
 
 
@@ -60,13 +62,16 @@ def server_rss_mb(gateway_pid: int, triton_pid: int) -> dict[str, float]:
 
 
 async def callers(address: str, model: str, texts: list[str], clients: int, seconds: float, deadline_s: float,
-                  on_result: Any, mix_texts: int = 1, pushback: bool = False) -> None:
+                  on_result: Any, mix_texts: int = 1, pushback: bool = False, retry_policy: bool = False) -> None:
     """``clients`` callers sending one text per call, back to back, for ``seconds``; with ``mix_texts`` > 1 every
     other caller sends that many texts per call; with ``pushback``, a caller refused with a retry hint
-    (grpc-retry-pushback-ms) waits that long first. ``model``: comma-separated models, spread over the callers."""
+    (grpc-retry-pushback-ms) waits that long first; with ``retry_policy``, the channel has the Python client's
+    service config (gRPC itself retries RESOURCE_EXHAUSTED and UNAVAILABLE after the hint, within the deadline).
+    ``model``: comma-separated models, spread over the callers."""
     stop_at = time.monotonic() + seconds
     models = model.split(",")
-    async with grpc.aio.insecure_channel(address) as channel:
+    options = [("grpc.service_config", service_config())] if retry_policy else []
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = ner_pb2_grpc.NerServiceStub(channel)
 
         async def caller(k: int) -> None:
@@ -157,7 +162,9 @@ def flood(args: argparse.Namespace, start: Callable[[], tuple[subprocess.Popen[b
     result: dict[str, Any] = {}
     loop = asyncio.new_event_loop()
     try:
-        for name, pushback in (("callers_call_again_at_once", False), ("callers_wait_the_retry_hint", True)):
+        for name, pushback, retry_policy in (("callers_call_again_at_once", False, False),
+                                             ("callers_wait_the_retry_hint", True, False),
+                                             ("callers_with_the_client_retry_policy", False, True)):
             gateway, address = start()
             try:
                 unloaded: dict[str, int] = {}
@@ -182,7 +189,8 @@ def flood(args: argparse.Namespace, start: Callable[[], tuple[subprocess.Popen[b
 
                 before, cpu_before, started = triton_counts(triton_url, args.model)[0], processes(), time.monotonic()
                 loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
-                                                args.deadline_ms / 1000, record, pushback=pushback))
+                                                args.deadline_ms / 1000, record, pushback=pushback,
+                                                retry_policy=retry_policy))
                 cores = cpu_cores(cpu_before, processes(), time.monotonic() - started)
                 loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
                 ran = triton_counts(triton_url, args.model)[0] - before

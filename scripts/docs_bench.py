@@ -167,7 +167,10 @@ def flood_table(name: str = "flood.json") -> str:
              "stubs) / callers |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, who in (("callers_call_again_at_once", "call again at once"),
-                     ("callers_wait_the_retry_hint", "wait the retry hint")):
+                     ("callers_wait_the_retry_hint", "wait the retry hint"),
+                     ("callers_with_the_client_retry_policy", "the Python client's retry policy, then again")):
+        if key not in d:
+            continue
         f = d[key]
         codes = ", ".join(f"{code} {count:,}" for code, count in f["codes"].items())
         refused = f["resource_exhausted_ms"]["p50_ms"] if f["resource_exhausted_ms"] else None
