@@ -14,14 +14,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
-from throughput import wnut_texts  # bench/throughput.py
+from throughput import padded_batches, text_feeds, wnut_texts  # bench/throughput.py
 
 from ner_gateway.artifact.manifest import ModelManifest, latest_version_dir
-from ner_gateway.core.batching import InputEncoder
-from ner_gateway.core.compatibility import load_tokenizer
-from ner_gateway.core.windowing import Window
 
 
 def main() -> None:
@@ -35,10 +31,7 @@ def main() -> None:
 
     version_dir = latest_version_dir(args.repository / args.model)
     manifest = ModelManifest.read(version_dir)
-    tokenizer = load_tokenizer(version_dir, manifest)
-    encoder = InputEncoder(tokenizer.special, manifest.inputs)
-    feeds = [encoder.windows([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
-             for t in tokenizer.tokenize(wnut_texts(args.texts))]
+    feeds = text_feeds(version_dir, manifest, wnut_texts(args.texts))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -46,19 +39,14 @@ def main() -> None:
                                    providers=["CPUExecutionProvider"])
     result: dict[str, float] = {}
     for size in (int(b) for b in args.batches.split(",")):
-        batches = []
-        for start in range(0, len(feeds) - size + 1, size):
-            chunk = feeds[start : start + size]
-            width = max(f["input_ids"].shape[1] for f in chunk)
-            batches.append({name: np.concatenate([np.pad(f[name], ((0, 0), (0, width - f[name].shape[1])))
-                                                  for f in chunk]) for name in chunk[0]})
+        batches, _ = padded_batches(feeds, sort=False, size=size)
         for batch in batches[:5]:  # warm
             session.run(None, batch)
         started, sentences = time.process_time(), 0
         for _ in range(3):
             for batch in batches:
                 session.run(None, batch)
-                sentences += size
+                sentences += len(batch["input_ids"])
         result[str(size)] = round((time.process_time() - started) * 1000 / sentences, 3)
     summary = {"model": args.model, "cpu_ms_per_sentence_by_batch": result}
     print(json.dumps(summary, indent=2))

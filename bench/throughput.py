@@ -192,13 +192,27 @@ def ort_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def padded_batches(feeds: list[dict[str, np.ndarray]], sort: bool) -> tuple[list[dict[str, np.ndarray]], float]:
-    """Batches of 16 single-text feeds padded to their longest, and the padding ratio (padded / real tokens)."""
+def text_feeds(version_dir: Path, manifest: Any, texts: list[str]) -> list[dict[str, np.ndarray]]:
+    """Each text's model inputs, one window of it, tokenized and encoded as the gateway does."""
+    from ner_gateway.core.batching import InputEncoder
+    from ner_gateway.core.compatibility import load_tokenizer
+    from ner_gateway.core.windowing import Window
+
+    tokenizer = load_tokenizer(version_dir, manifest)
+    encoder = InputEncoder(tokenizer.special, manifest.inputs)
+    return [encoder.windows([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
+            for t in tokenizer.tokenize(texts)]
+
+
+def padded_batches(feeds: list[dict[str, np.ndarray]], sort: bool, size: int = BATCH
+                   ) -> tuple[list[dict[str, np.ndarray]], float]:
+    """Batches of ``size`` single-text feeds padded to their longest, and the padding ratio (padded / real
+    tokens)."""
     order = sorted(range(len(feeds)), key=lambda i: feeds[i]["input_ids"].shape[1]) if sort else range(len(feeds))
     rows = [feeds[i] for i in order]
     batches, padded, real = [], 0, 0
-    for start in range(0, len(rows), BATCH):
-        chunk = rows[start : start + BATCH]
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
         width = max(f["input_ids"].shape[1] for f in chunk)
         batches.append({name: np.concatenate([np.pad(f[name], ((0, 0), (0, width - f[name].shape[1])))
                                               for f in chunk]) for name in chunk[0]})
@@ -362,9 +376,6 @@ def main() -> None:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
 
     from ner_gateway.artifact.manifest import ModelManifest, latest_version_dir
-    from ner_gateway.core.batching import InputEncoder
-    from ner_gateway.core.compatibility import load_tokenizer
-    from ner_gateway.core.windowing import Window
     from ner_gateway.triton.process import EmbeddedTriton
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -376,11 +387,7 @@ def main() -> None:
     for model in models:
         version_dir = latest_version_dir(args.repository / model)
         manifest = ModelManifest.read(version_dir)
-        tokenizer = load_tokenizer(version_dir, manifest)
-        tokens = tokenizer.tokenize(texts)
-        encoder = InputEncoder(tokenizer.special, manifest.inputs)
-        feeds[model] = [encoder.windows([t], [Window(0, 0, min(len(t), tokenizer.window_capacity))])
-                        for t in tokens]
+        feeds[model] = text_feeds(version_dir, manifest, texts)
         sessions[model] = ort_session(version_dir / manifest.model_file)
         rows_alone[model] = manifest.rows_alone
     hf = None

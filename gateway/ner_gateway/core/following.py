@@ -21,6 +21,12 @@ from ner_gateway.core.rollout import PolicyFile
 LOGGER = logging.getLogger(__name__)
 
 
+def warn_unserved(registry: ModelRegistry) -> None:
+    """Log what the rollout policy names but the registry does not serve (at startup and on each policy change)."""
+    for line in registry.unserved():
+        LOGGER.warning("rollout policy: %s", line)
+
+
 class RolloutFollower:
     def __init__(self, registry: ModelRegistry, versions: LiveVersions, policy_file: PolicyFile | None,
                  interval_s: float, on_change: Callable[[ModelRegistry], None]) -> None:
@@ -49,8 +55,7 @@ class RolloutFollower:
         policy = self.policy_file.poll()
         if policy is not None:
             self.registry.policy = policy
-            for line in self.registry.unserved():
-                LOGGER.warning("rollout policy: %s", line)
+            warn_unserved(self.registry)
             self.on_change(self.registry)
 
     async def _follow_versions(self) -> None:

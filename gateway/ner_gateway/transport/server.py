@@ -16,7 +16,7 @@ from ner_gateway.core.admission import Admission, AdmissionLimits
 from ner_gateway.core.compatibility import EngineRuntime
 from ner_gateway.core.discovery import LiveVersions
 from ner_gateway.core.errors import ConfigurationError
-from ner_gateway.core.following import RolloutFollower
+from ner_gateway.core.following import RolloutFollower, warn_unserved
 from ner_gateway.core.pipeline import CpuOffload, Limits, RecognitionPipeline, TritonShares
 from ner_gateway.core.registry import ModelRegistry
 from ner_gateway.core.rollout import PolicyFile, RolloutPolicy
@@ -84,8 +84,7 @@ class Gateway:
                 s.model_repository, self.backend, s.window_stride, engines,
                 on_refused=lambda model, version: self.metrics.version_refusals.labels(model, version).inc())
             registry = await self.live_versions.load(s.default_model, self._read_policy())
-            for line in registry.unserved():
-                LOGGER.warning("rollout policy: %s", line)
+            warn_unserved(registry)
             self._rollout_changed(registry)
             self.backend.start()
             self.cpu_pool = ThreadPoolExecutor(s.cpu_offload_threads, thread_name_prefix="ner-cpu")
