@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from soak import callers, cpu_cores  # bench/soak.py
+from soak import FloodTally, callers, cpu_cores  # bench/soak.py
 from throughput import percentiles, process_stat, wnut_texts  # bench/throughput.py
 
 SERVER = """
@@ -60,25 +60,20 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-c", SERVER, address], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        codes: dict[str, int] = {}
-        refused_s: list[float] = []
-
-        def record(code: str, seconds: float, count: int) -> None:
-            codes[code] = codes.get(code, 0) + 1
-            if code == "RESOURCE_EXHAUSTED":
-                refused_s.append(seconds)
+        tally = FloodTally()
 
         def cpu() -> dict[str, float]:
             return {"server": process_stat(server.pid)[1], "callers": process_stat(os.getpid())[1]}
 
         before, started = cpu(), time.monotonic()
         asyncio.run(callers(address, "", wnut_texts(1000), args.clients, args.seconds, args.deadline_ms / 1000,
-                            record))
+                            tally.record))
         elapsed = time.monotonic() - started
         cores = cpu_cores(before, cpu(), elapsed)
     finally:
         server.terminate()
         server.wait(30)
+    codes, refused_s = tally.codes, tally.refused_s
     calls_per_s = sum(codes.values()) / elapsed
     if not calls_per_s:
         raise SystemExit(f"no call ended in {elapsed:.1f} s")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from throughput import padded_batches, text_feeds, wnut_texts  # bench/throughput.py
+from throughput import ort_session, padded_batches, text_feeds, wnut_texts  # bench/throughput.py
 
 from ner_gateway.artifact.manifest import ModelManifest, latest_version_dir
 
@@ -52,12 +52,7 @@ def main() -> None:
     version_dir = latest_version_dir(args.repository / args.model)
     manifest = ModelManifest.read(version_dir)
     feeds = text_feeds(version_dir, manifest, wnut_texts(args.texts))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the served model runs it
-    session = ort.InferenceSession(str(version_dir / manifest.model_file), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(version_dir / manifest.model_file, threads=1)
     flush = np.zeros(args.flush_mib * 2**20 // 8)
     hot: dict[str, float] = {}
     cold: dict[str, float] = {}

@@ -30,6 +30,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,19 @@ def cpu_cores(before: dict[str, float], after: dict[str, float], seconds: float)
     return {name: round((after[name] - before.get(name, 0.0)) / seconds, 2) for name in after}
 
 
+@dataclass
+class FloodTally:
+    """Calls by status code and how long each refusal (RESOURCE_EXHAUSTED) took, as ``callers`` reports them."""
+
+    codes: dict[str, int] = field(default_factory=dict)
+    refused_s: list[float] = field(default_factory=list)
+
+    def record(self, code: str, seconds: float, texts_per_call: int) -> None:
+        self.codes[code] = self.codes.get(code, 0) + 1
+        if code == "RESOURCE_EXHAUSTED":
+            self.refused_s.append(seconds)
+
+
 def flood(args: argparse.Namespace, start: Callable[[], tuple[subprocess.Popen[bytes], str]], triton_pid: int,
           triton_url: str, texts: list[str]) -> dict[str, Any]:
     """Each kind of callers against a gateway of its own (so that neither inherits what the other taught it),
@@ -167,29 +181,17 @@ def flood(args: argparse.Namespace, start: Callable[[], tuple[subprocess.Popen[b
                                              ("callers_with_the_client_retry_policy", False, True)):
             gateway, address = start()
             try:
-                unloaded: dict[str, int] = {}
-
-                def count(code: str, seconds: float, texts_per_call: int, unloaded: dict[str, int] = unloaded) -> None:
-                    unloaded[code] = unloaded.get(code, 0) + 1
-
+                unloaded, flooded = FloodTally(), FloodTally()
                 loop.run_until_complete(callers(address, args.model, texts, args.unloaded_clients, args.unloaded_s,
-                                                30.0, count))
-                unloaded_per_s = unloaded.get("OK", 0) / args.unloaded_s
-                codes: dict[str, int] = {}
-                refused_s: list[float] = []
-
-                def record(code: str, seconds: float, texts_per_call: int, codes: dict[str, int] = codes,
-                           refused_s: list[float] = refused_s) -> None:
-                    codes[code] = codes.get(code, 0) + 1
-                    if code == "RESOURCE_EXHAUSTED":
-                        refused_s.append(seconds)
+                                                30.0, unloaded.record))
+                unloaded_per_s = unloaded.codes.get("OK", 0) / args.unloaded_s
 
                 def processes(gateway_pid: int = gateway.pid) -> dict[str, float]:
                     return {**server_cpu_s(gateway_pid, triton_pid), "callers": process_stat(os.getpid())[1]}
 
                 before, cpu_before, started = triton_counts(triton_url, args.model)[0], processes(), time.monotonic()
                 loop.run_until_complete(callers(address, args.model, texts, args.clients, args.seconds,
-                                                args.deadline_ms / 1000, record, pushback=pushback,
+                                                args.deadline_ms / 1000, flooded.record, pushback=pushback,
                                                 retry_policy=retry_policy))
                 cores = cpu_cores(cpu_before, processes(), time.monotonic() - started)
                 loop.run_until_complete(asyncio.sleep(1.0))  # calls still in Triton end
@@ -197,9 +199,10 @@ def flood(args: argparse.Namespace, start: Callable[[], tuple[subprocess.Popen[b
             finally:
                 gateway.terminate()
                 gateway.wait(60)
-            result[name] = {"unloaded": {"clients": args.unloaded_clients, "codes": unloaded,
+            result[name] = {"unloaded": {"clients": args.unloaded_clients, "codes": unloaded.codes,
                                          "answers_per_s": round(unloaded_per_s, 1)},
-                            **flood_summary(codes, refused_s, ran, args.deadline_ms, args.seconds, unloaded_per_s),
+                            **flood_summary(flooded.codes, flooded.refused_s, ran, args.deadline_ms, args.seconds,
+                                            unloaded_per_s),
                             "cpu_cores": cores}
             print(json.dumps({name: result[name]}), flush=True)
     finally:

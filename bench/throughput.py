@@ -184,10 +184,15 @@ def start_gateway(repository: Path, triton_url: str, env: dict[str, str] | None 
 
 # --- in-process baselines -----------------------------------------------------------------------------
 
-def ort_session(path: Path) -> Any:
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    """ONNX Runtime on ``path``, its threads not spinning between runs (as the served model runs them); ``threads``:
+    that many for each run (one: a Triton instance's setting), else one per core."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
