@@ -58,8 +58,8 @@ def _only_cell(run: dict[str, Any]) -> dict[str, Any]:
 
 DEMO_RUNS = (("on (default)", "served_path/demo-overlap-on-{shape}-*.json"),
              ("off", "served_path/demo-overlap-off-{shape}-*.json"),
-             ("on (default), int8 model", "served_path/demo-int8-{shape}-*.json"),
-             ("on (default), a later run", "served_path/demo-final-{shape}-*.json"))
+             ("on (default), at 2a7dc72", "served_path/demo-final-{shape}-*.json"),
+             ("on (default), at 2a7dc72, int8", "served_path/demo-int8-{shape}-*.json"))
 
 
 def demo_overlap_table(runs: tuple[tuple[str, str], ...] = DEMO_RUNS) -> str:
