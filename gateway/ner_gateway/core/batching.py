@@ -205,7 +205,6 @@ class Batcher:
         # How long one-row requests actually waited against what the queue said when they came (a moving average
         # of the ratio): corrects the estimate for what it leaves out, chiefly the event loop's own backlog.
         self.wait_scale = 1.0
-        self._rows_in_flight = 0
         self._unserved = 0
 
     @property
@@ -228,7 +227,8 @@ class Batcher:
     def _queue_wait_s(self) -> float:
         rows = self._unserved + 1
         calls = self.limits.max_calls
-        return self.row_s * (self._rows_in_flight / 2 / calls + max(rows / calls, min(rows, self.limits.max_rows)))
+        in_flight = sum(len(call.entries) for call in self._calls)  # at most max_calls calls
+        return self.row_s * (in_flight / 2 / calls + max(rows / calls, min(rows, self.limits.max_rows)))
 
     def _waited(self, predicted_s: float, waited_s: float, answered: bool) -> None:
         """A one-row request's wait against the queue's estimate when it came, into ``wait_scale``; one that gave
@@ -350,7 +350,6 @@ class Batcher:
             job.calls.add(call)
         self.observer.call_formed(len(entries), call.tokens, [now - job.queued_at for job, _ in entries])
         self._calls.add(call)
-        self._rows_in_flight += len(entries)
         call.task = asyncio.get_running_loop().create_task(self._run(call))
         # Released by a done callback: it runs even for a task cancelled before it started (its coroutine's
         # finally would not).
@@ -392,7 +391,6 @@ class Batcher:
     def _release(self, call: _Call) -> None:
         """The call ended (answered, failed or cancelled): its place and its requests' shares go back."""
         self._calls.discard(call)
-        self._rows_in_flight -= len(call.entries)
         for job, index in call.entries:
             job.inflight -= job.widths[index]
             job.calls.discard(call)
